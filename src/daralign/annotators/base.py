@@ -1,0 +1,66 @@
+"""The annotator interface: a scalar score per response, or a preference between two.
+
+Annotators never see policy tensors: they get text (the raw prompt — a string or a list of chat
+messages — and the completion text) plus the dataset row, so extra columns (e.g. `reference`)
+reach reward functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+
+@dataclass
+class ScoreResult:
+    """One score per (prompt, completion). ``None`` marks an invalid label (counted, never
+    silently turned into a number); NaN/inf are rejected before they reach training."""
+
+    scores: list[float | None]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CompareResult:
+    """P(completion_a is better than completion_b) per pair; ``None`` marks an invalid label."""
+
+    prob_a: list[float | None]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Annotator:
+    """Base class. Subclasses implement ``score`` and/or ``compare``.
+
+    ``num_annotations`` counts every call that produced a label (one per scored response, one per
+    compared pair, however many judge requests that took), so budgets compare honestly.
+    """
+
+    name: ClassVar[str] = "annotator"
+
+    def __init__(self) -> None:
+        self.num_annotations = 0
+
+    def score(self, prompts: list[Any], completions: list[str], rows: list[dict]) -> ScoreResult:
+        raise NotImplementedError(f"annotator {self.name!r} cannot score single responses")
+
+    def compare(
+        self, prompts: list[Any], completions_a: list[str], completions_b: list[str], rows: list[dict]
+    ) -> CompareResult:
+        raise NotImplementedError(f"annotator {self.name!r} cannot compare two responses")
+
+    def close(self) -> None:
+        """Release models, servers and files. Safe to call twice."""
+
+
+ANNOTATORS: dict[str, Callable[[dict], Annotator]] = {}
+
+
+def register_annotator(name: str):
+    """Decorator: ``@register_annotator("judge")`` on a class with ``from_config(cfg: dict)``."""
+
+    def wrap(cls):
+        ANNOTATORS[name] = cls.from_config
+        cls.name = name
+        return cls
+
+    return wrap

@@ -1,0 +1,57 @@
+"""Checkpoints that survive ``kill -9``: written to a temp folder, renamed into place when
+complete. A checkpoint holds accelerate's state (model safetensors, optimizer, scheduler, every
+RNG) plus ``trainer_state.json`` (step, annotation count, before-training evaluation)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := PATTERN.match(p.name)) and (p / "trainer_state.json").is_file()]
+    return sorted(found)
+
+
+def latest(output_dir: str | Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def save(accelerator, output_dir: str | Path, step: int, state: dict, keep: int) -> Path:
+    root = Path(output_dir)
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, path: Path) -> dict:
+    accelerator.load_state(str(path))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def clean_partial(output_dir: str | Path) -> None:
+    """Remove half-written checkpoints/final folders left by a killed run."""
+    root = Path(output_dir)
+    if root.is_dir():
+        for p in root.glob(".*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)

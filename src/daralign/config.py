@@ -1,0 +1,243 @@
+"""Configs: a shared ``TrainConfig`` plus one small dataclass per objective.
+
+Values come from the dataclass defaults, then a YAML file (``--config``), then command-line flags
+(``--field value``). An unknown key, a wrong type or an impossible value is a ``ConfigError`` that
+names the field (and the file). Field names follow TRL where the meaning matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daralign.errors import ConfigError
+
+SECRET_HINTS = ("api_key", "token", "secret", "password")
+
+
+@dataclass
+class TrainConfig:
+    """Everything an online run shares, whatever the algorithm."""
+
+    algorithm: str = field(default="dar", metadata={"help": "objective to train with (see daralign.objectives)"})
+    # --- model
+    model_name_or_path: str = field(default="bundled:smollm2-135m-instruct", metadata={"help": "policy: hub id, local folder, .gguf file or bundled:NAME"})
+    ref_model_name_or_path: str | None = field(default=None, metadata={"help": "frozen reference; default: the policy's starting weights"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model repos to run their own code (off by default)"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 | bfloat16"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward passes (fp32 master weights)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    use_peft: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of full weights"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "module names to adapt; default: all linear layers"})
+    merge_lora: bool = field(default=True, metadata={"help": "final/: merge the adapter into full weights (true) or save the adapter (false)"})
+    # --- data
+    dataset: str = field(default="", metadata={"help": "prompts: .jsonl/.json file, or a datasets name"})
+    dataset_config: str | None = field(default=None, metadata={"help": "datasets config name"})
+    dataset_split: str = field(default="train", metadata={"help": "datasets split"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt (str or chat messages)"})
+    max_prompt_length: int = field(default=256, metadata={"help": "prompts longer than this (tokens) are truncated from the left"})
+    # --- rollout
+    num_generations: int = field(default=4, metadata={"help": "K: responses sampled per prompt"})
+    max_completion_length: int = field(default=48, metadata={"help": "max new tokens per response"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
+    generation_batch_size: int = field(default=32, metadata={"help": "sequences per generate() call"})
+    # --- annotation
+    annotator: Any = field(default=None, metadata={"help": "annotator mapping or path to its YAML (see docs)"})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtract from the reward of responses cut by the length limit"})
+    # --- optimisation
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "prompts per micro-batch (each with its K responses)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per online step"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name"})
+    warmup_steps: int = field(default=0, metadata={"help": "scheduler warm-up steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    num_updates_per_batch: int = field(default=1, metadata={"help": "optimizer epochs over one online batch"})
+    max_steps: int = field(default=12, metadata={"help": "online iterations"})
+    seed: int = field(default=42, metadata={"help": "seed of data order, sampling and init"})
+    # --- evaluation
+    eval_dataset: str | None = field(default=None, metadata={"help": "held-out prompts: judged before/after and every eval_steps"})
+    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0 = only before and after)"})
+    eval_max_prompts: int = field(default=64, metadata={"help": "held-out prompts used"})
+    eval_temperature: float = field(default=0.7, metadata={"help": "sampling temperature for held-out answers"})
+    shuffle_rewards: bool = field(default=False, metadata={"help": "control run: permute rewards across the batch (learning vs drift)"})
+    # --- output
+    output_dir: str = field(default="runs/daralign", metadata={"help": "metrics, checkpoints and final model"})
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    logging_steps: int = field(default=1, metadata={"help": "print metrics every N steps"})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "also log to: tensorboard, wandb"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    report: bool = field(default=True, metadata={"help": "write report.md with plots at the end"})
+
+    def validate(self) -> None:
+        positive = ["num_generations", "max_completion_length", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "max_steps", "generation_batch_size", "num_updates_per_batch"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.learning_rate < 0:
+            raise ConfigError(f"learning_rate must be ≥ 0 (got {self.learning_rate})")
+        for name in ("save_steps", "eval_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
+        if not self.dataset:
+            raise ConfigError("dataset: no prompt dataset given (a .jsonl/.json file or a datasets name)")
+        if self.annotator is None:
+            raise ConfigError("annotator: no annotator given (a mapping or a path to its YAML)")
+        bad = set(self.report_to) - {"tensorboard", "wandb"}
+        if bad:
+            raise ConfigError(f"report_to: unknown {sorted(bad)} (choose tensorboard, wandb)")
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _base_type(tp):
+    """(scalar type, is_list) of a field annotation such as ``int | None`` or ``list[str]``."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing) | {"Any": Any})  # annotations are strings under `from __future__`
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _base_type(args[0])
+    if origin is list:
+        return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, value: Any, tp, source: str) -> Any:
+    """Check/convert a YAML value against the field's type; errors name the field and file."""
+    base, is_list = _base_type(tp)
+    if value is None or base is Any:
+        return value
+    if is_list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {name} must be a list (got {value!r})")
+        return [_coerce(name, v, base, source) for v in value]
+    try:
+        if base is bool and not isinstance(value, bool):
+            return _parse_bool(str(value))
+        if base is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if base is int and (isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str)):
+            return int(value)
+        if base is str and isinstance(value, (str, int, float)):
+            return str(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        pass
+    if isinstance(value, base):
+        return value
+    raise ConfigError(f"{source}: {name} must be {getattr(base, '__name__', base)} (got {value!r})")
+
+
+def _fields(*classes) -> dict[str, tuple[type, dataclasses.Field]]:
+    out = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f.name] = (cls, hints[f.name], f)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of field: value")
+    return data
+
+
+def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
+    """YAML (``--config``) then CLI overrides → (TrainConfig, the algorithm's config)."""
+    from daralign.objectives import get_objective
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--algorithm")
+    known, _ = pre.parse_known_args(argv)
+    values = read_yaml(known.config) if known.config else {}
+    source = known.config or "command line"
+    algorithm = known.algorithm or values.get("algorithm", TrainConfig.algorithm)
+    objective_cls = get_objective(algorithm)
+    classes = [TrainConfig] + ([objective_cls.Config] if objective_cls.Config else [])
+    fields = _fields(*classes)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown config key(s) {unknown} for algorithm {algorithm!r}")
+    values = {k: _coerce(k, v, fields[k][1], source) for k, v in values.items()}
+
+    parser = argparse.ArgumentParser(prog="daralign train", description="Online alignment from AI feedback.")
+    parser.add_argument("--config", help="YAML file of field: value (CLI flags override it)")
+    for name, (_, tp, f) in fields.items():
+        base, is_list = _base_type(tp)
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        if base is bool:
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        elif is_list:
+            kwargs.update(type=str)  # comma-separated
+        elif base in (int, float, str):
+            kwargs.update(type=base)
+        parser.add_argument(f"--{name}", **kwargs)
+    cli = vars(parser.parse_args(argv))
+    cli.pop("config", None)
+    values.update({k: _coerce(k, v, fields[k][1], "command line") for k, v in cli.items()})
+
+    train = TrainConfig(**{k: v for k, v in values.items() if fields[k][0] is TrainConfig})
+    algo = objective_cls.Config(**{k: v for k, v in values.items() if fields[k][0] is objective_cls.Config}) if objective_cls.Config else None
+    if isinstance(train.annotator, str):
+        train.annotator = read_yaml(train.annotator)
+    train.validate()
+    if algo is not None and hasattr(algo, "validate"):
+        algo.validate()
+    return train, algo
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a config mapping with secret-looking values replaced (env var *names* are kept)."""
+    if isinstance(obj, dict):
+        return {k: ("***" if any(h in k.lower() for h in SECRET_HINTS) and not k.endswith("_env") else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def to_dict(*configs) -> dict:
+    out = {}
+    for c in configs:
+        if c is not None:
+            out.update(dataclasses.asdict(c))
+    return redact(out)

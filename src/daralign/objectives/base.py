@@ -1,0 +1,65 @@
+"""The objective interface. One algorithm = one file in this package + ``@register_objective``.
+
+The loop calls, per online batch:
+  1. ``prepare(rollout, feedback, ref_token_logps, model)`` once, without gradients: per-sample
+     constants (weights, advantages, pair signs, old values ...) as tensors whose first dim is
+     N = num_prompts * K, plus metrics. Token log-prob tensors are (N, L-1), already zero outside
+     the completion; ``x.sum(-1)`` gives the sequence log-prob.
+  2. ``compute_loss(model, micro_batch)`` per micro-batch; micro-batches always hold whole
+     prompt groups (all K samples of a prompt), so pairwise losses see both members of a pair.
+Objectives never call annotators and never step the optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from daralign.models import sequence_logps
+from daralign.types import Feedback, Rollout
+
+
+class Objective:
+    Config: ClassVar[type | None] = None  # the objective's own dataclass config (fields join the CLI)
+    feedback_kind: ClassVar[str] = "score"  # "score" | "compare" | "offline"
+    needs_reference: ClassVar[bool] = True  # the loop computes frozen-reference log-probs
+
+    def __init__(self, config: Any, train: Any) -> None:
+        self.config = config  # instance of ``Config`` (or None)
+        self.train = train  # the shared TrainConfig
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """Extra modules this objective trains beside the policy (e.g. PPO's value head). The loop
+        adds their parameters to the optimizer and saves them in checkpoints."""
+        return {}
+
+    def prepare(
+        self, rollout: Rollout, feedback: Feedback, ref_token_logps: torch.Tensor | None, model: torch.nn.Module
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        raise NotImplementedError
+
+    def loss(self, policy_logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Loss from the policy's sequence log-probs (n,) of this micro-batch."""
+        raise NotImplementedError
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Default: sequence log-probs of the completion tokens, then ``loss``. PPO overrides."""
+        logps = sequence_logps(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], self.train.temperature
+        )
+        return self.loss(logps, batch)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str):
+    """Decorator: ``@register_objective("dar")`` makes ``--algorithm dar`` use the class."""
+
+    def wrap(cls):
+        OBJECTIVES[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap

@@ -1,0 +1,84 @@
+"""The end-of-run report: PNG plots of reward / KL / length per step and ``report.md`` with the
+held-out before/after numbers (paired difference ± standard error over prompts), the
+shuffled-reward control beside them when it was run, and a few before/after samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from daralign.heldout import paired_difference  # noqa: E402
+from daralign.tracking import read_metrics  # noqa: E402
+
+PLOTS = [("reward", "training reward (annotator)"), ("kl", "KL(π_t ‖ π_ref) per sequence"),
+         ("completions/mean_length", "mean response length (tokens)")]
+
+
+def _heldout(run_dir: Path, tag: str) -> dict | None:
+    path = run_dir / f"heldout_{tag}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def heldout_summary(run_dir: str | Path) -> dict | None:
+    run_dir = Path(run_dir)
+    before, after = _heldout(run_dir, "before"), _heldout(run_dir, "after")
+    if not before or not after:
+        return None
+    diff, se = paired_difference(before["per_prompt"], after["per_prompt"])
+    return {"before": before["score"], "after": after["score"], "diff": diff, "se": se,
+            "length_before": before["mean_length"], "length_after": after["mean_length"],
+            "n_prompts": len(before["per_prompt"])}
+
+
+def plot_runs(runs: dict[str, Path], out_dir: Path) -> list[str]:
+    names = []
+    for key, title in PLOTS:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for label, run in runs.items():
+            rows = [r for r in read_metrics(run) if r.get(key) is not None]
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=label)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        name = key.replace("/", "_") + ".png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def write_report(run_dir: str | Path, control_dir: str | Path | None = None, n_samples: int = 4) -> Path:
+    run_dir = Path(run_dir)
+    runs = {"trained": run_dir} | ({"shuffled-reward control": Path(control_dir)} if control_dir else {})
+    plots = plot_runs(runs, run_dir)
+    lines = ["# daralign run report", ""]
+    lines += ["## Held-out annotator score (fixed prompts, fixed sampling seed)", "",
+              "| run | before | after | after − before (± s.e. over prompts) | length before → after |",
+              "|---|---|---|---|---|"]
+    for label, path in runs.items():
+        s = heldout_summary(path)
+        if s:
+            lines.append(f"| {label} | {s['before']:.4f} | {s['after']:.4f} | {s['diff']:+.4f} ± {s['se']:.4f} "
+                         f"| {s['length_before']:.1f} → {s['length_after']:.1f} |")
+    lines += ["", "A gain counts only if it clearly exceeds the control's: the control trains on rewards "
+              "shuffled across the batch, so whatever it gains is drift, not learning from the annotator.", ""]
+    lines += [f"![{p}]({p})" for p in plots] + [""]
+    before, after = _heldout(run_dir, "before"), _heldout(run_dir, "after")
+    if before and after:
+        prompts = json.loads((run_dir / "heldout_prompts.json").read_text()) if (run_dir / "heldout_prompts.json").exists() else None
+        lines += ["## Before / after samples (held-out prompts)", ""]
+        for i in range(min(n_samples, len(before["completions"]))):
+            if prompts:
+                lines.append(f"**Prompt:** {prompts[i]}")
+            lines += [f"- before ({before['per_prompt'][i]:.3f}): {before['completions'][i]!r}",
+                      f"- after ({after['per_prompt'][i]:.3f}): {after['completions'][i]!r}", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

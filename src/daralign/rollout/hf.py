@@ -1,0 +1,119 @@
+"""Sampling with transformers ``generate``: K responses per prompt and their behaviour log-probs.
+
+π_t(y|x) is recorded at sampling time from the raw logits ``generate`` already computed
+(``output_logits=True``), so recording costs no extra forward pass. Log-probs are of the
+temperature-scaled distribution, the one the loop also uses for π_ref and π_θ; top-p/top-k
+truncation is not part of π_t (as in TRL).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from daralign.data import render_prompt
+from daralign.types import Rollout
+
+
+def _autocast(bf16: bool):
+    return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _tokenize_prompts(tokenizer, prompts: list[Any], max_prompt_length: int, device) -> dict:
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    side, tside = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # keep the prompt's end
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_prompt_length, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = side, tside
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return sorted(set(ids) | {tokenizer.eos_token_id} - {None})
+
+
+@torch.no_grad()
+def sample_rollout(
+    model, tokenizer, rows: list[dict], *, num_generations: int, max_completion_length: int,
+    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_prompt_length: int = 256,
+    generation_batch_size: int = 32, bf16: bool = False,
+) -> Rollout:
+    """Sample ``num_generations`` completions for each row's ``prompt`` (prompt-major order)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    K = num_generations
+    enc = _tokenize_prompts(tokenizer, [r["prompt"] for r in rows], max_prompt_length, device)
+    prompt_ids = enc["input_ids"].repeat_interleave(K, 0)
+    prompt_mask = enc["attention_mask"].repeat_interleave(K, 0)
+    N, Lp = prompt_ids.shape
+    eos_ids = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    gen_tokens = torch.full((N, max_completion_length), pad, dtype=torch.long, device=device)
+    gen_logps = torch.zeros((N, max_completion_length), dtype=torch.float32, device=device)
+    for s in range(0, N, generation_batch_size):
+        e = min(s + generation_batch_size, N)
+        with _autocast(bf16):
+            out = model.generate(
+                input_ids=prompt_ids[s:e], attention_mask=prompt_mask[s:e], do_sample=True,
+                temperature=temperature, top_p=top_p, top_k=top_k or None, max_new_tokens=max_completion_length,
+                min_new_tokens=1, pad_token_id=pad, eos_token_id=eos_ids,
+                return_dict_in_generate=True, output_logits=True,
+            )
+        new = out.sequences[:, Lp:]
+        logits = torch.stack(out.logits, dim=1).float() / temperature  # (b, T, V) raw, pre-warper
+        gen_tokens[s:e, : new.shape[1]] = new
+        gen_logps[s:e, : new.shape[1]] = torch.gather(F.log_softmax(logits, -1), 2, new[..., None]).squeeze(-1)
+    # completion = tokens up to and including the first EOS (pad may equal EOS, so never use pad)
+    is_eos_tok = torch.isin(gen_tokens, torch.tensor(eos_ids, device=device))
+    is_eos = is_eos_tok.any(-1)
+    first_eos = torch.where(is_eos, is_eos_tok.float().argmax(-1), torch.full_like(is_eos, max_completion_length - 1, dtype=torch.long))
+    gen_mask = (torch.arange(max_completion_length, device=device)[None] <= first_eos[:, None]).long()
+    gen_tokens = torch.where(gen_mask.bool(), gen_tokens, torch.full_like(gen_tokens, pad))
+    input_ids = torch.cat([prompt_ids, gen_tokens], 1)
+    attention_mask = torch.cat([prompt_mask, gen_mask], 1)
+    completion_mask = torch.cat([torch.zeros_like(prompt_mask), gen_mask], 1)
+    # token_logps[:, t] is the log-prob of token t+1, so completion token j sits at Lp-1+j
+    behaviour = torch.zeros((N, Lp + max_completion_length - 1), dtype=torch.float32, device=device)
+    behaviour[:, Lp - 1:] = gen_logps * gen_mask
+    completions = [
+        tokenizer.decode(gen_tokens[i, : int(gen_mask[i].sum())], skip_special_tokens=True) for i in range(N)
+    ]
+    model.train(was_training)
+    return Rollout(
+        rows=rows, prompts=[r["prompt"] for r in rows], completions=completions, input_ids=input_ids,
+        attention_mask=attention_mask, completion_mask=completion_mask, behaviour_token_logps=behaviour,
+        is_eos=is_eos, num_generations=K,
+    )
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompts: list[Any], *, max_new_tokens: int, temperature: float = 0.7,
+                  batch_size: int = 32, bf16: bool = False, num_return_sequences: int = 1) -> list[str]:
+    """Plain sampled (temperature > 0) or greedy (temperature == 0) answers, for evaluation."""
+    rows = [{"prompt": p} for p in prompts]
+    if temperature > 0:
+        r = sample_rollout(model, tokenizer, rows, num_generations=num_return_sequences,
+                           max_completion_length=max_new_tokens, temperature=temperature,
+                           generation_batch_size=batch_size, bf16=bf16)
+        return r.completions
+    was_training = model.training
+    model.eval()
+    out = []
+    device = next(model.parameters()).device
+    for s in range(0, len(prompts), batch_size):
+        enc = _tokenize_prompts(tokenizer, prompts[s:s + batch_size], 10_000, device)
+        with _autocast(bf16):
+            seq = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer))
+        out += tokenizer.batch_decode(seq[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    return [o for o in out for _ in range(num_return_sequences)]

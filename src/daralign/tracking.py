@@ -1,0 +1,52 @@
+"""Metrics out: ``metrics.jsonl`` (one object per step), the console, and accelerate's trackers
+(tensorboard / wandb) when ``report_to`` asks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True)
+CONSOLE_KEYS = ("reward", "kl", "completions/mean_length", "dar/clip_frac", "loss", "annotations", "step_time")
+
+
+def _finite(v):
+    return v if not isinstance(v, float) or math.isfinite(v) else None
+
+
+class MetricsLog:
+    def __init__(self, output_dir: str | Path, accelerator=None, resume_step: int | None = None) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.accelerator = accelerator
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines the killed run wrote after its last checkpoint (atomically)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def log(self, metrics: dict, step: int, print_line: bool = True) -> None:
+        record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if print_line:
+            parts = [f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in CONSOLE_KEYS if isinstance(metrics.get(k), (int, float))]
+            console.print(f"[bold]step {step}[/bold] " + " ".join(parts))
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
