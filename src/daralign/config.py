@@ -66,6 +66,7 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
     num_updates_per_batch: int = field(default=1, metadata={"help": "optimizer epochs over one online batch"})
     max_steps: int = field(default=12, metadata={"help": "online iterations"})
+    annotation_budget: int = field(default=0, metadata={"help": "stop once this many annotations are used (0 = no limit)"})
     seed: int = field(default=42, metadata={"help": "seed of data order, sampling and init"})
     # --- evaluation
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out prompts: judged before/after and every eval_steps"})
@@ -81,6 +82,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list, metadata={"help": "also log to: tensorboard, wandb"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
     report: bool = field(default=True, metadata={"help": "write report.md with plots at the end"})
+    log_completions: bool = field(default=True, metadata={"help": "write every sampled completion and its reward to completions.jsonl"})
 
     def validate(self) -> None:
         positive = ["num_generations", "max_completion_length", "per_device_train_batch_size",
@@ -94,7 +96,7 @@ class TrainConfig:
             raise ConfigError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.learning_rate < 0:
             raise ConfigError(f"learning_rate must be ≥ 0 (got {self.learning_rate})")
-        for name in ("save_steps", "eval_steps", "warmup_steps"):
+        for name in ("save_steps", "eval_steps", "warmup_steps", "annotation_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
         if not self.dataset:
@@ -108,6 +110,14 @@ class TrainConfig:
     @property
     def prompts_per_step(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a ``ConfigError`` (one clear line from the CLI, exit 1) instead
+    of a usage dump and ``SystemExit(2)``."""
+
+    def error(self, message: str):
+        raise ConfigError(f"command line: {message}")
 
 
 def _parse_bool(text: str) -> bool:
@@ -173,8 +183,11 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: where, then what (PyYAML's own message spans lines)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML{where}: {what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of field: value")
     return data
@@ -184,7 +197,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
     """YAML (``--config``) then CLI overrides → (TrainConfig, the algorithm's config)."""
     from daralign.objectives import get_objective
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = _ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--algorithm")
     known, _ = pre.parse_known_args(argv)
@@ -199,7 +212,9 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
         raise ConfigError(f"{source}: unknown config key(s) {unknown} for algorithm {algorithm!r}")
     values = {k: _coerce(k, v, fields[k][1], source) for k, v in values.items()}
 
-    parser = argparse.ArgumentParser(prog="daralign train", description="Online alignment from AI feedback.")
+    # allow_abbrev=False: a misspelt prefix such as --learning_rat must be an error, as in YAML
+    parser = _ArgumentParser(prog="daralign train", description="Online alignment from AI feedback.",
+                             allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of field: value (CLI flags override it)")
     for name, (_, tp, f) in fields.items():
         base, is_list = _base_type(tp)

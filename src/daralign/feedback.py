@@ -44,7 +44,9 @@ def score_feedback(annotator: Annotator, rollout: Rollout, *, missing_eos_penalt
         rewards = rewards.reshape(-1)[perm].view_as(rewards)
     metrics = dict(result.metrics)
     metrics["annotator/invalid_frac"] = 1.0 - valid.float().mean().item()
-    return Feedback(num_annotations=annotator.num_annotations - before, rewards=rewards, valid=valid, metrics=metrics)
+    device = rollout.input_ids.device
+    return Feedback(num_annotations=annotator.num_annotations - before, rewards=rewards.to(device),
+                    valid=valid.to(device), metrics=metrics)
 
 
 def compare_feedback(annotator: Annotator, rollout: Rollout, *, best_vs_worst: bool = True) -> Feedback:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -42,8 +43,14 @@ class OnlineTrainer:
     def __init__(self, train: TrainConfig, algo_config, *, offline_batches=None) -> None:
         self.cfg, self.algo_config = train, algo_config
         self.out = Path(train.output_dir)
-        self.accelerator = Accelerator(mixed_precision="bf16" if train.bf16 else "no",
-                                       log_with=train.report_to or None, project_dir=str(self.out))
+        precision = "bf16" if train.bf16 else "no"
+        if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+            # A later run in the same process (notebook, tests) with another precision: accelerate
+            # refuses to change its initialised state, so reset it (as transformers' Trainer does);
+            # the process-group state (PartialState) is kept.
+            AcceleratorState._reset_state()
+        self.accelerator = Accelerator(mixed_precision=precision, log_with=train.report_to or None,
+                                       project_dir=str(self.out))
         set_seed(train.seed)
         self.objective = get_objective(train.algorithm)(algo_config, train)
         self.rows = load_prompts(train.dataset, column=train.prompt_column, split=train.dataset_split, config=train.dataset_config)
@@ -52,8 +59,7 @@ class OnlineTrainer:
         self.tokenizer = load_tokenizer(train.model_name_or_path, train.trust_remote_code)
         self.policy = self._load_policy()
         self.reference = self._load_reference()
-        if hasattr(self.objective, "setup"):
-            self.objective.setup(self.policy)
+        self.objective.setup(self.policy)
         self.extra = self.objective.trainable_modules()
         params = [p for p in self.policy.parameters() if p.requires_grad]
         params += [p for m in self.extra.values() for p in m.parameters()]
@@ -66,6 +72,7 @@ class OnlineTrainer:
         for module in self.extra.values():
             self.accelerator.register_for_checkpointing(module)
         self.annotator = build_annotator(train.annotator)
+        self.eval_annotator = self._eval_annotator()
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         if train.prompts_per_step % world:
             from daralign.errors import ConfigError
@@ -117,6 +124,16 @@ class OnlineTrainer:
                 out.append(token_logps(model, rollout.input_ids[s:s + mb], rollout.attention_mask[s:s + mb],
                                        self.cfg.temperature).float())
         return torch.cat(out) * rollout.completion_mask[:, 1:]
+
+    def _eval_annotator(self):
+        """Held-out answers are always *scored*. A judge in ``mode: compare`` (preference methods)
+        gets a score-mode twin (same model, backend, template) that shares its loaded model."""
+        cfg = self.cfg.annotator
+        if not (self.eval_rows and isinstance(cfg, dict) and cfg.get("type") == "judge" and cfg.get("mode") == "compare"):
+            return self.annotator
+        from daralign.annotators.judge import JudgeAnnotator, JudgeConfig
+
+        return JudgeAnnotator(JudgeConfig(**{**cfg, "mode": "score"}), client=self.annotator.client)
 
     # ---------------------------------------------------------------- one step
     def rollout(self, step: int):
@@ -199,15 +216,25 @@ class OnlineTrainer:
             "timing/rollout": t1 - t0, "timing/annotate": t2 - t1, "timing/reference": t3 - t2,
             "timing/update": t4 - t3, "step_time": t4 - t0,
         }
-        self._last_samples = [(rollout.prompts[0], rollout.completions[0])]
+        if self.cfg.log_completions and self.accelerator.is_main_process:
+            self._log_completions(step, rollout, feedback)
         return m
+
+    def _log_completions(self, step: int, rollout, feedback) -> None:
+        K = rollout.num_generations
+        ids = self.schedule.indices(step)[self.rank::self.world]
+        rewards = feedback.rewards.reshape(-1).tolist() if feedback.rewards is not None else [None] * len(rollout.completions)
+        with open(self.out / "completions.jsonl", "a") as f:
+            for i, text in enumerate(rollout.completions):
+                f.write(json.dumps({"step": step + 1, "prompt_index": ids[i // K], "completion": text,
+                                    "reward": rewards[i], "eos": bool(rollout.is_eos[i])}) + "\n")
 
     # ---------------------------------------------------------------- run
     def heldout(self, tag: str) -> dict | None:
         if not self.eval_rows:
             return None
         with self.accelerator.autocast():
-            res = judge_heldout(self.unwrapped, self.tokenizer, self.annotator, self.eval_rows,
+            res = judge_heldout(self.unwrapped, self.tokenizer, self.eval_annotator, self.eval_rows,
                                 max_new_tokens=self.cfg.max_completion_length, temperature=self.cfg.eval_temperature,
                                 seed=self.cfg.seed + 7919, batch_size=self.cfg.generation_batch_size)
         if self.accelerator.is_main_process:
@@ -218,6 +245,19 @@ class OnlineTrainer:
         cfg, acc = self.cfg, self.accelerator
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_partial(self.out)
+        if not cfg.resume and acc.is_main_process:
+            # A fresh run in a used output_dir: an earlier run's checkpoints would be taken for this
+            # run's by a later --resume (and crowd its own out of save_total_limit), and its
+            # held-out "before" scores would be reused. metrics.jsonl is restarted the same way.
+            stale = checkpoint.checkpoints(self.out)
+            if stale:
+                console.print(f"[yellow]fresh run: removing {len(stale)} checkpoint(s) of an earlier run in "
+                              f"{self.out} (continue a run with --resume)[/yellow]")
+            for _, path in stale:
+                shutil.rmtree(path, ignore_errors=True)
+            for path in self.out.glob("heldout_*.json"):
+                path.unlink()
+        acc.wait_for_everyone()
         start, annotations = 0, 0
         resume_from = checkpoint.latest(self.out) if cfg.resume else None
         if cfg.resume and resume_from is None:
@@ -248,8 +288,12 @@ class OnlineTrainer:
                 if log is not None:
                     log.log(metrics, step + 1, print_line=(step + 1) % cfg.logging_steps == 0)
                 progress.update(task, advance=1, description=f"{cfg.algorithm} reward={metrics.get('reward', float('nan')):.3f}")
-                if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+                budget_spent = cfg.annotation_budget and annotations >= cfg.annotation_budget
+                if cfg.save_steps and (step + 1) % cfg.save_steps == 0 or budget_spent:
                     checkpoint.save(acc, self.out, step + 1, {"step": step + 1, "annotations": annotations}, cfg.save_total_limit)
+                if budget_spent:
+                    console.print(f"annotation budget reached ({annotations} ≥ {cfg.annotation_budget}) after step {step + 1}")
+                    break
         after = self.heldout("after")
         self.save_final()
         if cfg.report_to:
@@ -278,4 +322,6 @@ class OnlineTrainer:
         os.replace(tmp, final)
 
     def close(self) -> None:
+        if self.eval_annotator is not self.annotator:
+            self.eval_annotator.close()  # its client is shared; closing twice is safe
         self.annotator.close()

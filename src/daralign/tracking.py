@@ -24,14 +24,23 @@ class MetricsLog:
         self.accelerator = accelerator
         if resume_step is not None:
             self._truncate_after(resume_step)
-        elif self.path.exists():
-            self.path.unlink()
+        else:
+            for path in (self.path, self.path.parent / "completions.jsonl"):
+                path.unlink(missing_ok=True)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines the killed run wrote after its last checkpoint (atomically)."""
+        """On resume, drop lines the killed run wrote after its last checkpoint (atomically), and a
+        torn last line left by a kill in the middle of a write."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+
+        def step_of(line: str) -> float:
+            try:
+                return json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                return float("inf")  # torn / foreign line: never kept
+
+        keep = [line for line in self.path.read_text().splitlines() if line.strip() and step_of(line) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)

@@ -29,6 +29,10 @@ class Objective:
         self.config = config  # instance of ``Config`` (or None)
         self.train = train  # the shared TrainConfig
 
+    def setup(self, model: torch.nn.Module) -> None:
+        """Called once with the (unwrapped) policy before the optimizer is built, e.g. to create a
+        value head of the right size."""
+
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """Extra modules this objective trains beside the policy (e.g. PPO's value head). The loop
         adds their parameters to the optimizer and saves them in checkpoints."""
