@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+import math
 from dataclasses import dataclass
 
 from daralign.errors import ConfigError
@@ -102,6 +103,8 @@ def dar_weights(
 
 
 def check_coefficients(alpha: float, beta: float, weight_clip: float) -> None:
+    if not all(math.isfinite(v) for v in (alpha, beta, weight_clip)):
+        raise ConfigError(f"dar_alpha, dar_beta and weight_clip must be finite (got {alpha}, {beta}, {weight_clip})")
     if alpha < 0 or beta < 0:
         raise ConfigError(f"dar_alpha and dar_beta must be ≥ 0 (got dar_alpha={alpha}, dar_beta={beta})")
     if alpha + beta <= 0:

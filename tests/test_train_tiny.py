@@ -1,0 +1,207 @@
+"""The full online loop on the tiny model, through `daralign train` in-process: metrics.jsonl keys,
+config.yaml with secrets redacted, final/ as a safetensors save_pretrained folder, LoRA merged vs
+adapter-only, bf16 autocast, tensorboard events, the shuffled-reward control, micro-batching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tiny
+from daralign.cli import main as daralign_main
+from daralign.config import parse_train_args
+
+REQUIRED_KEYS = {
+    "step", "annotations", "reward", "reward_std", "kl", "completions/mean_length", "completions/clipped_ratio",
+    "dar/advantage_std", "dar/weight_mean", "dar/weight_max", "dar/clip_frac", "dar/log_ratio_ref_behaviour",
+    "loss", "timing/rollout", "timing/annotate", "timing/reference", "timing/update", "step_time",
+}
+SECRET = "sk-test-secret-value"
+K, PROMPTS_PER_STEP = 2, 2
+
+
+def base_config(tmp: Path, policy: Path, prompts: Path, **over) -> Path:
+    cfg = {
+        "model_name_or_path": str(policy), "dataset": str(prompts),
+        "annotator": {"type": "function", "function": f"{tiny.TINY_PY}:length_reward"},
+        "num_generations": K, "per_device_train_batch_size": PROMPTS_PER_STEP, "max_completion_length": 6,
+        "max_steps": 2, "learning_rate": 1e-3, "seed": 11, "report": False,
+    }
+    cfg.update(over)
+    path = tmp / f"cfg_{len(list(tmp.glob('cfg_*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(cfg: Path, out: Path, *args: str) -> list[dict]:
+    assert daralign_main(["train", "--config", str(cfg), "--output_dir", str(out), *args]) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory, tiny_policy_dir, tiny_prompts_file):
+    """2 steps with a held-out set, the report, tensorboard, and a secret in the annotator config."""
+    tmp = tmp_path_factory.mktemp("train_main")
+    cfg = base_config(tmp, tiny_policy_dir, tiny_prompts_file, report=True, eval_dataset=str(tiny_prompts_file),
+                      eval_max_prompts=3, report_to=["tensorboard"],
+                      annotator={"type": "function", "function": f"{tiny.TINY_PY}:secret_reward",
+                                 "kwargs": {"api_key": SECRET}})
+    out = tmp / "run"
+    return out, train(cfg, out)
+
+
+def test_metrics_have_the_documented_keys(main_run):
+    out, metrics = main_run
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        missing = REQUIRED_KEYS - set(m)
+        assert not missing, missing
+        for k in REQUIRED_KEYS:
+            assert isinstance(m[k], (int, float)) and m[k] == m[k], (k, m[k])  # numbers, not NaN/None
+        assert 0 <= m["dar/clip_frac"] <= 1 and 0 <= m["completions/clipped_ratio"] <= 1
+        assert 0 < m["dar/weight_max"] <= 20.0 + 1e-6 and m["dar/weight_mean"] <= m["dar/weight_max"]
+        assert 1 <= m["completions/mean_length"] <= 6
+        assert m["step_time"] >= m["timing/update"] >= 0
+    n = K * PROMPTS_PER_STEP
+    assert [m["annotations"] for m in metrics] == [n, 2 * n]  # cumulative, one per scored response
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # π_t = π_ref before the first update
+    assert metrics[0]["dar/log_ratio_ref_behaviour"] == pytest.approx(0.0, abs=1e-4)
+    assert metrics[1]["kl"] != pytest.approx(0.0, abs=1e-6)  # the policy moved
+
+
+def test_config_yaml_is_resolved_and_redacted(main_run):
+    out, _ = main_run
+    text = (out / "config.yaml").read_text()
+    assert SECRET not in text
+    cfg = yaml.safe_load(text)
+    assert cfg["annotator"]["kwargs"]["api_key"] == "***"
+    assert cfg["dar_alpha"] == pytest.approx(0.005) and cfg["dar_beta"] == pytest.approx(0.045)  # resolved
+    assert cfg["num_generations"] == K and cfg["output_dir"] == str(out)
+    # the written config is a valid config again (minus the redacted secret)
+    train_cfg, _ = parse_train_args(["--config", str(out / "config.yaml")])
+    assert train_cfg.max_steps == 2
+
+
+def test_final_is_a_safetensors_save_pretrained_folder(main_run, tiny_policy_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = main_run
+    final = out / "final"
+    assert (final / "model.safetensors").is_file()
+    assert not list(final.glob("*.bin")) and not list(final.glob("*.pt"))
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    start = load_file(str(Path(tiny_policy_dir) / "model.safetensors"))
+    trained = load_file(str(final / "model.safetensors"))
+    assert any(not torch.equal(start[k], trained[k]) for k in start)  # trained
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    gen = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+    # checkpoints were not asked for (save_steps 0)
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_heldout_report_and_tensorboard(main_run):
+    out, _ = main_run
+    before = json.loads((out / "heldout_before.json").read_text())
+    after = json.loads((out / "heldout_after.json").read_text())
+    assert len(before["per_prompt"]) == len(after["per_prompt"]) == 3
+    assert (out / "report.md").is_file() and list(out.glob("*.png"))
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, "report_to tensorboard wrote no event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"reward", "loss", "dar/clip_frac"} <= tags
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, tiny_policy_dir, tiny_prompts_file):
+    tmp = tmp_path_factory.mktemp("train_lora")
+    cfg = base_config(tmp, tiny_policy_dir, tiny_prompts_file, use_peft=True, lora_r=4, lora_alpha=8)
+    merged, adapter = tmp / "merged", tmp / "adapter"
+    return merged, adapter, train(cfg, merged), train(cfg, adapter, "--merge_lora", "false")
+
+
+def test_lora_merged_vs_adapter_only(lora_runs, tiny_policy_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged, adapter, m1, m2 = lora_runs
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("timing/") and k != "step_time"} for m in ms]  # noqa: E731
+    assert strip(m1) == strip(m2)  # same seed, same training
+    # merged: a plain causal-LM folder
+    assert (merged / "final" / "model.safetensors").is_file() and not (merged / "final" / "adapter_config.json").exists()
+    merged_model = AutoModelForCausalLM.from_pretrained(merged / "final")
+    assert not any("lora" in n for n, _ in merged_model.named_parameters())
+    # adapter only: adapter files, no full weights
+    files = {p.name for p in (adapter / "final").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    start = {k: v.clone() for k, v in base.state_dict().items()}
+    via_adapter = PeftModel.from_pretrained(base, adapter / "final").merge_and_unload()
+    sd_m, sd_a = merged_model.state_dict(), via_adapter.state_dict()
+    changed = 0
+    for k in sd_m:
+        assert torch.allclose(sd_m[k], sd_a[k], atol=1e-6), k
+        changed += not torch.equal(sd_m[k], start[k])
+    assert changed > 0  # the adapter did train something
+
+
+def test_bf16_autocast_run_with_reward_model(tmp_path, tiny_policy_dir, tiny_prompts_file, tiny_rm_dir):
+    cfg = base_config(tmp_path, tiny_policy_dir, tiny_prompts_file, bf16=True, max_steps=1, annotator={
+        "type": "combined", "sources": [{"type": "reward_model", "model": str(tiny_rm_dir)},
+                                        {"type": "function", "function": f"{tiny.TINY_PY}:length_reward", "weight": 0.1}]})
+    metrics = train(cfg, tmp_path / "bf16")
+    m = metrics[0]
+    assert all(isinstance(m[k], (int, float)) and m[k] == m[k] for k in REQUIRED_KEYS)
+    assert "rewards/0_reward_model/mean" in m
+    final = load_file(str(tmp_path / "bf16" / "final" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in final.values())  # fp32 master weights under autocast
+
+
+def test_shuffle_rewards_permutes_in_the_loop(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    from daralign.loop import OnlineTrainer
+
+    cfg = base_config(tmp_path, tiny_policy_dir, tiny_prompts_file, shuffle_rewards=True, num_generations=3,
+                      per_device_train_batch_size=3, output_dir=str(tmp_path / "o"))
+    train_cfg, algo = parse_train_args(["--config", str(cfg)])
+    trainer = OnlineTrainer(train_cfg, algo)
+    try:
+        rollout = trainer.rollout(0)
+        shuffled = trainer.feedback(rollout, 0).rewards
+        assert torch.equal(trainer.feedback(rollout, 0).rewards, shuffled)  # seeded by (seed, step)
+        other_step = trainer.feedback(rollout, 1).rewards
+        trainer.cfg.shuffle_rewards = False
+        plain = trainer.feedback(rollout, 0).rewards
+    finally:
+        trainer.close()
+    assert len(set(plain.reshape(-1).tolist())) > 3
+    assert sorted(shuffled.reshape(-1).tolist()) == sorted(plain.reshape(-1).tolist())
+    assert not torch.equal(shuffled, plain) and not torch.equal(shuffled, other_step)
+
+
+def test_micro_batching_does_not_change_the_update(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    """2 prompts per step as one micro-batch, or as 2 micro-batches of 1 prompt (gradient
+    accumulation): the same tokens give the same update (loss scaled by micro-batch / batch)."""
+    one = base_config(tmp_path, tiny_policy_dir, tiny_prompts_file, max_steps=1)
+    two = base_config(tmp_path, tiny_policy_dir, tiny_prompts_file, max_steps=1, per_device_train_batch_size=1,
+                      gradient_accumulation_steps=2)
+    m1, m2 = train(one, tmp_path / "one"), train(two, tmp_path / "two")
+    assert m1[0]["reward"] == m2[0]["reward"] and m1[0]["dar/weight_mean"] == pytest.approx(m2[0]["dar/weight_mean"])
+    assert m1[0]["loss"] == pytest.approx(m2[0]["loss"], rel=1e-5)
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
