@@ -1,0 +1,359 @@
+"""`daralign compare`: several algorithms — and a grid of ablations of one of them — on one
+annotation budget, then ``summary.json`` and ``report.html``.
+
+Every run gets the same config (prompts, model, rollout, annotator, held-out set); runs differ only
+in ``algorithm``, ``seed`` and the swept knobs. Each stops once it has used ``--annotation_budget``
+annotations as the annotator counts them (one per scored response, one per judged pair): compare
+sets ``annotation_budget`` and a ``max_steps`` the budget reaches first. Runs go to
+``D/<algorithm>[/<knob=value,...>]/seed<k>``; ``D/configs/<algorithm>.yaml`` is what each got.
+
+Judges: one config drives every method. A ``type: judge`` annotator is used in ``mode: compare``
+for preference methods (``feedback_kind == "compare"``) and ``mode: score`` for reward methods —
+same model, backend and template. Other annotator types are used as they are and must implement
+what the method asks. The held-out score, the one number every method has, is always the
+score-mode judge's (the loop gives a compare-mode judge a score-mode twin for it).
+
+Repeating the command skips finished runs (``final/`` and ``compare_run.json``), continues
+unfinished ones from their newest checkpoint, and refuses a run folder made with another config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import itertools
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from daralign import checkpoint
+from daralign.config import TrainConfig, _ArgumentParser, _parse_bool, parse_train_args, read_yaml, to_dict
+from daralign.errors import ConfigError
+from daralign.tracking import console
+
+FORCED = {"algorithm": "--algorithms", "seed": "--seeds", "annotation_budget": "--annotation_budget",
+          "output_dir": "--output_dir", "max_steps": "--annotation_budget (compare derives max_steps from it)"}
+NOT_COMPARED = {"resume", "report", "report_to", "logging_steps", "save_steps", "save_total_limit", "log_completions"}
+HELDOUT_KEYS = ("model_name_or_path", "dtype", "bf16", "trust_remote_code", "use_peft", "eval_dataset",
+                "eval_max_prompts", "prompt_column", "seed", "max_completion_length", "eval_temperature",
+                "generation_batch_size", "max_prompt_length")
+
+
+@dataclass
+class Run:
+    algorithm: str
+    point: dict[str, str]  # swept knob -> value as typed
+    seed: int
+    out: Path
+    train: TrainConfig = None
+    algo: object = None
+    per_step: int = 0  # nominal annotations per step (every label valid)
+
+    @property
+    def group(self) -> str:
+        return self.algorithm + (f"[{','.join(f'{k}={v}' for k, v in self.point.items())}]" if self.point else "")
+
+
+@dataclass
+class Plan:
+    runs: list[Run]
+    budget: int
+    seeds: list[int]
+    algorithms: list[str]
+    sweep: dict[str, list[str]] = field(default_factory=dict)
+    sweep_algorithm: str | None = None
+    configs: dict[str, dict] = field(default_factory=dict)  # algorithm -> the YAML values it got
+
+
+# ---------------------------------------------------------------- parsing
+def _parser() -> _ArgumentParser:
+    p = _ArgumentParser(prog="daralign compare", allow_abbrev=False,
+                        description="Run several algorithms on one annotation budget and report. "
+                                    "Any other --field value is a config override for every run.")
+    p.add_argument("--config", help="YAML config shared by every run (as for `daralign train`)")
+    p.add_argument("--algorithms", required=True, help="comma-separated, e.g. dar,online-dpo,rloo,bon-sft")
+    p.add_argument("--annotation_budget", type=int, required=True, help="annotations per run")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    p.add_argument("--output_dir", default="runs/compare", help="one folder per run, summary.json, report.html")
+    p.add_argument("--sweep", nargs="+", default=[], metavar="KNOB=V1,V2",
+                   help="grid of values for --sweep_algorithm, e.g. dar_total=0.01,0.05 weight_clip=5,20")
+    p.add_argument("--sweep_algorithm", default="dar", help="the algorithm the grid varies (default dar)")
+    p.add_argument("--override", nargs="+", default=[], metavar="ALGO:FIELD=VALUE",
+                   help="a value for one algorithm only, e.g. online-dpo:num_generations=2")
+    p.add_argument("--keep_checkpoints", type=_parse_bool, default=False, metavar="BOOL",
+                   help="keep each finished run's checkpoint (optimizer state); default: only final/")
+    return p
+
+
+def _split_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ConfigError(f"{what}: empty list")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"{what}: repeated value in {text!r}")
+    return items
+
+
+def _flag_pairs(tokens: list[str]) -> list[tuple[str, str | None]]:
+    """``--name value`` / ``--name=value`` / bare ``--flag`` → [(name, value or None)]."""
+    out, i = [], 0
+    while i < len(tokens):
+        t = tokens[i]
+        if not t.startswith("--") or len(t) < 3:
+            raise ConfigError(f"command line: unexpected {t!r} (config overrides are --field value)")
+        if "=" in t:
+            name, value = t[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            name, value = t[2:], tokens[i + 1]
+            i += 2
+        else:
+            name, value = t[2:], None
+            i += 1
+        out.append((name, value))
+    return out
+
+
+def _argv(pairs) -> list[str]:
+    return [x for name, value in pairs for x in ([f"--{name}"] + ([value] if value is not None else []))]
+
+
+def expand_sweep(specs: list[str]) -> tuple[dict[str, list[str]], list[dict[str, str]]]:
+    """``["dar_total=0.01,0.05", "weight_clip=5,20"]`` → (knobs, the grid of points, first knob slowest)."""
+    knobs: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"--sweep: {spec!r} is not KNOB=V1,V2,...")
+        if name in knobs:
+            raise ConfigError(f"--sweep: knob {name!r} given twice")
+        knobs[name] = _split_list(values, f"--sweep {name}")
+    grid = [dict(zip(knobs, combo)) for combo in itertools.product(*knobs.values())] if knobs else [{}]
+    return knobs, grid
+
+
+def _fields(algorithm: str) -> set[str]:
+    from daralign.objectives import get_objective
+
+    cfg = get_objective(algorithm).Config
+    return {f.name for f in dataclasses.fields(TrainConfig)} | ({f.name for f in dataclasses.fields(cfg)} if cfg else set())
+
+
+def _check_name(name: str, where: str) -> None:
+    if name in FORCED:
+        raise ConfigError(f"{where}: {name} is set by compare per run; use {FORCED[name]}")
+
+
+def annotator_for(annotator: dict, feedback_kind: str, algorithm: str, needs_score: bool) -> dict:
+    """The annotator config a run of ``algorithm`` gets: a judge in the mode the method needs,
+    anything else as it is (checked to implement what the method asks)."""
+    from daralign.annotators.base import ANNOTATORS, Annotator
+
+    kind = "compare" if feedback_kind == "compare" else "score"
+    if annotator.get("type") == "judge":
+        from daralign.annotators.judge import load_template
+
+        load_template(annotator.get("template", "helpfulness"), kind)  # a file template fits one mode only
+        if needs_score:
+            load_template(annotator.get("template", "helpfulness"), "score")
+        return {**annotator, "mode": kind}
+    cls = getattr(ANNOTATORS.get(annotator.get("type")), "__self__", None)
+    for method in {kind} | ({"score"} if needs_score else set()):
+        if cls is not None and getattr(cls, method) is getattr(Annotator, method):
+            why = "its training feedback" if method == kind else "the held-out score (eval_dataset)"
+            raise ConfigError(f"{algorithm}: annotator type {annotator['type']!r} cannot {method}, which {why} needs; "
+                              f"use a judge (type: judge), which does both")
+    return annotator
+
+
+def annotations_per_step(train: TrainConfig, algo, feedback_kind: str) -> int:
+    """Annotations one step costs when every label is valid (as ``daralign.feedback`` asks them)."""
+    P, K = train.prompts_per_step, train.num_generations
+    if feedback_kind == "compare":
+        return P * (K * (K - 1) // 2 if K > 2 and getattr(algo, "best_vs_worst", True) else 1)
+    return P * K
+
+
+def build_plan(argv: list[str]) -> tuple[Plan, object]:
+    from daralign.objectives import OBJECTIVES, get_objective
+
+    opts, rest = _parser().parse_known_args(argv)
+    overrides = _flag_pairs(rest)
+    algorithms = _split_list(opts.algorithms, "--algorithms")
+    for a in algorithms:
+        if get_objective(a).feedback_kind == "offline":
+            raise ConfigError(f"--algorithms: {a} trains on a fixed prompt/chosen/rejected set and uses no annotations, "
+                              f"so it has no place on an annotation budget; run it with `daralign train --algorithm {a}`")
+    if opts.annotation_budget < 1:
+        raise ConfigError(f"--annotation_budget must be ≥ 1 (got {opts.annotation_budget})")
+    known = {a: _fields(a) for a in algorithms}
+    for name, _ in overrides:
+        _check_name(name, f"--{name}")
+        if not any(name in f for f in known.values()):
+            raise ConfigError(f"--{name}: not a config field of any of {algorithms}")
+    per_algo: dict[str, list] = {a: [] for a in algorithms}
+    for spec in opts.override:
+        algo_name, sep, rest_ = spec.partition(":")
+        name, eq, value = rest_.partition("=")
+        if not sep or not eq or not name:
+            raise ConfigError(f"--override: {spec!r} is not ALGO:FIELD=VALUE")
+        if algo_name not in known:
+            raise ConfigError(f"--override: {algo_name!r} is not in --algorithms {algorithms}")
+        _check_name(name, f"--override {spec}")
+        if name not in known[algo_name]:
+            raise ConfigError(f"--override: {name!r} is not a config field of {algo_name}")
+        per_algo[algo_name].append((name, value))
+    knobs, grid = expand_sweep(opts.sweep)
+    if knobs:
+        if opts.sweep_algorithm not in known:
+            raise ConfigError(f"--sweep varies {opts.sweep_algorithm}, which is not in --algorithms {algorithms}")
+        for name in knobs:
+            _check_name(name, f"--sweep {name}")
+            if name not in known[opts.sweep_algorithm]:
+                raise ConfigError(f"--sweep: {name!r} is not a config field of {opts.sweep_algorithm}")
+
+    # the YAML: keys of other algorithms' configs are dropped per algorithm, unknown keys are an error
+    values = read_yaml(opts.config) if opts.config else {}
+    everything = {f.name for f in dataclasses.fields(TrainConfig)}
+    for cls in OBJECTIVES.values():
+        everything |= {f.name for f in dataclasses.fields(cls.Config)} if cls.Config else set()
+    unknown = sorted(set(values) - everything)
+    if unknown:
+        raise ConfigError(f"{opts.config}: unknown config key(s) {unknown}")
+    if "max_steps" in values:
+        console.print(f"note: max_steps from {opts.config} is ignored; compare derives it from --annotation_budget")
+    seeds = [int(s) if s.lstrip("-").isdigit() else _bad_seed(s) for s in _split_list(opts.seeds, "--seeds")] \
+        if opts.seeds else [int(values.get("seed", TrainConfig.seed))]
+    out = Path(opts.output_dir)
+    runs, configs = [], {}
+    with tempfile.TemporaryDirectory() as tmp:  # nothing is written under --output_dir before the checks
+        for a in algorithms:
+            configs[a] = {k: v for k, v in values.items() if k in known[a] and k not in FORCED}
+            cfg_path = Path(tmp) / f"{a}.yaml"
+            cfg_path.write_text(yaml.safe_dump(configs[a], sort_keys=False))
+            mine = [(n, v) for n, v in overrides if n in known[a]] + per_algo[a]
+            for point in (grid if a == opts.sweep_algorithm and knobs else [{}]):
+                for seed in seeds:
+                    name = ",".join(f"{k}={v}" for k, v in point.items()).replace("/", "_")
+                    folder = out / a / name if point else out / a
+                    run = Run(a, point, seed, folder / f"seed{seed}")
+                    _resolve(run, cfg_path, mine, opts.annotation_budget)
+                    runs.append(run)
+    plan = Plan(runs, opts.annotation_budget, seeds, algorithms, knobs, opts.sweep_algorithm if knobs else None, configs)
+    return plan, opts
+
+
+def _bad_seed(text: str):
+    raise ConfigError(f"--seeds: {text!r} is not an integer")
+
+
+def _resolve(run: Run, cfg_path: Path, overrides: list, budget: int) -> None:
+    """parse_train_args on the shared YAML + overrides + knob values, then compare's own fields."""
+    from daralign.objectives import get_objective
+
+    argv = ["--config", str(cfg_path), "--algorithm", run.algorithm, *_argv(overrides),
+            *_argv(run.point.items()), "--seed", str(run.seed)]
+    train, algo = parse_train_args(argv)
+    kind = get_objective(run.algorithm).feedback_kind
+    if not isinstance(train.annotator, dict):
+        raise ConfigError(f"annotator: expected a mapping, got {train.annotator!r}")
+    annotator = annotator_for(train.annotator, kind, run.algorithm, needs_score=bool(train.eval_dataset))
+    run.per_step = annotations_per_step(train, algo, kind)
+    nominal = math.ceil(budget / run.per_step)
+    # Invalid labels are not counted, so a run may need more steps than nominal: leave room unless
+    # the learning-rate schedule's length depends on max_steps.
+    max_steps = 2 * nominal if train.lr_scheduler_type.startswith("constant") else nominal
+    run.train = dataclasses.replace(train, annotator=annotator, annotation_budget=budget, max_steps=max_steps,
+                                    output_dir=str(run.out), report=False)
+    run.algo = algo
+
+
+# ---------------------------------------------------------------- running
+def _fingerprint(run: Run) -> dict:
+    return {k: v for k, v in to_dict(run.train, run.algo).items() if k not in NOT_COMPARED}
+
+
+def _heldout_key(run: Run) -> str:
+    t = run.train
+    scorer = {**t.annotator, "mode": "score"} if t.annotator.get("type") == "judge" else t.annotator
+    blob = json.dumps({k: getattr(t, k) for k in HELDOUT_KEYS} | {"scorer": scorer}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def finished(run: Run) -> bool:
+    return (run.out / "final").is_dir() and (run.out / "compare_run.json").is_file()
+
+
+def check_existing(run: Run) -> None:
+    """A finished run folder must have been made with the same config."""
+    if not finished(run):
+        return
+    old = json.loads((run.out / "compare_run.json").read_text()).get("config", {})
+    new = json.loads(json.dumps(_fingerprint(run), default=str))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:4])
+        raise ConfigError(f"{run.out} was made with another config ({shown}); use another --output_dir or delete that folder")
+
+
+def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool) -> None:
+    from daralign.train import run as train_run
+
+    title = f"[{index}/{total}] {run.group} · seed {run.seed}"
+    if finished(run):
+        console.print(f"[dim]{title}: finished earlier, skipped[/dim]")
+        return
+    console.rule(f"[bold]{title}[/bold] · budget {run.train.annotation_budget} annotations, "
+                 f"{run.per_step} per step")
+    run.out.mkdir(parents=True, exist_ok=True)
+    run.train = dataclasses.replace(run.train, resume=checkpoint.latest(run.out) is not None)  # an interrupted run goes on
+    # The pre-training held-out score depends only on the base model, eval set, sampling and judge:
+    # reuse it across runs (it runs in its own RNG stream, so skipping it changes no training).
+    cached = root / ".heldout_before" / f"{_heldout_key(run)}.json"
+    before = run.out / "heldout_before.json"
+    if run.train.eval_dataset and cached.is_file() and not before.exists():
+        shutil.copyfile(cached, before)
+    t0 = time.perf_counter()
+    train_run(run.train, run.algo)
+    wall = time.perf_counter() - t0
+    if run.train.eval_dataset and before.is_file() and not cached.is_file():
+        cached.parent.mkdir(exist_ok=True)
+        shutil.copyfile(before, cached)
+    if not keep_checkpoints:
+        for p in run.out.glob("checkpoint-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    record = {"group": run.group, "algorithm": run.algorithm, "point": run.point, "seed": run.seed,
+              "annotations_per_step": run.per_step, "wall_time_s": wall, "config": _fingerprint(run)}
+    (run.out / "compare_run.json").write_text(json.dumps(record, indent=1, default=str))
+    gc.collect()
+
+
+def main(argv: list[str]) -> int:
+    from daralign.compare_report import print_table, summarise, write_html
+
+    plan, opts = build_plan(argv)
+    root = Path(opts.output_dir)
+    for run in plan.runs:
+        check_existing(run)
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    for algorithm, values in plan.configs.items():
+        (root / "configs" / f"{algorithm}.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    console.print(f"compare: {len(plan.runs)} runs ({', '.join(plan.algorithms)}; seeds {plan.seeds}"
+                  + (f"; {plan.sweep_algorithm} grid {plan.sweep}" if plan.sweep else "")
+                  + f") on {plan.budget} annotations each → {root}")
+    for i, run in enumerate(plan.runs, 1):
+        execute(run, i, len(plan.runs), root, opts.keep_checkpoints)
+    summary = summarise(plan, root)
+    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    report = write_html(summary, root)
+    print_table(summary)
+    console.print(f"summary: {root / 'summary.json'}\nreport: {report}")
+    return 0
