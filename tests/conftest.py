@@ -3,6 +3,8 @@ train copy nothing, they only read these folders."""
 
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from pathlib import Path
 
@@ -139,10 +141,10 @@ def qwen_judge_client():
     client.close()
 
 
-@pytest.fixture(scope="session")
-def smol_judge_server(tmp_path_factory):
-    """`daralign serve-judge --engine transformers` with SmolLM2-135M on a free loopback port,
-    started once per session: {base_url, model, log}. Plumbing only (SmolLM2 judges at chance)."""
+@contextlib.contextmanager
+def serve_judge(tmp_dir, args: list[str], ready_path: str, timeout_s: float):
+    """Run `daralign serve-judge ARGS` on a free loopback port until the block ends; yields
+    {base_url, model, log} once GET ready_path answers 200."""
     import os
     import signal
     import subprocess
@@ -151,23 +153,22 @@ def smol_judge_server(tmp_path_factory):
     import httpx
 
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "daralign.cli", "serve-judge", "--engine", "transformers", "--port", str(port),
-           "--model", "bundled:smollm2-135m-instruct", "--dtype", "float32"]
+    log = tmp_dir / "serve.log"
+    cmd = [sys.executable, "-m", "daralign.cli", "serve-judge", "--port", str(port), *args]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + timeout_s
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"serve-judge exited early:\n{log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.time() > deadline:
-                pytest.fail(f"serve-judge did not come up in 300 s:\n{log.read_text()[-3000:]}")
+                pytest.fail(f"serve-judge did not come up in {timeout_s} s:\n{log.read_text()[-3000:]}")
             time.sleep(1)
         model = next(line.split("model: ", 1)[1].strip() for line in log.read_text().splitlines() if line.startswith("model: "))
         yield {"base_url": f"http://127.0.0.1:{port}/v1", "model": model, "log": log}
@@ -177,3 +178,12 @@ def smol_judge_server(tmp_path_factory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def smol_judge_server(tmp_path_factory):
+    """`daralign serve-judge --engine transformers` with SmolLM2-135M on a free loopback port,
+    started once per session: {base_url, model, log}. Plumbing only (SmolLM2 judges at chance)."""
+    with serve_judge(tmp_path_factory.mktemp("serve"), ["--engine", "transformers", "--model",
+                     "bundled:smollm2-135m-instruct", "--dtype", "float32"], "/health", 300) as server:
+        yield server

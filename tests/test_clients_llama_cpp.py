@@ -6,14 +6,9 @@ Skipped with a reason when llama-cpp-python (an optional, compiled dependency) i
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import free_port
+from conftest import serve_judge
 
 from daralign.annotators.judge import JudgeAnnotator, JudgeConfig
 from daralign.errors import ConfigError
@@ -60,35 +55,9 @@ def test_in_process_llama_cpp_tone_and_compare(llama_client):
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("llama_server") / "log"
-    cmd = [sys.executable, "-m", "daralign.cli", "serve-judge", "--engine", "llama_cpp", "--port", str(port),
-           "--model", "bundled:qwen2.5-coder-0.5b-instruct", "--n-ctx", "2048"]
-    import httpx
-
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama.cpp server exited:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"llama.cpp server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        model = next(line.split("model: ", 1)[1].strip() for line in log.read_text().splitlines() if line.startswith("model: "))
-        yield {"base_url": f"http://127.0.0.1:{port}/v1", "model": model}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with serve_judge(tmp_path_factory.mktemp("llama_server"), ["--engine", "llama_cpp", "--model",
+                     "bundled:qwen2.5-coder-0.5b-instruct", "--n-ctx", "2048"], "/v1/models", 180) as server:
+        yield server
 
 
 @pytest.mark.slow

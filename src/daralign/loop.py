@@ -11,7 +11,6 @@ step's prompts, and DDP averages gradients.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -128,6 +127,47 @@ class OnlineTrainer:
                                        self.cfg.temperature).float())
         return torch.cat(out) * rollout.completion_mask[:, 1:]
 
+    def _reference_answers(self) -> list[str]:
+        """Answers to beat for ``eval/win_rate``: the eval set's ``reference``/``output`` column, else
+        the starting policy's own answers (made once before training, kept for resume)."""
+        path = self.out / "heldout_reference_answers.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        col = next((c for c in ("reference", "output") if all(isinstance(r.get(c), str) for r in self.eval_rows)), None)
+        if col:
+            answers = [r[col] for r in self.eval_rows]
+        else:
+            from daralign.evaluation.generate import generate_responses
+
+            answers = generate_responses(self.unwrapped, self.tokenizer, [r["prompt"] for r in self.eval_rows],
+                                         max_new_tokens=self.cfg.max_completion_length, temperature=self.cfg.eval_temperature,
+                                         batch_size=self.cfg.generation_batch_size, seed=self.cfg.seed + 104729)
+        if self.accelerator.is_main_process:
+            path.write_text(json.dumps(answers))
+        return answers
+
+    def _comparer(self):
+        """A compare-mode judge sharing the loaded judge model; orders are swapped by the evaluation."""
+        cfg = self.cfg.annotator
+        if isinstance(cfg, dict) and cfg.get("type") == "judge":
+            from daralign.annotators.judge import JudgeAnnotator, JudgeConfig
+
+            return JudgeAnnotator(JudgeConfig(**{**cfg, "mode": "compare", "debias": "none"}), client=self.annotator.client)
+        from daralign.errors import ConfigError
+
+        raise ConfigError("eval_win_rate: needs a `type: judge` annotator (it compares two answers)")
+
+    def win_rate(self) -> dict:
+        from daralign.evaluation.winrate import evaluate_win_rate
+
+        if not hasattr(self, "_win_rate_refs"):
+            self._win_rate_refs, self._win_rate_judge = self._reference_answers(), self._comparer()
+        res = evaluate_win_rate(self.unwrapped, self.tokenizer, [r["prompt"] for r in self.eval_rows], self._win_rate_refs,
+                                self._win_rate_judge, rows=self.eval_rows, max_new_tokens=self.cfg.max_completion_length,
+                                temperature=self.cfg.eval_temperature, batch_size=self.cfg.generation_batch_size,
+                                seed=self.cfg.seed + 7919)
+        return {k: v for k, v in res.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+
     def _eval_annotator(self):
         """Held-out answers are always *scored*. A judge in ``mode: compare`` (preference methods)
         gets a score-mode twin (same model, backend, template) that shares its loaded model."""
@@ -240,6 +280,8 @@ class OnlineTrainer:
             res = judge_heldout(self.unwrapped, self.tokenizer, self.eval_annotator, self.eval_rows,
                                 max_new_tokens=self.cfg.max_completion_length, temperature=self.cfg.eval_temperature,
                                 seed=self.cfg.seed + 7919, batch_size=self.cfg.generation_batch_size)
+        if self.cfg.eval_win_rate:
+            res["win_rate"] = self.win_rate()
         if self.accelerator.is_main_process:
             (self.out / f"heldout_{tag}.json").write_text(json.dumps(res, indent=1))
         return res
@@ -288,7 +330,7 @@ class OnlineTrainer:
                 if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < cfg.max_steps:
                     res = self.heldout(f"step{step + 1}")
                     if res:
-                        metrics |= {"eval/score": res["score"], "eval/mean_length": res["mean_length"]}
+                        metrics |= {"eval/score": res["score"], "eval/mean_length": res["mean_length"]} | res.get("win_rate", {})
                 if log is not None:
                     log.log(metrics, step + 1, print_line=(step + 1) % cfg.logging_steps == 0)
                 progress.update(task, advance=1, description=f"{cfg.algorithm} reward={metrics.get('reward', float('nan')):.3f}")

@@ -412,7 +412,7 @@ class JudgeAnnotator(Annotator):
                                 if second and second.probs else float("nan")
                             p[d] = p[d] * max(0.0, 1.0 - cont)
                 mass = sum(p.values())
-                if not math.isfinite(mass) or mass < self.config.min_label_mass:
+                if not math.isfinite(mass) or mass <= 0 or mass < self.config.min_label_mass:
                     out.append(None)
                 else:
                     v = sum(p[lab] * val for lab, val in zip(labels, values)) / mass
