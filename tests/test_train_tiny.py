@@ -223,3 +223,23 @@ def test_eval_win_rate_during_training(tmp_path, tiny_policy_dir, tiny_prompts_f
     # before training the policy is the reference: any win rate is noise around a tie
     assert 0.0 <= before["win_rate"]["eval/win_rate"] <= 1.0
     assert "eval/win_rate" in json.loads((out / "heldout_after.json").read_text())["win_rate"]
+
+
+def test_two_process_ddp_on_cpu(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    """Several processes without code changes: torchrun + gloo on CPU (`accelerate launch` on GPUs).
+    Each rank samples its share of the step's prompts; annotations are summed over ranks."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = base_config(tmp_path, tiny_policy_dir, tiny_prompts_file, max_steps=2)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "daralign.cli",
+                           "train", "--config", str(cfg), "--output_dir", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_step = 2 * PROMPTS_PER_STEP * K  # two ranks, each with its own prompts
+    assert [m["annotations"] for m in metrics] == [per_step, 2 * per_step]
+    assert (out / "final" / "model.safetensors").is_file()
