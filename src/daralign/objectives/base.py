@@ -43,6 +43,14 @@ class Objective:
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         raise NotImplementedError
 
+    @staticmethod
+    def rewards_and_valid(rollout: Rollout, feedback: Feedback) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score feedback as (num_prompts, K) rewards and valid mask on the rollout's device."""
+        P, K, device = rollout.num_prompts, rollout.num_generations, rollout.input_ids.device
+        rewards = feedback.rewards.to(device).view(P, K)
+        valid = feedback.valid.to(device).view(P, K) if feedback.valid is not None else torch.ones_like(rewards, dtype=torch.bool)
+        return rewards, valid
+
     def loss(self, policy_logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """Loss from the policy's sequence log-probs (n,) of this micro-batch."""
         raise NotImplementedError

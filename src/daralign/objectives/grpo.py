@@ -84,8 +84,7 @@ class GRPO(Objective):
         if K < 2:
             raise ConfigError(f"num_generations must be ≥ 2 for grpo (got a rollout with K={K})")
         device = rollout.input_ids.device
-        rewards = feedback.rewards.to(device).view(P, K)
-        valid = feedback.valid.to(device).view(P, K) if feedback.valid is not None else torch.ones_like(rewards, dtype=torch.bool)
+        rewards, valid = self.rewards_and_valid(rollout, feedback)
         adv = group_advantages(rewards, valid, self.config.scale_eps)
         mask = rollout.completion_mask[:, 1:].float() * valid.reshape(-1, 1).float()  # tokens that enter the loss
         N = P * K

@@ -128,7 +128,8 @@ class PPO(Objective):
         cfg = self.config
         P, K = rollout.num_prompts, rollout.num_generations
         N, device = P * K, rollout.input_ids.device
-        valid = feedback.valid.to(device).reshape(-1) if feedback.valid is not None else torch.ones(N, dtype=torch.bool, device=device)
+        scores, valid = self.rewards_and_valid(rollout, feedback)
+        valid = valid.reshape(-1)
         mask = rollout.completion_mask[:, 1:].float() * valid[:, None].float()  # (N, L-1) tokens that enter the loss
 
         # Old values V_old(s_t): a no-grad forward in chunks of one micro-batch.
@@ -141,7 +142,7 @@ class PPO(Objective):
         behaviour = rollout.behaviour_token_logps.float() * mask
         kl = (behaviour - ref_token_logps.float() * mask) if cfg.kl_coef > 0 else torch.zeros_like(behaviour)
         rewards = -cfg.kl_coef * kl  # r_t = −kl_coef·(log π_t − log π_ref)
-        score = feedback.rewards.to(device).float().reshape(-1)
+        score = scores.float().reshape(-1)
         has_tokens = mask.sum(-1) > 0
         last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)  # index of each row's last token
         rows = torch.arange(N, device=device)[has_tokens]

@@ -60,9 +60,8 @@ class RLOO(Objective):
         P, K = rollout.num_prompts, rollout.num_generations
         if K < 2:
             raise ConfigError(f"num_generations must be ≥ 2 for rloo (got a rollout with K={K})")
-        device = rollout.input_ids.device
-        rewards = feedback.rewards.to(device).double().view(P, K)
-        valid = feedback.valid.to(device).view(P, K) if feedback.valid is not None else torch.ones_like(rewards, dtype=torch.bool)
+        rewards, valid = self.rewards_and_valid(rollout, feedback)
+        rewards = rewards.double()
         behaviour = rollout.behaviour_logps.double().view(P, K)
         if self.config.kl_coef > 0:
             kl = behaviour - ref_token_logps.sum(-1).double().view(P, K)  # log π_t(y|x) − log π_ref(y|x)
