@@ -44,9 +44,9 @@ def test_score_rows_summary_and_rerun_from_cache(judge_http, tmp_path, capsys):
     out = read(tmp_path / "out" / "o.jsonl")
     assert [(r["id"], r["score"], r["valid"]) for r in out] == [(1, 1.0, True), (2, 0.0, True), (3, None, False)]
     line = capsys.readouterr().out
-    assert "rows=3 invalid=1 cache_hits=0/3 mean_latency_s=" in line
+    assert "rows=3 invalid=1 requests=3 cache_hits=0/3 mean_latency_s=" in line
     assert annotate_main(args) == 0  # a rerun pays nothing
-    assert "cache_hits=3/3" in capsys.readouterr().out and len(judge_http.requests) == 3
+    assert "requests=0 cache_hits=3/3" in capsys.readouterr().out and len(judge_http.requests) == 3
 
 
 def test_compare_rows(judge_http, tmp_path, capsys):

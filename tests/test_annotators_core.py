@@ -11,7 +11,7 @@ import torch
 import tiny
 from daralign.annotators import build_annotator
 from daralign.errors import AnnotationError, ConfigError
-from daralign.feedback import score_feedback
+from daralign.feedback import score_feedback, shuffle_rewards
 from daralign.types import Rollout
 
 FN = f"{tiny.TINY_PY}:"
@@ -178,9 +178,10 @@ def test_shuffle_rewards_permutes_across_the_batch():
     ann = build_annotator({"type": "function", "function": FN + "length_reward"})
     comps = ["a" * i + "e" * (i % 3) for i in range(12)]
     r = _rollout(4, 3, comps, [True] * 12)
-    plain = score_feedback(ann, r).rewards
-    shuffled = score_feedback(ann, r, shuffle_generator=torch.Generator().manual_seed(5)).rewards
-    again = score_feedback(ann, r, shuffle_generator=torch.Generator().manual_seed(5)).rewards
+    fb = score_feedback(ann, r)
+    plain = fb.rewards
+    shuffled, _ = shuffle_rewards(fb.rewards, fb.valid, torch.Generator().manual_seed(5))
+    again, _ = shuffle_rewards(fb.rewards, fb.valid, torch.Generator().manual_seed(5))
     assert shuffled.shape == plain.shape == (4, 3)
     assert sorted(shuffled.reshape(-1).tolist()) == sorted(plain.reshape(-1).tolist())  # same multiset
     assert not torch.equal(shuffled, plain)  # ... in another order
@@ -188,6 +189,19 @@ def test_shuffle_rewards_permutes_across_the_batch():
     # across prompts, not only within: some value moved to another prompt's row
     moved = any(set(shuffled[p].tolist()) != set(plain[p].tolist()) for p in range(4))
     assert moved
+
+
+def test_shuffle_moves_the_valid_mask_with_the_rewards():
+    """An invalid label travels with its (placeholder) reward: the control has exactly as many
+    invalid samples, and the placeholder is refilled from the prompt it lands in."""
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    valid = torch.tensor([[True, False, True], [True, True, True]])
+    r, v = shuffle_rewards(rewards, valid, torch.Generator().manual_seed(3))
+    assert int(v.sum()) == 5
+    kept = sorted(r[v].tolist())
+    assert kept == [1.0, 3.0, 4.0, 5.0, 6.0]  # the invalid sample's placeholder 2.0 is not among the valid ones
+    p, k = [int(x) for x in (~v).nonzero()[0]]
+    assert r[p, k] == pytest.approx(r[p][v[p]].mean().item())  # refilled with its new prompt's valid mean
 
 
 def test_feedback_rejects_wrong_count_from_any_annotator():

@@ -34,7 +34,8 @@ def test_recovers_from_500_and_429_and_counts_once(judge_http):
     j = judge(judge_http.base_url, max_retries=3, max_concurrency=1)
     res = j.score(["p"], ["r"])
     assert res.scores == [1.0] and j.num_annotations == 1 and len(judge_http.requests) == 3
-    assert res.metrics["judge/requests"] == 1  # retries are transport, not extra labels
+    assert j.num_annotations == 1  # one label ...
+    assert res.metrics["judge/requests"] == j.num_requests == 3  # ... for three paid requests: what the server saw
 
 
 def test_gives_up_with_a_clear_error_after_max_retries(judge_http):
@@ -43,6 +44,7 @@ def test_gives_up_with_a_clear_error_after_max_retries(judge_http):
     with pytest.raises(AnnotationError, match=r"failed after 3 attempts.*503"):
         j.score(["p"], ["r"])
     assert len(judge_http.requests) == 3 and j.num_annotations == 0
+    assert j.num_requests == 3  # failed attempts were sent, so they are paid for
 
 
 def test_garbage_body_is_retried_then_reported(judge_http):

@@ -18,7 +18,7 @@ from daralign.compare import annotator_for, build_plan, check_existing, expand_s
 from daralign.compare_report import prompt_stream
 from daralign.errors import ConfigError
 
-BUDGET = 8  # P=2 prompts, K=2: dar/rloo use 4 per step (2 steps), online-dpo 2 per step (4 steps)
+BUDGET = 8  # requests. P=2 prompts: dar/rloo (K=2) spend 4 per step (2 steps), online-dpo (one pair) 2 (4 steps)
 
 
 @register_annotator("test-keyword")
@@ -42,12 +42,14 @@ class KeywordAnnotator(Annotator):
     def score(self, prompts, completions, rows):
         self.kinds.add("score")
         self.num_annotations += len(completions)
+        self.num_requests += len(completions)  # one request per item, as a reward model
         self.heldout_labels += sum(r.get("split") == "heldout" for r in rows)
         return ScoreResult([float(c.count("e")) for c in completions])
 
     def compare(self, prompts, completions_a, completions_b, rows):
         self.kinds.add("compare")
         self.num_annotations += len(completions_a)
+        self.num_requests += len(completions_a)
         return CompareResult([1.0 if a.count("e") > b.count("e") else 0.0 if a.count("e") < b.count("e") else 0.5
                               for a, b in zip(completions_a, completions_b)])
 
@@ -104,11 +106,11 @@ def test_annotation_counter_matches_annotator_and_budget(compare_run):
     for (algo, seed), ann in zip(runs, annotators):
         m = metrics(out / algo / f"seed{seed}")
         assert ann.num_annotations - ann.heldout_labels == m[-1]["annotations"]
-        assert m[-1]["annotations"] >= BUDGET > m[-2]["annotations"]  # the budget stopped the run
+        assert ann.num_requests - ann.heldout_labels == m[-1]["annotation_requests"] == BUDGET  # spent exactly, never more
         assert ann.kinds == ({"score", "compare"} if algo == "online-dpo" else {"score"})
     per_step = {"dar": 4, "rloo": 4, "online-dpo": 2}
     for algo, cost in per_step.items():
-        assert [x["annotations"] for x in metrics(out / algo / "seed1")] == list(range(cost, BUDGET + 1, cost))
+        assert [x["annotation_requests"] for x in metrics(out / algo / "seed1")] == list(range(cost, BUDGET + 1, cost))
 
 
 def test_summary_and_report(compare_run):
@@ -117,11 +119,13 @@ def test_summary_and_report(compare_run):
     assert summary["annotation_budget"] == BUDGET and summary["seeds"] == [1, 2]
     assert [g["group"] for g in summary["groups"]] == ["dar", "online-dpo", "rloo"]
     for rec in summary["runs"]:
-        for key in ("annotations", "budget_reached", "steps", "train_reward_final", "train_reward_best", "kl_final",
-                    "mean_length_final", "wall_time_s", "train_time_s", "heldout_before", "heldout_after",
-                    "heldout_diff"):
+        for key in ("annotations", "annotation_requests", "budget_reached", "steps", "train_reward_final",
+                    "train_reward_best", "kl_final", "mean_length_final", "wall_time_s", "train_time_s",
+                    "heldout_before", "heldout_after", "heldout_diff"):
             assert key in rec, key
-        assert rec["budget_reached"] and rec["annotations"] == BUDGET and rec["wall_time_s"] > 0
+        assert rec["budget_reached"] and rec["annotation_requests"] == rec["annotations"] == BUDGET and rec["wall_time_s"] > 0
+        assert rec["kl_final"] is not None  # held-out KL: every method has a point on the frontier
+        assert rec["evaluator_is_training_annotator"] is True
         assert (rec["train_reward_final"] is None) == (rec["algorithm"] == "online-dpo")
     for g in summary["groups"]:
         assert g["n"] == 2 and g["mean"]["heldout_after"] is not None and g["std"]["annotations"] == 0
@@ -132,6 +136,7 @@ def test_summary_and_report(compare_run):
     for png in ("reward_vs_annotations.png", "reward_vs_kl.png", "length_vs_step.png"):
         assert f'src="{png}"' in page and (out / png).stat().st_size > 1000
     assert "online-dpo" in page and "seed 1: yes" in page
+    assert "requests" in page and "the SAME annotator the methods trained on" in page
     assert not list(out.glob("*/seed*/checkpoint-*"))  # only final/ is kept
     assert (out / "configs" / "rloo.yaml").exists() and "dar_total" not in (out / "configs" / "rloo.yaml").read_text()
 
@@ -238,10 +243,11 @@ def test_one_judge_config_drives_both_modes(tmp_path, tiny_policy_dir, tiny_prom
     texts = [body["messages"][-1]["content"] for _, body, _ in judge_http.requests]
     compares = [t for t in texts if "<response_a>" in t]
     scores = [t for t in texts if "<response_a>" not in t]
-    assert len(compares) == 2 * 4  # 4 pairs (2 prompts × 2 steps), each asked in both orders
+    assert len(compares) == 4  # one step: one pair per prompt × 2 prompts, each asked in both orders
     assert len(scores) == 2 * 2 * 2  # held-out before and after: 2 prompts × 2 samples
     run = out / "online-dpo" / "seed1"
-    assert metrics(run)[-1]["annotations"] == 4
+    m = metrics(run)
+    assert m[-1]["annotations"] == 2 and m[-1]["annotation_requests"] == len(compares) == 4  # the server's own count
     assert yaml.safe_load((run / "config.yaml").read_text())["annotator"]["mode"] == "compare"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["runs"][0]["heldout_after"] is not None

@@ -58,9 +58,13 @@ def test_impossible_config(kwargs, field):
         OnlineDPOConfig(**kwargs)
 
 
-def test_needs_two_generations():
-    with pytest.raises(ConfigError, match="num_generations"):
-        get_objective("online-dpo")(OnlineDPOConfig(), tiny_train(num_generations=1))
+def test_one_pair_per_prompt_by_default_whatever_the_shared_k():
+    """OAIF samples two responses per prompt; the reward methods' num_generations does not apply."""
+    assert get_objective("online-dpo")(OnlineDPOConfig(), tiny_train(num_generations=4)).num_generations() == 2
+    assert get_objective("online-ipo")(None, tiny_train(num_generations=1)).num_generations() == 2
+    assert get_objective("online-dpo")(OnlineDPOConfig(oaif_num_generations=4), tiny_train()).num_generations() == 4
+    with pytest.raises(ConfigError, match="oaif_num_generations must be an integer ≥ 2"):
+        OnlineDPOConfig(oaif_num_generations=1)
 
 
 def test_prepare_orders_pairs_and_skips_ties():

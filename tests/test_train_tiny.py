@@ -104,8 +104,8 @@ def test_final_is_a_safetensors_save_pretrained_folder(main_run, tiny_policy_dir
                                   return_dict=True)
     gen = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert gen.shape[1] > ids["input_ids"].shape[1]
-    # checkpoints were not asked for (save_steps 0)
-    assert not list(out.glob("checkpoint-*"))
+    # save_steps 0: one checkpoint, at the end (so that --resume of the finished run does nothing)
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
 
 
 def test_heldout_report_and_tensorboard(main_run):
@@ -179,7 +179,7 @@ def test_shuffle_rewards_permutes_in_the_loop(tmp_path, tiny_policy_dir, tiny_pr
     train_cfg, algo = parse_train_args(["--config", str(cfg)])
     trainer = OnlineTrainer(train_cfg, algo)
     try:
-        rollout = trainer.rollout(0)
+        rollout = trainer.rollout(0, 3)
         shuffled = trainer.feedback(rollout, 0).rewards
         assert torch.equal(trainer.feedback(rollout, 0).rewards, shuffled)  # seeded by (seed, step)
         other_step = trainer.feedback(rollout, 1).rewards

@@ -2,16 +2,18 @@
 annotation budget, then ``summary.json`` and ``report.html``.
 
 Every run gets the same config (prompts, model, rollout, annotator, held-out set); runs differ only
-in ``algorithm``, ``seed`` and the swept knobs. Each stops once it has used ``--annotation_budget``
-annotations as the annotator counts them (one per scored response, one per judged pair): compare
-sets ``annotation_budget`` and a ``max_steps`` the budget reaches first. Runs go to
-``D/<algorithm>[/<knob=value,...>]/seed<k>``; ``D/configs/<algorithm>.yaml`` is what each got.
+in ``algorithm``, ``seed`` and the swept knobs. Each spends at most ``--annotation_budget`` annotator
+*requests* (what the user pays: both orders of a comparison = 2, retries and invalid answers count,
+cache hits are free); the loop cuts the last step to fit. Each method samples as its paper does:
+reward methods K = ``num_generations`` responses per prompt, OAIF one pair (``oaif_num_generations``).
+Runs go to ``D/<algorithm>[/<knob=value,...>]/seed<k>``; ``D/configs/<algorithm>.yaml`` is what each got.
 
 Judges: one config drives every method. A ``type: judge`` annotator is used in ``mode: compare``
 for preference methods (``feedback_kind == "compare"``) and ``mode: score`` for reward methods —
 same model, backend and template. Other annotator types are used as they are and must implement
-what the method asks. The held-out score, the one number every method has, is always the
-score-mode judge's (the loop gives a compare-mode judge a score-mode twin for it).
+what the method asks. The held-out score, the one number every method has, is the
+``eval_annotator``'s when one is given — an independent yardstick — else the score-mode training
+judge's, and the report says plainly which.
 
 Repeating the command skips finished runs (``final/`` and ``compare_run.json``), continues
 unfinished ones from their newest checkpoint, and refuses a run folder made with another config.
@@ -54,7 +56,8 @@ class Run:
     out: Path
     train: TrainConfig = None
     algo: object = None
-    per_step: int = 0  # nominal annotations per step (every label valid)
+    per_step: int = 0  # nominal annotator requests per step (every label valid, nothing cached)
+    K: int = 0  # responses sampled per prompt
 
     @property
     def group(self) -> str:
@@ -79,14 +82,15 @@ def _parser() -> _ArgumentParser:
                                     "Any other --field value is a config override for every run.")
     p.add_argument("--config", help="YAML config shared by every run (as for `daralign train`)")
     p.add_argument("--algorithms", required=True, help="comma-separated, e.g. dar,online-dpo,rloo,bon-sft")
-    p.add_argument("--annotation_budget", type=int, required=True, help="annotations per run")
+    p.add_argument("--annotation_budget", type=int, required=True,
+                   help="annotator requests per run (both orders = 2; retries and invalid answers count; cache hits are free)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     p.add_argument("--output_dir", default="runs/compare", help="one folder per run, summary.json, report.html")
     p.add_argument("--sweep", nargs="+", default=[], metavar="KNOB=V1,V2",
                    help="grid of values for --sweep_algorithm, e.g. dar_total=0.01,0.05 weight_clip=5,20")
     p.add_argument("--sweep_algorithm", default="dar", help="the algorithm the grid varies (default dar)")
     p.add_argument("--override", nargs="+", default=[], metavar="ALGO:FIELD=VALUE",
-                   help="a value for one algorithm only, e.g. online-dpo:num_generations=2")
+                   help="a value for one algorithm only, e.g. rloo:kl_coef=0 or online-dpo:oaif_num_generations=4")
     p.add_argument("--keep_checkpoints", type=_parse_bool, default=False, metavar="BOOL",
                    help="keep each finished run's checkpoint (optimizer state); default: only final/")
     return p
@@ -174,12 +178,23 @@ def annotator_for(annotator: dict, feedback_kind: str, algorithm: str, needs_sco
     return annotator
 
 
-def annotations_per_step(train: TrainConfig, algo, feedback_kind: str) -> int:
-    """Annotations one step costs when every label is valid (as ``daralign.feedback`` asks them)."""
-    P, K = train.prompts_per_step, train.num_generations
-    if feedback_kind == "compare":
-        return P * (K * (K - 1) // 2 if K > 2 and getattr(algo, "best_vs_worst", True) else 1)
-    return P * K
+def nominal_requests_per_label(annotator: dict, kind: str) -> int:
+    """Requests one label costs with nothing invalid or cached (the annotator's ``requests_per_label``
+    without loading it; a two-digit judge scale read from log-probs costs more and is not counted)."""
+    if annotator.get("type") == "combined":
+        return sum(nominal_requests_per_label(s, kind) for s in annotator.get("sources", []))
+    if annotator.get("type") == "judge" and kind == "compare":
+        return 2 if annotator.get("debias", "both_orders") == "both_orders" else 1
+    return 1
+
+
+def requests_per_step(train: TrainConfig, objective, annotator: dict) -> int:
+    """Annotator requests one full step costs when every label is valid (as ``daralign.feedback`` asks them)."""
+    from daralign.feedback import labels_per_prompt
+
+    kind = objective.feedback_kind
+    labels = labels_per_prompt(kind, objective.num_generations(), getattr(objective.config, "best_vs_worst", True))
+    return train.prompts_per_step * labels * nominal_requests_per_label(annotator, kind)
 
 
 def build_plan(argv: list[str]) -> tuple[Plan, object]:
@@ -262,17 +277,25 @@ def _resolve(run: Run, cfg_path: Path, overrides: list, budget: int) -> None:
     argv = ["--config", str(cfg_path), "--algorithm", run.algorithm, *_argv(overrides),
             *_argv(run.point.items()), "--seed", str(run.seed)]
     train, algo = parse_train_args(argv)
-    kind = get_objective(run.algorithm).feedback_kind
+    objective = get_objective(run.algorithm)(algo, train)
+    kind = objective.feedback_kind
     if not isinstance(train.annotator, dict):
         raise ConfigError(f"annotator: expected a mapping, got {train.annotator!r}")
-    annotator = annotator_for(train.annotator, kind, run.algorithm, needs_score=bool(train.eval_dataset))
-    run.per_step = annotations_per_step(train, algo, kind)
+    needs_score = bool(train.eval_dataset) and train.eval_annotator is None
+    annotator = annotator_for(train.annotator, kind, run.algorithm, needs_score=needs_score)
+    eval_annotator = train.eval_annotator
+    if eval_annotator is not None:
+        if not isinstance(eval_annotator, dict):
+            raise ConfigError(f"eval_annotator: expected a mapping, got {eval_annotator!r}")
+        eval_annotator = annotator_for(eval_annotator, "score", "eval_annotator", needs_score=True)
+    run.K = objective.num_generations()
+    run.per_step = requests_per_step(train, objective, annotator)
     nominal = math.ceil(budget / run.per_step)
-    # Invalid labels are not counted, so a run may need more steps than nominal: leave room unless
-    # the learning-rate schedule's length depends on max_steps.
+    # Cache hits are free, so a run may need more steps than nominal: leave room unless the
+    # learning-rate schedule's length depends on max_steps. The loop stops at the budget either way.
     max_steps = 2 * nominal if train.lr_scheduler_type.startswith("constant") else nominal
-    run.train = dataclasses.replace(train, annotator=annotator, annotation_budget=budget, max_steps=max_steps,
-                                    output_dir=str(run.out), report=False)
+    run.train = dataclasses.replace(train, annotator=annotator, eval_annotator=eval_annotator, annotation_budget=budget,
+                                    max_steps=max_steps, output_dir=str(run.out), report=False)
     run.algo = algo
 
 
@@ -283,7 +306,8 @@ def _fingerprint(run: Run) -> dict:
 
 def _heldout_key(run: Run) -> str:
     t = run.train
-    scorer = {**t.annotator, "mode": "score"} if t.annotator.get("type") == "judge" else t.annotator
+    scorer = t.eval_annotator or t.annotator
+    scorer = {**scorer, "mode": "score"} if scorer.get("type") == "judge" else scorer
     blob = json.dumps({k: getattr(t, k) for k in HELDOUT_KEYS} | {"scorer": scorer}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -311,7 +335,7 @@ def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool
     if finished(run):
         console.print(f"[dim]{title}: finished earlier, skipped[/dim]")
         return
-    console.rule(f"[bold]{title}[/bold] · budget {run.train.annotation_budget} annotations, "
+    console.rule(f"[bold]{title}[/bold] · budget {run.train.annotation_budget} requests, "
                  f"{run.per_step} per step")
     run.out.mkdir(parents=True, exist_ok=True)
     run.train = dataclasses.replace(run.train, resume=checkpoint.latest(run.out) is not None)  # an interrupted run goes on
@@ -331,7 +355,8 @@ def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool
         for p in run.out.glob("checkpoint-*"):
             shutil.rmtree(p, ignore_errors=True)
     record = {"group": run.group, "algorithm": run.algorithm, "point": run.point, "seed": run.seed,
-              "annotations_per_step": run.per_step, "wall_time_s": wall, "config": _fingerprint(run)}
+              "requests_per_step": run.per_step, "requests_per_prompt": run.per_step // run.train.prompts_per_step,
+              "num_generations": run.K, "wall_time_s": wall, "config": _fingerprint(run)}
     (run.out / "compare_run.json").write_text(json.dumps(record, indent=1, default=str))
     gc.collect()
 
@@ -348,7 +373,7 @@ def main(argv: list[str]) -> int:
         (root / "configs" / f"{algorithm}.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     console.print(f"compare: {len(plan.runs)} runs ({', '.join(plan.algorithms)}; seeds {plan.seeds}"
                   + (f"; {plan.sweep_algorithm} grid {plan.sweep}" if plan.sweep else "")
-                  + f") on {plan.budget} annotations each → {root}")
+                  + f") on {plan.budget} annotator requests each → {root}")
     for i, run in enumerate(plan.runs, 1):
         execute(run, i, len(plan.runs), root, opts.keep_checkpoints)
     summary = summarise(plan, root)

@@ -7,8 +7,10 @@ Numbers, and where they come from (each run folder's files, written by the loop)
 - ``heldout_*``: the score-mode judge's mean score of answers to the fixed held-out prompts
   (``heldout_before/after.json``, ``eval/score`` every ``eval_steps``) — the same yardstick for
   every method, and the one to compare preference and reward methods on.
-- ``kl_final``: Monte-Carlo KL(π‖π_ref) per sequence on the last step's samples (before its
-  update); absent for methods that run without a reference model (bon-sft, kl_coef/beta = 0).
+- ``kl_final``: Monte-Carlo KL(π‖π_ref) per sequence (nats) on the held-out answers after training,
+  for every method (a reference forward at eval time); ``kl_train_final`` is the same on the last
+  online batch, for methods that compute reference log-probs anyway.
+- ``annotation_requests`` (the budget's unit: what the user pays) beside ``annotations`` (labels).
 - ``wall_time_s``: the whole run (loading, held-out evaluation, training, saving);
   ``train_time_s``: the sum of ``step_time``.
 """
@@ -25,13 +27,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from daralign.annotators import describe_annotator, same_annotator  # noqa: E402
 from daralign.report import heldout_summary  # noqa: E402
 from daralign.tracking import console, read_metrics  # noqa: E402
 
-NUMERIC = ["annotations", "steps", "train_reward_final", "train_reward_best", "heldout_before", "heldout_after",
-           "heldout_diff", "heldout_best", "kl_final", "mean_length_final", "heldout_length_after",
-           "wall_time_s", "train_time_s"]
-TABLE = [("annotations", "annotations", 0), ("steps", "steps", 0), ("train_reward_final", "train reward final", 3),
+NUMERIC = ["annotation_requests", "annotations", "steps", "train_reward_final", "train_reward_best", "heldout_before",
+           "heldout_after", "heldout_diff", "heldout_best", "kl_final", "kl_train_final", "mean_length_final",
+           "heldout_length_after", "wall_time_s", "train_time_s"]
+TABLE = [("annotation_requests", "requests", 0), ("annotations", "labels", 0), ("steps", "steps", 0),
+         ("train_reward_final", "train reward final", 3),
          ("train_reward_best", "train reward best", 3), ("heldout_before", "held-out before", 3),
          ("heldout_after", "held-out after", 3), ("heldout_diff", "held-out Δ", 3), ("kl_final", "KL final", 2),
          ("mean_length_final", "length final", 1), ("wall_time_s", "wall time (s)", 0)]
@@ -56,15 +60,18 @@ def run_record(run_dir: Path, root: Path, budget: int) -> dict:
     metrics = read_metrics(run_dir)
     rewards = [m["reward"] for m in metrics if m.get("reward") is not None]
     last = metrics[-1] if metrics else {}
-    rec = {k: meta[k] for k in ("group", "algorithm", "point", "seed", "annotations_per_step", "wall_time_s")}
-    rec |= {"dir": str(run_dir.relative_to(root)), "annotations": last.get("annotations", 0), "steps": len(metrics),
-            "train_reward_final": rewards[-1] if rewards else None,
+    rec = {k: meta.get(k) for k in ("group", "algorithm", "point", "seed", "requests_per_step", "num_generations", "wall_time_s")}
+    rec |= {"dir": str(run_dir.relative_to(root)), "annotations": last.get("annotations", 0),
+            "annotation_requests": last.get("annotation_requests", 0), "cache_hits": last.get("annotation_cache_hits", 0),
+            "steps": len(metrics), "train_reward_final": rewards[-1] if rewards else None,
             "train_reward_best": max(rewards) if rewards else None,
-            "kl_final": last.get("kl"), "mean_length_final": last.get("completions/mean_length"),
+            "kl_train_final": last.get("kl"), "mean_length_final": last.get("completions/mean_length"),
             "train_time_s": sum(m.get("step_time") or 0.0 for m in metrics)}
-    rec["budget_reached"] = rec["annotations"] >= budget
+    rec["budget_reached"] = budget - rec["annotation_requests"] < (meta.get("requests_per_prompt") or 1)  # no prompt fits any more
     s = heldout_summary(run_dir)
     if s:
+        rec |= {"kl_final": s["kl_after"], "evaluator": s["evaluator"],
+                "evaluator_is_training_annotator": s["evaluator_is_training_annotator"]}
         evals = [m["eval/score"] for m in metrics if m.get("eval/score") is not None]
         rec |= {"heldout_before": s["before"], "heldout_after": s["after"], "heldout_diff": s["diff"],
                 "heldout_se": s["se"], "heldout_best": max([s["before"], *evals, s["after"]]),
@@ -95,8 +102,13 @@ def summarise(plan, root: Path) -> dict:
     groups: dict[str, list[dict]] = {}
     for rec in records:
         groups.setdefault(rec["group"], []).append(rec)
+    first = plan.runs[0].train
     summary = {
-        "annotation_budget": plan.budget, "seeds": plan.seeds, "algorithms": plan.algorithms,
+        "annotation_budget": plan.budget, "budget_unit": "annotator requests", "seeds": plan.seeds, "algorithms": plan.algorithms,
+        "model": first.model_name_or_path, "dataset": first.dataset, "eval_dataset": first.eval_dataset,
+        "training_annotator": describe_annotator(first.annotator),
+        "evaluator": describe_annotator(first.eval_annotator or first.annotator),
+        "evaluator_is_training_annotator": first.eval_annotator is None or same_annotator(first.eval_annotator, first.annotator),
         "sweep": plan.sweep, "sweep_algorithm": plan.sweep_algorithm, "runs": records,
         "groups": [{"group": g, "algorithm": rs[0]["algorithm"], "point": rs[0]["point"], **aggregate(rs)}
                    for g, rs in groups.items()],
@@ -104,7 +116,7 @@ def summarise(plan, root: Path) -> dict:
     # every run of a seed must have trained on one prompt stream (prefixes of the longest)
     same = {}
     for seed in plan.seeds:
-        streams = [prompt_stream(r.out, r.train.num_generations) for r in plan.runs if r.seed == seed]
+        streams = [prompt_stream(r.out, r.K) for r in plan.runs if r.seed == seed]
         longest = max(streams, key=len, default=[])
         same[str(seed)] = all(s == longest[:len(s)] for s in streams)
     summary["same_prompt_order"] = same
@@ -143,14 +155,14 @@ def _series(records: list[dict], root: Path, x: str, y: str) -> tuple[list, list
 
 
 def _heldout_curve(records: list[dict], root: Path):
-    """(annotations, mean score, std) at 0, every eval step and the end, averaged over seeds."""
+    """(annotator requests, mean score, std) at 0, every eval step and the end, averaged over seeds."""
     curves = []
     for r in records:
         if r.get("heldout_after") is None:
             continue
         pts = [(0, r["heldout_before"])]
-        pts += [(m["annotations"], m["eval/score"]) for m in read_metrics(root / r["dir"]) if m.get("eval/score") is not None]
-        pts.append((r["annotations"], r["heldout_after"]))
+        pts += [(m["annotation_requests"], m["eval/score"]) for m in read_metrics(root / r["dir"]) if m.get("eval/score") is not None]
+        pts.append((r["annotation_requests"], r["heldout_after"]))
         curves.append(pts)
     if not curves:
         return [], [], []
@@ -187,10 +199,10 @@ def plot_all(summary: dict, root: Path) -> list[tuple[str, str]]:
     fig, axes = plt.subplots(1, 2 if has_heldout else 1, figsize=(10 if has_heldout else 5.5, 3.6), squeeze=False)
     axes = axes[0]
     for g in groups:
-        xs, ys = _series(by_group[g], root, "annotations", "reward")
+        xs, ys = _series(by_group[g], root, "annotation_requests", "reward")
         if xs:
             axes[0].plot(xs, ys, marker="o", ms=3, color=color[g], label=g)
-    axes[0].set(xlabel="annotations used", ylabel="mean reward of the online batch",
+    axes[0].set(xlabel="annotator requests spent", ylabel="mean reward of the online batch",
                 title="training reward (reward methods only)")
     if has_heldout:
         for i, g in enumerate(groups):
@@ -198,11 +210,12 @@ def plot_all(summary: dict, root: Path) -> list[tuple[str, str]]:
             shift = (i - (len(groups) - 1) / 2) * 0.01 * summary["annotation_budget"]  # keep error bars apart
             if xs:
                 axes[1].errorbar([x + shift for x in xs], ys, yerr=sd, marker="o", ms=4, capsize=3, color=color[g], label=g)
-        axes[1].set(xlabel="annotations used", ylabel="mean judge score", title="held-out score (every method)")
+        axes[1].set(xlabel="annotator requests spent", ylabel="mean held-out score", title="held-out score (every method)")
     out.append((_finish(fig, axes, root / "reward_vs_annotations.png"),
-                "Reward vs annotations used. Left: the annotator's mean score of each online batch (before that "
-                "step's update); preference methods have none. Right: the score-mode judge on the fixed held-out "
-                "prompts, before training, at each eval step and at the end (mean ± std over seeds)."))
+                "Reward vs annotator requests spent. Left: the training annotator's mean score of each online batch "
+                "(before that step's update); preference methods have none. Right: the evaluator "
+                f"({summary['evaluator']}) on the fixed held-out prompts, before training, at each eval step and at "
+                "the end (mean ± std over seeds)."))
 
     fig, axes = plt.subplots(1, 2 if has_heldout else 1, figsize=(10 if has_heldout else 5.5, 3.6), squeeze=False)
     axes = axes[0]
@@ -219,12 +232,13 @@ def plot_all(summary: dict, root: Path) -> list[tuple[str, str]]:
                    and r.get("heldout_after") is not None]
             if pts:
                 axes[1].scatter(*zip(*pts), color=color[g], label=g, s=30)
-        axes[1].set(xlabel="KL(π‖π_ref) at the last step", ylabel="held-out score after",
+        axes[1].set(xlabel="held-out KL(π‖π_ref) after (nats/seq)", ylabel="held-out score after",
                     title="held-out score vs KL (one point per run)")
-    no_kl = [g for g in groups if all(r.get("kl_final") is None for r in by_group[g])]
+    no_kl = [g for g in groups if all(r.get("kl_train_final") is None for r in by_group[g])]
     out.append((_finish(fig, axes, root / "reward_vs_kl.png"),
-                "The over-optimisation frontier: reward against drift from the reference."
-                + (f" No KL for {', '.join(no_kl)} (run without a reference model)." if no_kl else "")))
+                "The over-optimisation frontier: reward against drift from the reference. Right: every method, KL "
+                "measured on the held-out answers."
+                + (f" Left has no curve for {', '.join(no_kl)} (no reference forward during training)." if no_kl else "")))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for g in groups:
@@ -234,7 +248,7 @@ def plot_all(summary: dict, root: Path) -> list[tuple[str, str]]:
     ax.set(xlabel="step", ylabel="tokens", title="mean response length of the online batch")
     out.append((_finish(fig, [ax], root / "length_vs_step.png"),
                 "Mean sampled response length per step (mean over seeds). Steps cost different numbers of "
-                "annotations per method (see the table)."))
+                "requests per method (see the table)."))
 
     for knob, effects in (summary.get("sweep_effects") or {}).items():
         keys = [k for k in ("heldout_after", "train_reward_final") if any(e["mean"][k] is not None for e in effects.values())]
@@ -271,7 +285,7 @@ def table_rows(summary: dict) -> list[list[str]]:
 def print_table(summary: dict) -> None:
     from rich.table import Table
 
-    keys = ["annotations", "train_reward_final", "heldout_after", "heldout_diff", "kl_final", "wall_time_s"]
+    keys = ["annotation_requests", "annotations", "train_reward_final", "heldout_after", "heldout_diff", "kl_final", "wall_time_s"]
     t = Table(title=f"compare: mean ± std over seeds (budget {summary['annotation_budget']}; all columns in report.html)")
     for name in ["method", "seeds"] + [label for k, label, _ in TABLE if k in keys]:
         t.add_column(name, overflow="fold")
@@ -289,17 +303,22 @@ def write_html(summary: dict, root: Path) -> Path:
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in table_rows(summary))
     order = summary["same_prompt_order"]
     under = [r["dir"] for r in summary["runs"] if not r["budget_reached"]]
-    over = [f"{r['dir']} ({r['annotations']})" for r in summary["runs"] if r["annotations"] > summary["annotation_budget"]]
-    notes = [f"Budget: {summary['annotation_budget']} annotations per run (one per scored response, one per judged "
-             f"pair); a run stops after the step that reaches it, so the last step may overshoot.",
+    over = [f"{r['dir']} ({r['annotation_requests']})" for r in summary["runs"] if r["annotation_requests"] > summary["annotation_budget"]]
+    same = summary["evaluator_is_training_annotator"]
+    notes = [f"Policy {summary['model']}, trained on {summary['dataset']}, held-out prompts {summary['eval_dataset']}.",
+             f"Trained by: {summary['training_annotator']}. Evaluated by: {summary['evaluator']}"
+             + (" — the SAME annotator the methods trained on: the held-out score is the signal the reward methods "
+                "optimise, not an independent yardstick (give eval_annotator for one)." if same else " (independent of training)."),
+             f"Budget: {summary['annotation_budget']} annotator requests per run (what the user pays: both orders of a "
+             f"comparison are 2, retries and invalid answers count, cache hits are free); the last step is cut to fit.",
              "Same prompts in the same order for every run of a seed: "
              + ", ".join(f"seed {s}: {'yes' if ok else 'NO'}" for s, ok in order.items()) + "."]
     if over:
-        notes.append("Overshoot (annotations used): " + ", ".join(over) + ".")
+        notes.append("OVER BUDGET (requests spent): " + ", ".join(over) + ".")
     if under:
-        notes.append("Budget not reached (invalid labels are not counted): " + ", ".join(under) + ".")
+        notes.append("Budget not spent (the run hit max_steps first): " + ", ".join(under) + ".")
     notes.append("Training reward exists for reward methods only; compare all methods on the held-out score. "
-                 "Held-out Δ = after − before, paired over prompts.")
+                 "Held-out Δ = after − before, paired over prompts. KL: held-out, nats per sequence.")
     figs = "".join(f'<figure><img src="{esc(name)}" alt="{esc(name)}"><figcaption>{esc(cap)}</figcaption></figure>'
                    for name, cap in plots)
     page = f"""<!doctype html>

@@ -47,14 +47,15 @@ class TrainConfig:
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt (str or chat messages)"})
     max_prompt_length: int = field(default=256, metadata={"help": "prompts longer than this (tokens) are truncated from the left"})
     # --- rollout
-    num_generations: int = field(default=4, metadata={"help": "K: responses sampled per prompt"})
+    num_generations: int = field(default=4, metadata={"help": "K: responses sampled per prompt by reward methods (OAIF methods use oaif_num_generations)"})
     max_completion_length: int = field(default=48, metadata={"help": "max new tokens per response"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
     generation_batch_size: int = field(default=32, metadata={"help": "sequences per generate() call"})
     # --- annotation
-    annotator: Any = field(default=None, metadata={"help": "annotator mapping or path to its YAML (see docs)"})
+    annotator: Any = field(default=None, metadata={"help": "the annotator training learns from: a mapping or a path to its YAML (see docs/annotators.md); not used by offline dpo"})
+    eval_annotator: Any = field(default=None, metadata={"help": "the yardstick: scores held-out answers and judges win rates (same forms as annotator); default: the training annotator, which the report then says plainly"})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtract from the reward of responses cut by the length limit"})
     # --- optimisation
     per_device_train_batch_size: int = field(default=8, metadata={"help": "prompts per micro-batch (each with its K responses)"})
@@ -65,8 +66,9 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata={"help": "scheduler warm-up steps"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
     num_updates_per_batch: int = field(default=1, metadata={"help": "optimizer epochs over one online batch"})
+    disable_dropout: bool = field(default=True, metadata={"help": "dropout off in every forward, so the log-probs of the update are those of the policy that sampled (as TRL)"})
     max_steps: int = field(default=12, metadata={"help": "online iterations"})
-    annotation_budget: int = field(default=0, metadata={"help": "stop once this many annotations are used (0 = no limit)"})
+    annotation_budget: int = field(default=0, metadata={"help": "annotator requests a run may spend (both orders = 2, retries and invalid answers count, cache hits are free); the last step is cut to fit (0 = no limit)"})
     seed: int = field(default=42, metadata={"help": "seed of data order, sampling and init"})
     # --- evaluation
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out prompts: judged before/after and every eval_steps"})
@@ -102,8 +104,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
         if not self.dataset:
             raise ConfigError("dataset: no prompt dataset given (a .jsonl/.json file or a datasets name)")
-        if self.annotator is None:
-            raise ConfigError("annotator: no annotator given (a mapping or a path to its YAML)")
+        from daralign.objectives import get_objective
+
+        if self.annotator is None and get_objective(self.algorithm).feedback_kind != "offline":
+            raise ConfigError(f"annotator: no annotator given (a mapping or a path to its YAML); {self.algorithm} learns from one")
         bad = set(self.report_to) - {"tensorboard", "wandb"}
         if bad:
             raise ConfigError(f"report_to: unknown {sorted(bad)} (choose tensorboard, wandb)")
@@ -212,6 +216,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
     if unknown:
         raise ConfigError(f"{source}: unknown config key(s) {unknown} for algorithm {algorithm!r}")
     values = {k: _coerce(k, v, fields[k][1], source) for k, v in values.items()}
+    yaml_values = dict(values)
 
     # allow_abbrev=False: a misspelt prefix such as --learning_rat must be an error, as in YAML
     parser = _ArgumentParser(prog="daralign train", description="Online alignment from AI feedback.",
@@ -229,16 +234,49 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
         parser.add_argument(f"--{name}", **kwargs)
     cli = vars(parser.parse_args(argv))
     cli.pop("config", None)
-    values.update({k: _coerce(k, v, fields[k][1], "command line") for k, v in cli.items()})
+    cli = {k: _coerce(k, v, fields[k][1], "command line") for k, v in cli.items()}
+    values = _reconcile_parameterisations(objective_cls.Config, [(source, yaml_values), ("command line", cli)])
 
     train = TrainConfig(**{k: v for k, v in values.items() if fields[k][0] is TrainConfig})
     algo = objective_cls.Config(**{k: v for k, v in values.items() if fields[k][0] is objective_cls.Config}) if objective_cls.Config else None
     if isinstance(train.annotator, str):
         train.annotator = read_yaml(train.annotator)
+    if isinstance(train.eval_annotator, str):
+        train.eval_annotator = read_yaml(train.eval_annotator)
     train.validate()
     if algo is not None and hasattr(algo, "validate"):
         algo.validate()
     return train, algo
+
+
+def _reconcile_parameterisations(cls, sources: list[tuple[str, dict]]) -> dict:
+    """Merge config sources (earliest first). ``cls.PARAMETERISATIONS`` lists alternative spellings
+    of the same numbers (DAR: α/β or total/ratio). One source giving two spellings that disagree
+    is an error naming both; a later source giving one spelling drops the others from earlier
+    sources (said in one line), so a sweep over dar_total/dar_ratio means what it says even when
+    the base config sets dar_alpha/dar_beta."""
+    groups = getattr(cls, "PARAMETERISATIONS", ())
+    merged: dict = {}
+    for name, values in sources:
+        given = [g for g in groups if any(k in values for k in g)]
+        if len(given) > 1:
+            resolved = [cls(**{k: values[k] for k in g if k in values}) for g in given]
+            keys = [k for g in groups for k in g]
+            if any(abs(getattr(resolved[0], k) - getattr(r, k)) > 1e-9 * max(1.0, abs(getattr(r, k)))
+                   for r in resolved[1:] for k in keys):
+                shown = " and ".join("/".join(f"{k}={values[k]}" for k in g if k in values) for g in given)
+                raise ConfigError(f"{name}: {shown} are two different settings of the same knobs; give one of them")
+        for g in given:
+            dropped = sorted(k for other in groups if other is not g for k in other if k in merged)
+            if dropped and len(given) == 1:
+                from daralign.tracking import console
+
+                console.print(f"note: {name} sets {'/'.join(k for k in g if k in values)}, which replaces "
+                              f"{'/'.join(dropped)} from an earlier source")
+                for k in dropped:
+                    merged.pop(k)
+        merged.update(values)
+    return merged
 
 
 def redact(obj: Any) -> Any:

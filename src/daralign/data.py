@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,8 @@ def check_prompt(value: Any, where: str, column: str = "prompt") -> None:
     )
 
 
-def load_prompts(source: str, *, column: str = "prompt", split: str = "train", config: str | None = None) -> list[dict]:
-    """Load and validate prompt rows; the prompt is copied to key ``prompt`` if ``column`` differs."""
+def _read_source(source: str, split: str, config: str | None) -> tuple[list[dict], str]:
+    """(rows, name for messages) of a file or a ``datasets`` name."""
     path = Path(source)
     if path.suffix in (".jsonl", ".json", ".gz") or path.exists():
         rows, name = read_rows(path), str(path)
@@ -91,10 +92,84 @@ def load_prompts(source: str, *, column: str = "prompt", split: str = "train", c
         name = f"{source}[{split}]"
     if not rows:
         raise DataError(f"{name}: no rows")
+    return rows, name
+
+
+def load_prompts(source: str, *, column: str = "prompt", split: str = "train", config: str | None = None) -> list[dict]:
+    """Load and validate prompt rows; the prompt is copied to key ``prompt`` if ``column`` differs."""
+    rows, name = _read_source(source, split, config)
     out = []
     for i, row in enumerate(rows):
         check_prompt(row.get(column), f"{name}: row {i}", column)
         out.append({**row, "prompt": row[column]})
+    return out
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_messages(transcript: str) -> list[dict] | None:
+    """An HH-RLHF transcript (``\n\nHuman: … \n\nAssistant: …``) as chat messages; None if it
+    is not one."""
+    parts = HH_TURN.split(transcript)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+
+
+def _split_pair_side(value: Any, where: str, field: str) -> tuple[Any, str]:
+    """(implicit prompt or None, response text) of one side of a preference row."""
+    if isinstance(value, str):
+        messages = hh_messages(value)
+        if messages is None:
+            return None, value  # a plain response string (the row's prompt says what it answers)
+        value = messages
+    if isinstance(value, list) and value:
+        check_prompt(value, where, field)
+        last = value[-1]
+        if last["role"] != "assistant":
+            raise DataError(f"{where}: field {field!r} must end with an assistant turn (the response), got role {last['role']!r}")
+        return (value[:-1] or None), last["content"]
+    raise DataError(f"{where}: field {field!r} must be a string or a list of chat messages, got {type(value).__name__}")
+
+
+def load_pairs(source: str, *, column: str = "prompt", split: str = "train", config: str | None = None) -> list[dict]:
+    """Preference rows for offline DPO, in any of TRL's preference formats, as
+    ``{"prompt": str | messages, "chosen": str, "rejected": str, ...}``:
+
+    - explicit prompt: ``prompt`` + ``chosen``/``rejected`` as strings or as assistant message lists;
+    - implicit prompt: ``chosen``/``rejected`` as whole conversations (message lists, or HH-RLHF
+      ``\n\nHuman: … \n\nAssistant: …`` transcripts) split at the last assistant turn.
+
+    Rows whose two transcripts differ before the last assistant turn are not a pair: they are
+    skipped, and one line says how many and which.
+    """
+    rows, name = _read_source(source, split, config)
+    out, mismatched = [], []
+    for i, row in enumerate(rows):
+        where = f"{name}: row {i}"
+        for field in ("chosen", "rejected"):
+            if row.get(field) is None:
+                raise DataError(f"{where}: field {field!r} is missing (offline dpo needs prompt, chosen, rejected)")
+        (p_c, chosen), (p_r, rejected) = (_split_pair_side(row[f], where, f) for f in ("chosen", "rejected"))
+        prompt = row.get(column)
+        if prompt is None:
+            if p_c is None or p_r is None:
+                raise DataError(f"{where}: field {column!r} is missing and chosen/rejected are not whole conversations")
+            if p_c != p_r:
+                mismatched.append(i)
+                continue
+            prompt = p_c if len(p_c) > 1 or p_c[0]["role"] != "user" else p_c[0]["content"]
+        check_prompt(prompt, where, column)
+        out.append({**row, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if mismatched:
+        from daralign.tracking import console
+
+        console.print(f"[yellow]{name}: skipped {len(mismatched)} row(s) whose chosen and rejected differ before the last "
+                      f"assistant turn (not a pair): rows {mismatched[:10]}{' ...' if len(mismatched) > 10 else ''}[/yellow]")
+    if not out:
+        raise DataError(f"{name}: no usable preference rows")
     return out
 
 

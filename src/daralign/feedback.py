@@ -1,8 +1,14 @@
 """Ask the annotator about a rollout and package the answer as ``Feedback``.
 
-Score objectives get a (P, K) reward matrix; compare objectives get pairs within each prompt:
-(0, 1) when K = 2, or, when K > 2, the best and worst of a round-robin of all K(K-1)/2 pairs
-(each compared pair costs one annotation).
+Score objectives get a (P, K) reward matrix. Compare objectives get pairs within each prompt:
+
+- K = 2: the one pair (0, 1), as OAIF samples it;
+- K > 2 with ``best_vs_worst``: a round-robin of all K(K-1)/2 pairs is judged, and the sample
+  with the most wins is trained against the one with the fewest;
+- K > 2 without it: K//2 disjoint pairs (0, 1), (2, 3), ..., each judged once and each trained on.
+
+Every ``Feedback`` carries what the annotator spent on it: labels (``num_annotations``), requests
+(``num_requests``, the budget's unit) and free cache hits.
 """
 
 from __future__ import annotations
@@ -16,10 +22,50 @@ from daralign.errors import AnnotationError
 from daralign.types import Feedback, Rollout
 
 
-def score_feedback(annotator: Annotator, rollout: Rollout, *, missing_eos_penalty: float | None = None,
-                   shuffle_generator: torch.Generator | None = None) -> Feedback:
+def candidate_pairs(num_prompts: int, K: int, best_vs_worst: bool) -> list[tuple[int, int]]:
+    """The (i, j) flattened sample pairs the judge is asked about, prompt by prompt."""
+    if K > 2 and best_vs_worst:
+        within = [(a, b) for a in range(K) for b in range(a + 1, K)]
+    else:
+        within = [(a, a + 1) for a in range(0, K - 1, 2)]
+    return [(p * K + a, p * K + b) for p in range(num_prompts) for a, b in within]
+
+
+def labels_per_prompt(feedback_kind: str, K: int, best_vs_worst: bool = True) -> int:
+    """Labels one prompt asks of the annotator: K scores, or the number of judged pairs."""
+    if feedback_kind == "score":
+        return K
+    if feedback_kind == "compare":
+        return len(candidate_pairs(1, K, best_vs_worst))
+    return 0  # offline: labels come with the data
+
+
+class _Spend:
+    """What the annotator spent between construction and ``feedback(...)``."""
+
+    def __init__(self, annotator: Annotator) -> None:
+        self.annotator = annotator
+        self.labels, self.requests, self.hits = annotator.num_annotations, annotator.num_requests, annotator.num_cache_hits
+
+    def feedback(self, **fields) -> Feedback:
+        a = self.annotator
+        labels, requests, hits = a.num_annotations - self.labels, a.num_requests - self.requests, a.num_cache_hits - self.hits
+        if labels > requests + hits:  # a label nobody paid for: the budget would be meaningless
+            raise AnnotationError(f"annotator {a.name!r} produced {labels} labels but counted {requests} requests and "
+                                  f"{hits} cache hits; an annotator must count num_requests (see daralign.annotators.base)")
+        return Feedback(num_annotations=labels, num_requests=requests, num_cache_hits=hits, **fields)
+
+
+def fill_invalid(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """An invalid sample takes its prompt's mean valid reward: objectives drop it (valid mask), and
+    the number it holds can neither move a baseline nor overflow anything."""
+    fill = (rewards * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(valid, rewards, fill)
+
+
+def score_feedback(annotator: Annotator, rollout: Rollout, *, missing_eos_penalty: float | None = None) -> Feedback:
     K = rollout.num_generations
-    before = annotator.num_annotations
+    spend = _Spend(annotator)
     rows = [rollout.rows[i // K] for i in range(len(rollout.completions))]
     prompts = [rollout.prompt_of(i) for i in range(len(rollout.completions))]
     result = annotator.score(prompts, rollout.completions, rows)
@@ -32,31 +78,29 @@ def score_feedback(annotator: Annotator, rollout: Rollout, *, missing_eos_penalt
     rewards = torch.tensor([s if s is not None else 0.0 for s in result.scores], dtype=torch.float32).view(-1, K)
     if missing_eos_penalty is not None:
         rewards = rewards - missing_eos_penalty * (~rollout.is_eos).float().view(-1, K)
-    if not valid.all():
-        # An invalid sample takes its prompt's mean valid reward: zero advantage, and the objective
-        # also drops it (valid mask), so it neither moves the baseline nor gets a weight.
-        fill = (rewards * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
-        rewards = torch.where(valid, rewards, fill)
-    if shuffle_generator is not None:
-        # Control run: rewards permuted across the whole batch, so they carry no information about
-        # the response they are attached to. Anything that still "improves" is drift.
-        perm = torch.randperm(rewards.numel(), generator=shuffle_generator)
-        rewards = rewards.reshape(-1)[perm].view_as(rewards)
+    rewards = fill_invalid(rewards, valid)
     metrics = dict(result.metrics)
     metrics["annotator/invalid_frac"] = 1.0 - valid.float().mean().item()
     device = rollout.input_ids.device
-    return Feedback(num_annotations=annotator.num_annotations - before, rewards=rewards.to(device),
-                    valid=valid.to(device), metrics=metrics)
+    return spend.feedback(rewards=rewards.to(device), valid=valid.to(device), metrics=metrics)
+
+
+def shuffle_rewards(rewards: torch.Tensor, valid: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The control run's rewards: (reward, valid) pairs permuted together across the whole batch,
+    so a reward no longer says anything about the response it is attached to (anything that
+    still "improves" is drift), while the invalid labels stay exactly as many."""
+    perm = torch.randperm(rewards.numel(), generator=generator).to(rewards.device)
+    r, v = rewards.reshape(-1)[perm].view_as(rewards), valid.reshape(-1)[perm].view_as(valid)
+    return fill_invalid(r, v), v
 
 
 def compare_feedback(annotator: Annotator, rollout: Rollout, *, best_vs_worst: bool = True) -> Feedback:
     K = rollout.num_generations
     if K < 2:
         raise AnnotationError("preference feedback needs num_generations ≥ 2")
-    before = annotator.num_annotations
-    candidates = [(p * K + a, p * K + b) for p in range(rollout.num_prompts)
-                  for a in range(K) for b in range(a + 1, K)] if (K > 2 and best_vs_worst) else \
-                 [(p * K, p * K + 1) for p in range(rollout.num_prompts)]
+    spend = _Spend(annotator)
+    round_robin = K > 2 and best_vs_worst
+    candidates = candidate_pairs(rollout.num_prompts, K, best_vs_worst)
     result = annotator.compare(
         [rollout.prompt_of(i) for i, _ in candidates],
         [rollout.completions[i] for i, _ in candidates],
@@ -64,26 +108,34 @@ def compare_feedback(annotator: Annotator, rollout: Rollout, *, best_vs_worst: b
         [rollout.rows[i // K] for i, _ in candidates],
     )
     probs = result.prob_a
-    if K > 2 and best_vs_worst:
+    for p in probs:
+        if p is not None and (not math.isfinite(p) or not 0 <= p <= 1):
+            raise AnnotationError(f"annotator {annotator.name!r} returned preference {p}; expected a probability")
+    if round_robin:
         wins = torch.zeros(rollout.num_prompts * K)
+        judged = torch.zeros(rollout.num_prompts, dtype=torch.long)
         for (i, j), p in zip(candidates, probs):
             if p is not None:
                 wins[i] += p
                 wins[j] += 1 - p
+                judged[i // K] += 1
         pairs, prefs = [], []
         for p in range(rollout.num_prompts):
             w = wins[p * K:(p + 1) * K]
             best, worst = p * K + int(w.argmax()), p * K + int(w.argmin())
-            if best != worst:
+            if judged[p] and best != worst:  # a prompt with no valid label, or all wins equal, has no pair
                 pairs.append((best, worst))
                 prefs.append(1.0)
     else:
         pairs = [c for c, p in zip(candidates, probs) if p is not None]
         prefs = [p for p in probs if p is not None]
-    for p in prefs:
-        if not math.isfinite(p) or not 0 <= p <= 1:
-            raise AnnotationError(f"annotator {annotator.name!r} returned preference {p}; expected a probability")
     metrics = dict(result.metrics)
     metrics["annotator/invalid_frac"] = sum(p is None for p in probs) / max(len(probs), 1)
-    return Feedback(num_annotations=annotator.num_annotations - before, pairs=pairs,
-                    preference=torch.tensor(prefs, dtype=torch.float32), metrics=metrics)
+    return spend.feedback(pairs=pairs, preference=torch.tensor(prefs, dtype=torch.float32), metrics=metrics)
+
+
+def offline_feedback(rollout: Rollout) -> Feedback:
+    """Offline preference data: sample 2p is the chosen response of prompt p, 2p+1 the rejected
+    one. The labels came with the data, so nothing is spent."""
+    pairs = [(2 * p, 2 * p + 1) for p in range(rollout.num_prompts)]
+    return Feedback(num_annotations=0, pairs=pairs, preference=torch.ones(len(pairs)))

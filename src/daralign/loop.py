@@ -3,9 +3,16 @@
     for t in steps:  prompts → sample K responses with π_t → annotate → π_ref log-probs
                      → objective.prepare → gradient step(s) → log, checkpoint
 
-The loop owns ordering, timing, logging and checkpoints; rooms meet through ``Rollout`` and
-``Feedback``. Runs under ``accelerate launch`` unchanged: each process takes its share of each
-step's prompts, and DDP averages gradients.
+The loop owns ordering, timing, logging, checkpoints and the budget; rooms meet through
+``Rollout`` and ``Feedback``. Runs under ``accelerate launch`` unchanged: each process takes its
+share of each step's prompts, DDP averages gradients, and objectives get an all-reduce for
+statistics of the global batch.
+
+The budget (``annotation_budget``) is in annotator *requests* and checked before each step: the
+step is cut to the prompts whose requests still fit (or not taken), and the annotator gets a
+hard cap, so a run never spends more than it was given and a resumed finished run does nothing.
+Offline DPO (``feedback_kind == "offline"``) takes its pairs from the dataset instead of sampling
+and annotating; everything else (logging, checkpoints, resume, held-out evaluation) is shared.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,14 +33,16 @@ from accelerate.utils import set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from daralign import checkpoint
-from daralign.annotators import build_annotator
+from daralign.annotators import build_annotator, describe_annotator, same_annotator
 from daralign.config import TrainConfig, to_dict
-from daralign.data import PromptSchedule, load_prompts
-from daralign.feedback import compare_feedback, score_feedback
+from daralign.data import PromptSchedule, load_pairs, load_prompts
+from daralign.errors import ConfigError
+from daralign.feedback import compare_feedback, labels_per_prompt, offline_feedback, score_feedback, shuffle_rewards
 from daralign.heldout import judge_heldout
-from daralign.models import load_causal_lm, load_tokenizer, token_logps
+from daralign.models import disable_dropout, load_causal_lm, load_tokenizer, token_logps
 from daralign.objectives import get_objective
 from daralign.rollout.hf import sample_rollout
+from daralign.rollout.offline import pair_rollout
 from daralign.tracking import MetricsLog, console
 
 MB_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -55,7 +65,10 @@ class OnlineTrainer:
         # ~100x slower. Flushing them to zero changes nothing measurable in the update.
         torch.set_flush_denormal(True)
         self.objective = get_objective(train.algorithm)(algo_config, train)
-        self.rows = load_prompts(train.dataset, column=train.prompt_column, split=train.dataset_split, config=train.dataset_config)
+        self.kind = self.objective.feedback_kind  # score | compare | offline
+        self.K = self.objective.num_generations()
+        load = load_pairs if self.kind == "offline" else load_prompts
+        self.rows = load(train.dataset, column=train.prompt_column, split=train.dataset_split, config=train.dataset_config)
         self.eval_rows = (load_prompts(train.eval_dataset, column=train.prompt_column)[: train.eval_max_prompts]
                           if train.eval_dataset else [])
         self.tokenizer = load_tokenizer(train.model_name_or_path, train.trust_remote_code)
@@ -69,20 +82,21 @@ class OnlineTrainer:
         from transformers import get_scheduler
 
         scheduler = get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=train.warmup_steps,
-                                  num_training_steps=train.max_steps)
+                                  num_training_steps=train.max_steps)  # one scheduler step per online batch
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy, optimizer, scheduler)
         for module in self.extra.values():
             self.accelerator.register_for_checkpointing(module)
-        self.annotator = build_annotator(train.annotator)
-        self.eval_annotator = self._eval_annotator()
+        self.annotator = build_annotator(train.annotator) if train.annotator is not None else None
+        self.eval_annotator, self.evaluator_name, self.evaluator_is_training = self._eval_annotator()
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         if train.prompts_per_step % world:
-            from daralign.errors import ConfigError
-
             raise ConfigError(f"per_device_train_batch_size × gradient_accumulation_steps ({train.prompts_per_step}) "
                               f"must be divisible by the number of processes ({world})")
         self.schedule = PromptSchedule(self.rows, train.prompts_per_step * world, train.seed)
         self.rank, self.world = rank, world
+        if world > 1:  # statistics of the global batch (advantage normalisation, means over valid samples)
+            device = self.accelerator.device
+            self.objective.reduce_sum = lambda t: self.accelerator.reduce(t.to(device), "sum").to(t.device)
 
     # ---------------------------------------------------------------- models
     def _load_policy(self):
@@ -97,11 +111,13 @@ class OnlineTrainer:
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               target_modules=cfg.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
             model = get_peft_model(model, lora)
+        if cfg.disable_dropout:
+            disable_dropout(model)
         return model
 
     def _load_reference(self):
         cfg = self.cfg
-        if not self.objective.needs_reference:
+        if not (self.objective.needs_reference or self.eval_rows):  # held-out KL needs it for every method
             return None
         if cfg.use_peft and cfg.ref_model_name_or_path is None:
             return None  # the policy with its adapter disabled *is* the reference: no second copy
@@ -114,17 +130,19 @@ class OnlineTrainer:
         return self.accelerator.unwrap_model(self.policy)
 
     @torch.no_grad()
-    def reference_token_logps(self, rollout) -> torch.Tensor | None:
-        if not self.objective.needs_reference:
-            return None
+    def reference_token_logps(self, rollout, temperature: float | None = None) -> torch.Tensor:
+        """log π_ref of every completion token (0 elsewhere), at the training temperature unless given."""
         out = []
         mb = self.cfg.per_device_train_batch_size * rollout.num_generations
         model = self.reference or self.unwrapped
         ctx = self.unwrapped.disable_adapter() if self.reference is None else nullcontext()
+        was_training = model.training
+        model.eval()
         with ctx, self.accelerator.autocast():
             for s in range(0, rollout.input_ids.shape[0], mb):
                 out.append(token_logps(model, rollout.input_ids[s:s + mb], rollout.attention_mask[s:s + mb],
-                                       self.cfg.temperature).float())
+                                       temperature or self.cfg.temperature).float())
+        model.train(was_training)
         return torch.cat(out) * rollout.completion_mask[:, 1:]
 
     def _reference_answers(self) -> list[str]:
@@ -146,16 +164,17 @@ class OnlineTrainer:
             path.write_text(json.dumps(answers))
         return answers
 
+    def _evaluator_config(self) -> dict | None:
+        return self.cfg.eval_annotator if self.cfg.eval_annotator is not None else self.cfg.annotator
+
     def _comparer(self):
-        """A compare-mode judge sharing the loaded judge model; orders are swapped by the evaluation."""
-        cfg = self.cfg.annotator
+        """A compare-mode judge sharing the evaluator's loaded model; orders are swapped by the evaluation."""
+        cfg = self._evaluator_config()
         if isinstance(cfg, dict) and cfg.get("type") == "judge":
             from daralign.annotators.judge import JudgeAnnotator, JudgeConfig
 
-            return JudgeAnnotator(JudgeConfig(**{**cfg, "mode": "compare", "debias": "none"}), client=self.annotator.client)
-        from daralign.errors import ConfigError
-
-        raise ConfigError("eval_win_rate: needs a `type: judge` annotator (it compares two answers)")
+            return JudgeAnnotator(JudgeConfig(**{**cfg, "mode": "compare", "debias": "none"}), client=self.eval_annotator.client)
+        raise ConfigError("eval_win_rate: needs a `type: judge` evaluator (eval_annotator, else annotator): it compares two answers")
 
     def win_rate(self) -> dict:
         from daralign.evaluation.winrate import evaluate_win_rate
@@ -169,41 +188,70 @@ class OnlineTrainer:
         return {k: v for k, v in res.items() if k.startswith("eval/") and isinstance(v, (int, float))}
 
     def _eval_annotator(self):
-        """Held-out answers are always *scored*. A judge in ``mode: compare`` (preference methods)
-        gets a score-mode twin (same model, backend, template) that shares its loaded model."""
-        cfg = self.cfg.annotator
-        if not (self.eval_rows and isinstance(cfg, dict) and cfg.get("type") == "judge" and cfg.get("mode") == "compare"):
-            return self.annotator
+        """(scorer of held-out answers, its description, whether it is the training annotator).
+
+        ``eval_annotator`` when given; else the training annotator (a compare-mode judge gets a
+        score-mode twin sharing its loaded model); else none (offline dpo without one: held-out
+        KL and length are still measured)."""
         from daralign.annotators.judge import JudgeAnnotator, JudgeConfig
 
-        return JudgeAnnotator(JudgeConfig(**{**cfg, "mode": "score"}), client=self.annotator.client)
+        cfg = self._evaluator_config()
+        if not self.eval_rows or cfg is None:
+            return None, None, False
+        same = self.cfg.eval_annotator is None or same_annotator(self.cfg.eval_annotator, self.cfg.annotator)
+        name = describe_annotator(cfg)
+        if self.cfg.eval_annotator is None and not (cfg.get("type") == "judge" and cfg.get("mode") == "compare"):
+            return self.annotator, name, True
+        if cfg.get("type") == "judge":
+            cfg = {**cfg, "mode": "score"}  # held-out answers are scored; win rates use a compare twin
+            train = self.cfg.annotator
+            if isinstance(train, dict) and train.get("type") == "judge" and \
+                    all(train.get(k) == cfg.get(k) for k in ("backend", "model", "dtype", "device", "base_url")):
+                return JudgeAnnotator(JudgeConfig(**cfg), client=self.annotator.client), name, same  # one loaded model
+        return build_annotator(cfg), name, same
 
     # ---------------------------------------------------------------- one step
-    def rollout(self, step: int):
-        rows = self.schedule.batch(step)[self.rank::self.world]
+    def rollout(self, step: int, num_prompts: int):
+        """This process's share of the first ``num_prompts`` prompts of step ``step``."""
+        rows = self.schedule.batch(step)[:num_prompts][self.rank::self.world]
+        if self.kind == "offline":
+            return pair_rollout(self.tokenizer, rows, max_prompt_length=self.cfg.max_prompt_length,
+                                max_completion_length=self.cfg.max_completion_length, device=self.accelerator.device)
         with self.accelerator.autocast():
             return sample_rollout(
-                self.unwrapped, self.tokenizer, rows, num_generations=self.cfg.num_generations,
+                self.unwrapped, self.tokenizer, rows, num_generations=self.K,
                 max_completion_length=self.cfg.max_completion_length, temperature=self.cfg.temperature,
                 top_p=self.cfg.top_p, top_k=self.cfg.top_k, max_prompt_length=self.cfg.max_prompt_length,
                 generation_batch_size=self.cfg.generation_batch_size,
             )
 
     def feedback(self, rollout, step: int):
-        if self.objective.feedback_kind == "compare":
-            return compare_feedback(self.annotator, rollout, best_vs_worst=getattr(self.algo_config, "best_vs_worst", True))
-        shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step) if self.cfg.shuffle_rewards else None
-        return score_feedback(self.annotator, rollout, missing_eos_penalty=self.cfg.missing_eos_penalty,
-                              shuffle_generator=shuffle)
+        if self.kind == "offline":
+            return offline_feedback(rollout)
+        if self.kind == "compare":
+            return compare_feedback(self.annotator, rollout, best_vs_worst=self.algo_config.best_vs_worst)
+        fb = score_feedback(self.annotator, rollout, missing_eos_penalty=self.cfg.missing_eos_penalty)
+        if self.cfg.shuffle_rewards:
+            # The control permutes (reward, valid) across the *global* batch, identically on every process.
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+            P = fb.rewards.shape[0]
+            rewards = self.accelerator.gather(fb.rewards.contiguous())
+            valid = self.accelerator.gather(fb.valid.long().contiguous()).bool()
+            rewards, valid = shuffle_rewards(rewards.cpu(), valid.cpu(), g)
+            mine = slice(self.rank * P, (self.rank + 1) * P)
+            fb.rewards, fb.valid = rewards[mine].to(fb.rewards.device), valid[mine].to(fb.rewards.device)
+        return fb
 
-    def update(self, rollout, prepared: dict) -> dict:
+    def update(self, rollout, prepared: dict, signal: bool) -> dict:
+        """``num_updates_per_batch`` optimizer steps on the batch — none when no process has signal —
+        then one scheduler step: the schedule counts online batches, as ``max_steps`` does."""
         cfg, K = self.cfg, rollout.num_generations
         N = rollout.input_ids.shape[0]
         batch = {k: getattr(rollout, k) for k in MB_KEYS} | prepared
         rows_per_mb = cfg.per_device_train_batch_size * K  # whole prompt groups per micro-batch
         self.policy.train()
-        losses, extra_metrics = [], {}
-        for _ in range(cfg.num_updates_per_batch):
+        losses, extra_metrics, grad_norms = [], {}, []
+        for _ in range(cfg.num_updates_per_batch if signal else 0):
             starts = list(range(0, N, rows_per_mb))
             for i, s in enumerate(starts):
                 mb = {k: v[s:s + rows_per_mb] for k, v in batch.items()}
@@ -220,40 +268,55 @@ class OnlineTrainer:
                     for p in module.parameters():
                         if p.grad is not None:
                             p.grad = self.accelerator.reduce(p.grad, "mean")
-            if cfg.max_grad_norm > 0:
-                params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            norm = self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            grad_norms.append(float(norm))
             self.optimizer.step()
-            self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        out = {"loss": sum(losses) / cfg.num_updates_per_batch, "learning_rate": self.scheduler.get_last_lr()[0]}
+        with warnings.catch_warnings():  # a skipped update steps the schedule without the optimizer, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.scheduler.scheduler.step()  # the raw scheduler: accelerate's wrapper steps once per process
+        out = {"loss": sum(losses) / cfg.num_updates_per_batch if losses else 0.0,
+               "learning_rate": self.scheduler.get_last_lr()[0], "update/skipped": 0.0 if signal else 1.0}
+        if grad_norms:
+            out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out.update({k: sum(v) / len(v) for k, v in extra_metrics.items()})
         return out
 
-    def step(self, step: int, annotations: int) -> dict:
+    def _sum(self, x: float) -> float:
+        return float(self.accelerator.reduce(torch.tensor(float(x), device=self.accelerator.device), "sum").item())
+
+    def step(self, step: int, num_prompts: int, spent: dict) -> dict:
         t0 = time.perf_counter()
-        rollout = self.rollout(step)
+        rollout = self.rollout(step, num_prompts)
         t1 = time.perf_counter()
         feedback = self.feedback(rollout, step)
         t2 = time.perf_counter()
-        ref = self.reference_token_logps(rollout)
+        ref = self.reference_token_logps(rollout) if self.objective.needs_reference else None
         t3 = time.perf_counter()
         with torch.no_grad():
             prepared, obj_metrics = self.objective.prepare(rollout, feedback, ref, self.unwrapped)
-        upd = self.update(rollout, prepared)
+        signal = self._sum(self.objective.has_signal(feedback, prepared)) > 0  # the same decision on every process
+        upd = self.update(rollout, prepared, signal)
         t4 = time.perf_counter()
         lengths = rollout.completion_lengths.float()
-        n_ann = int(self.accelerator.reduce(torch.tensor(feedback.num_annotations), "sum").item())
-        m = {"annotations": annotations + n_ann}
+        m = {"annotations": spent["annotations"] + int(self._sum(feedback.num_annotations)),
+             "annotation_requests": spent["annotation_requests"] + int(self._sum(feedback.num_requests)),
+             "annotation_cache_hits": spent["annotation_cache_hits"] + int(self._sum(feedback.num_cache_hits)),
+             "num_prompts": float(num_prompts)}
         if feedback.rewards is not None:
             r = feedback.rewards[feedback.valid] if feedback.valid is not None else feedback.rewards
-            m |= {"reward": r.mean().item(), "reward_std": r.std().item() if r.numel() > 1 else 0.0}
-        if ref is not None:
+            m |= {"reward": r.mean().item() if r.numel() else None, "reward_std": r.std().item() if r.numel() > 1 else 0.0}
+        if ref is not None and self.kind != "offline":
             # KL(π_t‖π_ref) per sequence, Monte-Carlo over the samples: E[log π_t − log π_ref]
             m["kl"] = (rollout.behaviour_logps - ref.sum(-1)).mean().item()
+        if self.kind != "offline":  # offline responses were not sampled: no π_t entropy
+            m["entropy"] = (-rollout.behaviour_logps / lengths.clamp(min=1)).mean().item()  # per-token MC estimate
         m |= {
-            "entropy": (-rollout.behaviour_logps / lengths.clamp(min=1)).mean().item(),  # per-token MC estimate
+            "num_tokens": float(lengths.sum().item()),
             "completions/mean_length": lengths.mean().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
             "completions/clipped_ratio": 1.0 - rollout.is_eos.float().mean().item(),
             **obj_metrics, **feedback.metrics, **upd,
             "timing/rollout": t1 - t0, "timing/annotate": t2 - t1, "timing/reference": t3 - t2,
@@ -265,26 +328,54 @@ class OnlineTrainer:
 
     def _log_completions(self, step: int, rollout, feedback) -> None:
         K = rollout.num_generations
-        ids = self.schedule.indices(step)[self.rank::self.world]
+        ids = self.schedule.indices(step)[:len(rollout.rows) * self.world][self.rank::self.world]
         rewards = feedback.rewards.reshape(-1).tolist() if feedback.rewards is not None else [None] * len(rollout.completions)
+        valid = feedback.valid.reshape(-1).tolist() if feedback.valid is not None else [True] * len(rollout.completions)
         with open(self.out / "completions.jsonl", "a") as f:
             for i, text in enumerate(rollout.completions):
                 f.write(json.dumps({"step": step + 1, "prompt_index": ids[i // K], "completion": text,
-                                    "reward": rewards[i], "eos": bool(rollout.is_eos[i])}) + "\n")
+                                    "reward": rewards[i] if valid[i] else None, "eos": bool(rollout.is_eos[i])}) + "\n")
+
+    # ---------------------------------------------------------------- budget
+    def prompts_affordable(self, spent: dict) -> tuple[int, str | None]:
+        """(prompts the next step may take, why it takes none). Cuts the last step of a budget to
+        the prompts whose requests fit, in multiples of the process count, and caps the annotator
+        at the requests left (retries and invalid answers can only make a step cost more)."""
+        cfg, full = self.cfg, self.cfg.prompts_per_step * self.world
+        if not cfg.annotation_budget or self.annotator is None:
+            return full, None
+        left = cfg.annotation_budget - spent["annotation_requests"]
+        per_prompt = labels_per_prompt(self.kind, self.K, getattr(self.algo_config, "best_vs_worst", True)) \
+            * self.annotator.requests_per_label(self.kind)
+        n = min(full, left // per_prompt // self.world * self.world)
+        if n == 0:
+            return 0, (f"annotation budget reached: {spent['annotation_requests']} of {cfg.annotation_budget} requests "
+                       f"spent; a prompt costs {per_prompt}")
+        self.annotator.request_limit = self.annotator.num_requests + left // self.world
+        return n, None
 
     # ---------------------------------------------------------------- run
     def heldout(self, tag: str) -> dict | None:
         if not self.eval_rows:
             return None
+        T = self.cfg.eval_temperature
         with self.accelerator.autocast():
             res = judge_heldout(self.unwrapped, self.tokenizer, self.eval_annotator, self.eval_rows,
-                                max_new_tokens=self.cfg.max_completion_length, temperature=self.cfg.eval_temperature,
-                                seed=self.cfg.seed + 7919, batch_size=self.cfg.generation_batch_size)
+                                max_new_tokens=self.cfg.max_completion_length, temperature=T,
+                                seed=self.cfg.seed + 7919, batch_size=self.cfg.generation_batch_size,
+                                ref_token_logps=lambda rollout: self.reference_token_logps(rollout, T))
+        res["evaluator"] = self.evaluator_name
+        res["evaluator_is_training_annotator"] = self.evaluator_is_training
         if self.cfg.eval_win_rate:
             res["win_rate"] = self.win_rate()
         if self.accelerator.is_main_process:
             (self.out / f"heldout_{tag}.json").write_text(json.dumps(res, indent=1))
         return res
+
+    def _finished(self, step: int, spent: dict) -> str | None:
+        if step >= self.cfg.max_steps:
+            return f"max_steps ({self.cfg.max_steps}) done"
+        return self.prompts_affordable(spent)[1]
 
     def train(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
@@ -304,14 +395,22 @@ class OnlineTrainer:
             for path in self.out.glob("heldout_*.json"):
                 path.unlink()
         acc.wait_for_everyone()
-        start, annotations = 0, 0
+        start = 0
+        spent = {"annotations": 0, "annotation_requests": 0, "annotation_cache_hits": 0}
         resume_from = checkpoint.latest(self.out) if cfg.resume else None
         if cfg.resume and resume_from is None:
             console.print(f"[yellow]--resume: no checkpoint in {self.out}; starting from scratch[/yellow]")
         if resume_from is not None:
             state = checkpoint.load(acc, resume_from)
-            start, annotations = state["step"], state["annotations"]
-            console.print(f"resumed from {resume_from} (step {start}, {annotations} annotations)")
+            start = state["step"]
+            spent |= {k: state[k] for k in spent if k in state}
+            console.print(f"resumed from {resume_from} (step {start}, {spent['annotation_requests']} requests, "
+                          f"{spent['annotations']} annotations)")
+            done = self._finished(start, spent)
+            if done and (self.out / "final").is_dir():
+                console.print(f"--resume: this run is finished ({done}); nothing to do, {self.out / 'final'} is kept")
+                return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"],
+                        "heldout_after": None, "finished_earlier": True}
         if acc.is_main_process:
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg, self.algo_config), sort_keys=False))
         if cfg.report_to:
@@ -322,29 +421,37 @@ class OnlineTrainer:
             self.heldout("before")
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not acc.is_main_process)
+        step, saved = start, start if resume_from is not None else -1
         with progress:
             task = progress.add_task(f"{cfg.algorithm} steps", total=cfg.max_steps, completed=start)
             for step in range(start, cfg.max_steps):
-                metrics = self.step(step, annotations)
-                annotations = metrics["annotations"]
+                num_prompts, why = self.prompts_affordable(spent)
+                if num_prompts == 0:
+                    console.print(f"{why}; stopping after step {step}")
+                    break
+                metrics = self.step(step, num_prompts, spent)
+                spent = {k: metrics[k] for k in spent}
                 if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < cfg.max_steps:
                     res = self.heldout(f"step{step + 1}")
                     if res:
-                        metrics |= {"eval/score": res["score"], "eval/mean_length": res["mean_length"]} | res.get("win_rate", {})
+                        metrics |= {"eval/score": res["score"], "eval/kl": res["kl"], "eval/mean_length": res["mean_length"]} \
+                            | res.get("win_rate", {})
                 if log is not None:
                     log.log(metrics, step + 1, print_line=(step + 1) % cfg.logging_steps == 0)
-                progress.update(task, advance=1, description=f"{cfg.algorithm} reward={metrics.get('reward', float('nan')):.3f}")
-                budget_spent = cfg.annotation_budget and annotations >= cfg.annotation_budget
-                if cfg.save_steps and (step + 1) % cfg.save_steps == 0 or budget_spent:
-                    checkpoint.save(acc, self.out, step + 1, {"step": step + 1, "annotations": annotations}, cfg.save_total_limit)
-                if budget_spent:
-                    console.print(f"annotation budget reached ({annotations} ≥ {cfg.annotation_budget}) after step {step + 1}")
-                    break
+                reward = metrics.get("reward")
+                progress.update(task, advance=1, description=f"{cfg.algorithm}" + (f" reward={reward:.3f}" if reward is not None else ""))
+                if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+                    checkpoint.save(acc, self.out, step + 1, {"step": step + 1, **spent}, cfg.save_total_limit)
+                    saved = step + 1
+            else:
+                step = cfg.max_steps
+        if saved != step:  # always a checkpoint at the end: --resume of a finished run then does nothing
+            checkpoint.save(acc, self.out, step, {"step": step, **spent}, cfg.save_total_limit)
         after = self.heldout("after")
         self.save_final()
         if cfg.report_to:
             acc.end_training()
-        return {"annotations": annotations, "heldout_after": after}
+        return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"], "heldout_after": after}
 
     def save_final(self) -> None:
         acc = self.accelerator
@@ -368,6 +475,7 @@ class OnlineTrainer:
         os.replace(tmp, final)
 
     def close(self) -> None:
-        if self.eval_annotator is not self.annotator:
-            self.eval_annotator.close()  # its client is shared; closing twice is safe
-        self.annotator.close()
+        if self.eval_annotator is not None and self.eval_annotator is not self.annotator:
+            self.eval_annotator.close()  # a shared client is closed by its owner; closing twice is safe
+        if self.annotator is not None:
+            self.annotator.close()

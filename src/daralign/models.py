@@ -72,3 +72,14 @@ def sequence_logps(model, input_ids, attention_mask, completion_mask, temperatur
     Prompt and padding tokens are masked out by ``completion_mask``."""
     per_token = token_logps(model, input_ids, attention_mask, temperature)
     return (per_token * completion_mask[:, 1:].to(per_token.dtype)).sum(-1)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout in ``model`` (``nn.Dropout`` modules, LoRA's included, and the attention
+    dropout rate attention layers keep as a float), so training-mode forwards give the same
+    log-probs as the sampler's. Training mode itself stays on (gradient checkpointing needs it)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

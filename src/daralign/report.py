@@ -32,7 +32,14 @@ def heldout_summary(run_dir: str | Path) -> dict | None:
     diff, se = paired_difference(before["per_prompt"], after["per_prompt"])
     return {"before": before["score"], "after": after["score"], "diff": diff, "se": se,
             "length_before": before["mean_length"], "length_after": after["mean_length"],
+            "kl_before": before.get("kl"), "kl_after": after.get("kl"),
+            "evaluator": after.get("evaluator"), "evaluator_is_training_annotator": after.get("evaluator_is_training_annotator"),
             "n_prompts": len(before["per_prompt"])}
+
+
+def fmt(x, spec: str = ".4f") -> str:
+    """A number, or "not measured" (never "nan")."""
+    return "not measured" if x is None else format(x, spec)
 
 
 def plot_runs(runs: dict[str, Path], out_dir: Path) -> list[str]:
@@ -59,14 +66,21 @@ def write_report(run_dir: str | Path, control_dir: str | Path | None = None, n_s
     runs = {"trained": run_dir} | ({"shuffled-reward control": Path(control_dir)} if control_dir else {})
     plots = plot_runs(runs, run_dir)
     lines = ["# daralign run report", ""]
-    lines += ["## Held-out annotator score (fixed prompts, fixed sampling seed)", "",
-              "| run | before | after | after − before (± s.e. over prompts) | length before → after |",
-              "|---|---|---|---|---|"]
+    lines += ["## Held-out score (fixed prompts, fixed sampling seed)", "",
+              "| run | before | after | after − before (± s.e. over prompts) | KL(π‖π_ref) after (nats/seq) | length before → after |",
+              "|---|---|---|---|---|---|"]
+    evaluator = None
     for label, path in runs.items():
         s = heldout_summary(path)
         if s:
-            lines.append(f"| {label} | {s['before']:.4f} | {s['after']:.4f} | {s['diff']:+.4f} ± {s['se']:.4f} "
-                         f"| {s['length_before']:.1f} → {s['length_after']:.1f} |")
+            evaluator = evaluator or s
+            lines.append(f"| {label} | {fmt(s['before'])} | {fmt(s['after'])} | {fmt(s['diff'], '+.4f')} ± {fmt(s['se'])} "
+                         f"| {fmt(s['kl_after'], '.2f')} | {s['length_before']:.1f} → {s['length_after']:.1f} |")
+    if evaluator and evaluator.get("evaluator"):
+        same = evaluator.get("evaluator_is_training_annotator")
+        lines += ["", f"Scored by: {evaluator['evaluator']}" + (
+            " — **the same annotator the run trained on**, so this score is the signal it optimised, not an "
+            "independent yardstick (set `eval_annotator` for one)." if same else " (not the training annotator).")]
     lines += ["", "A gain counts only if it clearly exceeds the control's: the control trains on rewards "
               "shuffled across the batch, so whatever it gains is drift, not learning from the annotator.", ""]
     lines += [f"![{p}]({p})" for p in plots] + [""]
@@ -77,8 +91,8 @@ def write_report(run_dir: str | Path, control_dir: str | Path | None = None, n_s
         for i in range(min(n_samples, len(before["completions"]))):
             if prompts:
                 lines.append(f"**Prompt:** {prompts[i]}")
-            lines += [f"- before ({before['per_prompt'][i]:.3f}): {before['completions'][i]!r}",
-                      f"- after ({after['per_prompt'][i]:.3f}): {after['completions'][i]!r}", ""]
+            lines += [f"- before ({fmt(before['per_prompt'][i], '.3f')}): {before['completions'][i]!r}",
+                      f"- after ({fmt(after['per_prompt'][i], '.3f')}): {after['completions'][i]!r}", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -43,14 +43,15 @@ def main(argv: list[str]) -> int:
         console.print("[bold]control run:[/bold] same config, rewards shuffled across each batch")
         run(dataclasses.replace(train, output_dir=control_dir, shuffle_rewards=True, report=False), algo)
     if train.report:
-        from daralign.report import heldout_summary, write_report
+        from daralign.report import fmt, heldout_summary, write_report
 
         path = write_report(train.output_dir, control_dir)
         console.print(f"report: {path}")
         for label, d in [("trained", train.output_dir), ("control", control_dir)]:
             s = heldout_summary(d) if d else None
             if s:
-                console.print(f"held-out {label}: {s['before']:.4f} → {s['after']:.4f} "
-                              f"({s['diff']:+.4f} ± {s['se']:.4f}), length {s['length_before']:.1f} → {s['length_after']:.1f}")
+                console.print(f"held-out {label}: {fmt(s['before'])} → {fmt(s['after'])} "
+                              f"({fmt(s['diff'], '+.4f')} ± {fmt(s['se'])}), KL {fmt(s['kl_after'], '.2f')}, "
+                              f"length {s['length_before']:.1f} → {s['length_after']:.1f}")
     console.print(f"final model: {Path(train.output_dir) / 'final'}")
     return 0

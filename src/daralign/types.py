@@ -54,6 +54,8 @@ class Feedback:
     """
 
     num_annotations: int  # annotator labels produced for this rollout
+    num_requests: int = 0  # annotator requests paid for them (the budget's unit; see Annotator)
+    num_cache_hits: int = 0  # requests answered from the cache, for free
     rewards: torch.Tensor | None = None  # (num_prompts, K) float
     valid: torch.Tensor | None = None  # (num_prompts, K) bool
     pairs: list[tuple[int, int]] | None = None

@@ -31,4 +31,28 @@ def build_annotator(cfg: dict | str) -> Annotator:
     return ANNOTATORS[cfg["type"]](cfg)
 
 
-__all__ = ["Annotator", "ScoreResult", "CompareResult", "build_annotator", "register_annotator"]
+def describe_annotator(cfg: dict) -> str:
+    """One line naming an annotator config, for reports: what it is and which model or code."""
+    kind = cfg.get("type")
+    if kind == "judge":
+        return (f"judge {cfg.get('model', 'bundled:qwen2.5-coder-0.5b-instruct')} via {cfg.get('backend', 'transformers')} "
+                f"(template {cfg.get('template', 'helpfulness')!r}, scale {cfg.get('scale', 'yes_no')!r})")
+    if kind == "reward_model":
+        return f"reward model {cfg.get('model')}"
+    if kind == "function":
+        return f"reward function {cfg.get('function')}"
+    if kind == "combined":
+        return "combined: " + " + ".join(f"{s.get('weight', 1.0)}×[{describe_annotator(s)}]" for s in cfg.get("sources", []))
+    return f"{kind} annotator"
+
+
+def same_annotator(a: dict | None, b: dict | None) -> bool:
+    """Whether two annotator configs are one annotator (a judge asked in another mode is the same judge)."""
+    if a is None or b is None:
+        return False
+    ignore = {"mode", "debias", "cache"}
+    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+
+
+__all__ = ["Annotator", "ScoreResult", "CompareResult", "build_annotator", "describe_annotator", "register_annotator",
+           "same_annotator"]

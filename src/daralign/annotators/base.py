@@ -31,14 +31,34 @@ class CompareResult:
 class Annotator:
     """Base class. Subclasses implement ``score`` and/or ``compare``.
 
-    ``num_annotations`` counts every call that produced a label (one per scored response, one per
-    compared pair, however many judge requests that took), so budgets compare honestly.
+    Two counters, both cumulative over the annotator's life:
+
+    - ``num_annotations``: labels produced (one per scored response, one per compared pair).
+    - ``num_requests``: what the user pays for, the unit of ``annotation_budget``: every call to a
+      judge (both orders = 2, second-digit steps, invalid answers, retries, HTTP attempts), every
+      response a reward model scored, every batch item handed to a reward function. Cache hits
+      are free and counted apart in ``num_cache_hits``.
+
+    ``request_limit`` (set by the loop from the budget) is a hard cap on ``num_requests``: asks
+    beyond it are not sent and come back as invalid labels, so a run never exceeds its budget.
     """
 
     name: ClassVar[str] = "annotator"
 
     def __init__(self) -> None:
         self.num_annotations = 0
+        self.num_requests = 0
+        self.num_cache_hits = 0
+        self.request_limit: int | None = None
+
+    def requests_per_label(self, kind: str) -> int:
+        """Requests one label costs when nothing is invalid or cached (``kind``: score | compare);
+        the loop sizes the last step of a budget with it."""
+        return 1
+
+    def affordable(self, n: int) -> int:
+        """How many of ``n`` one-request items fit under ``request_limit``."""
+        return n if self.request_limit is None else max(0, min(n, self.request_limit - self.num_requests))
 
     def score(self, prompts: list[Any], completions: list[str], rows: list[dict]) -> ScoreResult:
         raise NotImplementedError(f"annotator {self.name!r} cannot score single responses")

@@ -121,7 +121,7 @@ def annotate_main(argv: list[str]) -> int:
     from daralign.annotators import build_annotator
 
     annotator = build_annotator(cfg)
-    out_rows, n_invalid, hits, requests, lat_sum, paid = [], 0, 0.0, 0.0, 0.0, 0.0
+    out_rows, n_invalid = [], 0
     try:
         for start in range(0, len(rows), args.chunk):
             part = rows[start : start + args.chunk]
@@ -132,20 +132,16 @@ def annotate_main(argv: list[str]) -> int:
             else:
                 res = annotator.compare(prompts, [r["completion_a"] for r in part], [r["completion_b"] for r in part], part)
                 labels, field = res.prob_a, "prob_a"
-            m = res.metrics
-            hits += m.get("judge/cache_hits", 0.0)
-            requests += m.get("judge/requests", 0.0)
-            n_paid = m.get("judge/requests", 0.0) - m.get("judge/cache_hits", 0.0)
-            lat_sum += m.get("judge/latency_s", 0.0) * n_paid
-            paid += n_paid
             for r, v in zip(part, labels):
                 out_rows.append({**r, field: v, "valid": v is not None})
                 n_invalid += v is None
+        totals = getattr(annotator, "totals", {})
+        mean_lat = totals["latency_s"] / totals["paid"] if totals.get("paid") else 0.0
+        hits, requests = annotator.num_cache_hits, annotator.num_requests
     finally:
         annotator.close()
     write_jsonl_atomic(args.output, out_rows)
-    mean_lat = lat_sum / paid if paid else 0.0
-    print(f"annotate: rows={len(out_rows)} invalid={n_invalid} cache_hits={int(hits)}/{int(requests)} "
+    print(f"annotate: rows={len(out_rows)} invalid={n_invalid} requests={requests} cache_hits={hits}/{hits + requests} "
           f"mean_latency_s={mean_lat:.3f} -> {args.output}")
     return 0
 

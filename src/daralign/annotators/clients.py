@@ -19,11 +19,13 @@ import math
 import os
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from daralign.errors import AnnotationError, ConfigError
+from daralign.rng import fork_rng
 
 OnReply = Callable[[int, "Reply"], None]
 
@@ -72,6 +74,7 @@ class Client:
 
     supports_logprobs: bool = True
     supports_prefix: bool = True
+    requests_sent: int = 0  # every request the backend received (HTTP retries included): the budget's unit
 
     def complete(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Reply]:
         raise NotImplementedError
@@ -182,6 +185,7 @@ class TransformersClient(Client):
                     if gen is not None:
                         text, n_new = gen[j]
                     replies[i] = Reply(text=text, probs=probs, tokens=int(n_prompt[j]) + n_new, latency_s=latency)
+                    self.requests_sent += 1
                     if on_reply:
                         on_reply(i, replies[i])
         return replies  # type: ignore[return-value]
@@ -196,7 +200,7 @@ class TransformersClient(Client):
     def _generate(self, enc, max_tokens: int, temperature: float, seed: int | None):
         kw = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         # Sampled retries are seeded, inside fork_rng so the training loop's RNG stream is untouched.
-        with self.torch.random.fork_rng(devices=[]):
+        with fork_rng():
             if seed is not None:
                 self.torch.manual_seed(seed)
             out = self.model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id, **kw)
@@ -265,6 +269,7 @@ class OpenAIClient(Client):
             headers["Authorization"] = f"Bearer {key}"
         self._scrub = (lambda s: s.replace(key, "***")) if key else (lambda s: s)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s), headers=headers)
+        self._count_lock = threading.Lock()  # requests_sent is bumped from the worker threads
         self._httpx = httpx
         self._tokenizer = None
         if endpoint == "completions" and tokenizer:
@@ -296,6 +301,8 @@ class OpenAIClient(Client):
 
     def _post(self, req: Request) -> Reply:
         path, body = self._payload(req)
+        with self._count_lock:
+            self.requests_sent += 1
         t0 = time.perf_counter()
         resp = self._http.post(self.base_url + path, json=body)
         if resp.status_code == 429 or resp.status_code >= 500:
@@ -466,6 +473,7 @@ class LlamaCppClient(Client):
                 text = out["choices"][0]["text"]
                 n_new = out["usage"]["completion_tokens"]
             replies.append(Reply(text=text, probs=probs, tokens=len(toks) + n_new, latency_s=time.perf_counter() - t0))
+            self.requests_sent += 1
             if on_reply:
                 on_reply(i, replies[-1])
         return replies

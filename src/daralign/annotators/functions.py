@@ -85,9 +85,12 @@ class FunctionAnnotator(Annotator):
         return cls(load_callable(cfg["function"]), dict(cfg.get("kwargs") or {}), cfg["function"])
 
     def score(self, prompts, completions, rows):
+        n = self.affordable(len(completions))  # items past the request limit are not asked (invalid)
+        rows = rows[:n]
         columns = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {}) if k not in ("prompt", "completion")}
-        raw = self.fn(prompts=list(prompts), completions=list(completions), **columns, **self.kwargs)
-        scores = validate_scores(raw, len(completions), f"reward function {self.spec}")
+        raw = self.fn(prompts=list(prompts[:n]), completions=list(completions[:n]), **columns, **self.kwargs) if n else []
+        self.num_requests += n  # one per batch item handed to the function
+        scores = validate_scores(raw, n, f"reward function {self.spec}") + [None] * (len(completions) - n)
         self.num_annotations += sum(s is not None for s in scores)
         return ScoreResult(scores)
 
@@ -98,7 +101,7 @@ class CombinedAnnotator(Annotator):
 
     The score is Σ weight·score; a response invalid for any source is invalid. Each source's mean
     is logged as ``rewards/<i>_<type>/mean``. One annotation is counted per response labelled by
-    all sources (the budget unit is a labelled response)."""
+    all sources; the requests are every source's requests added up."""
 
     def __init__(self, sources: list[tuple[float, Annotator]]) -> None:
         super().__init__()
@@ -123,11 +126,20 @@ class CombinedAnnotator(Annotator):
             built.append((float(weight), build_annotator(src)))
         return cls(built)
 
+    def requests_per_label(self, kind: str) -> int:
+        return sum(source.requests_per_label(kind) for _, source in self.sources)
+
     def score(self, prompts, completions, rows):
         total: list[float | None] = [0.0] * len(completions)
         metrics: dict[str, float] = {}
         for i, (weight, source) in enumerate(self.sources):
+            requests, hits = source.num_requests, source.num_cache_hits
+            # each source may spend what is left of the combined limit
+            source.request_limit = None if self.request_limit is None else \
+                source.num_requests + max(self.request_limit - self.num_requests, 0)
             result = source.score(prompts, completions, rows)
+            self.num_requests += source.num_requests - requests
+            self.num_cache_hits += source.num_cache_hits - hits
             valid = [s for s in result.scores if s is not None]
             metrics[f"rewards/{i}_{source.name}/mean"] = sum(valid) / len(valid) if valid else float("nan")
             metrics.update(result.metrics)

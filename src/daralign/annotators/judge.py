@@ -306,6 +306,15 @@ class JudgeAnnotator(Annotator):
         return self._client
 
     # -- requests, cache, metrics ------------------------------------------------------------
+    def requests_per_label(self, kind: str) -> int:
+        """A compare label asked in both orders is 2 requests; a two-digit score read from
+        log-probs adds one second-digit request per leading digit ("1" of "10")."""
+        if self.config.mode == "compare":
+            return 2 if self.config.debias == "both_orders" else 1
+        if self.scale.multi_digit and self._use_probs():
+            return 1 + len({lab[0] for lab in self.scale.labels if len(lab) > 1})
+        return 1
+
     def _use_probs(self) -> bool:
         c = self.config
         if c.use_logprobs is False or not self.client.supports_logprobs:
@@ -356,9 +365,12 @@ class JudgeAnnotator(Annotator):
                 if hit is not None:
                     a.reply = Reply(text=hit["text"], probs=hit["probs"], tokens=0, latency_s=0.0, cached=True)
                     stats["cache_hits"] += 1
+                    self.num_cache_hits += 1
                     continue
             todo.append(a)
-        stats["requests"] += len(asks)
+        allowed = self.affordable(len(todo))
+        stats["budget_cut"] += len(todo) - allowed  # not sent: their labels stay invalid
+        todo = todo[:allowed]
         if not todo:
             return
 
@@ -371,7 +383,13 @@ class JudgeAnnotator(Annotator):
             if self._cache is not None:
                 self._cache.put(keys[id(a)], {"text": reply.text, "probs": reply.probs, "tokens": reply.tokens})
 
-        self.client.complete([a.request for a in todo], on_reply)
+        sent = self.client.requests_sent
+        try:
+            self.client.complete([a.request for a in todo], on_reply)
+        finally:  # what reached the backend is paid for, even when the call fails
+            n = self.client.requests_sent - sent
+            stats["requests"] += n
+            self.num_requests += n
 
     def _label_value(self, asks: list[_Ask], stats: dict) -> list[float | None]:
         """Value of each first-step ask on the scale (score) or P("A") (compare); None if invalid.
@@ -454,8 +472,9 @@ class JudgeAnnotator(Annotator):
         self.totals["invalid"] += n_invalid
         self.totals["paid"] = self.totals.get("paid", 0) + stats["paid"]
         return {
-            "judge/requests": float(stats["requests"]),
+            "judge/requests": float(stats["requests"]),  # sent to the backend (cache hits are not)
             "judge/cache_hits": float(stats["cache_hits"]),
+            "judge/budget_cut": float(stats["budget_cut"]),
             "judge/latency_s": stats["latency_s"] / stats["paid"] if stats["paid"] else 0.0,
             "judge/tokens": float(stats["tokens"]),
             "judge/invalid_rate": n_invalid / n_labels if n_labels else 0.0,
@@ -523,4 +542,4 @@ class JudgeAnnotator(Annotator):
 
 
 def _new_stats() -> dict:
-    return {"requests": 0, "cache_hits": 0, "tokens": 0, "latency_s": 0.0, "paid": 0}
+    return {"requests": 0, "cache_hits": 0, "tokens": 0, "latency_s": 0.0, "paid": 0, "budget_cut": 0}

@@ -52,12 +52,14 @@ class RewardModelAnnotator(Annotator):
 
     @torch.no_grad()
     def score(self, prompts, completions, rows):
-        texts = [self._render(p, c) for p, c in zip(prompts, completions)]
+        n = self.affordable(len(completions))  # responses past the request limit are not scored (invalid)
+        texts = [self._render(p, c) for p, c in zip(prompts[:n], completions[:n])]
         scores: list[float] = []
         for s in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[s:s + self.batch_size], return_tensors="pt", padding=True,
                                  truncation=True, max_length=self.max_length, add_special_tokens=False)
             scores += self.model(**enc).logits[:, 0].float().tolist()
-        scores = validate_scores(scores, len(completions), "reward model")
-        self.num_annotations += len(scores)
+        self.num_requests += n  # one per scored response
+        scores = validate_scores(scores, n, "reward model") + [None] * (len(completions) - n)
+        self.num_annotations += n
         return ScoreResult(scores)

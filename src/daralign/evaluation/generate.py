@@ -15,18 +15,13 @@ from typing import Any, Sequence
 import torch
 
 from daralign.data import render_prompt
+from daralign.rng import fork_rng
+from daralign.rollout.hf import _eos_ids, neutral_generation_config
 
 
 def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
     """Length of each text in tokens of ``tokenizer`` (the unit of ``eval/mean_length``)."""
     return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    return sorted(i for i in ids if i is not None)
 
 
 @torch.no_grad()
@@ -55,7 +50,7 @@ def generate_responses(
     model.eval()
     tokenizer.padding_side = "left"
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with fork_rng():
             torch.manual_seed(seed)
             start = 0
             while start < len(order):
@@ -65,13 +60,10 @@ def generate_responses(
                 enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
                 sampling = {"do_sample": True, "temperature": t, "top_p": 1.0, "top_k": 0} if t > 0 else {"do_sample": False}
-                gen = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=_eos_ids(model, tokenizer),
-                    **sampling,
-                )
+                eos_ids = _eos_ids(model, tokenizer)
+                with neutral_generation_config(model, eos_ids, tokenizer.pad_token_id):
+                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                         eos_token_id=eos_ids, **sampling)
                 new = gen[:, enc["input_ids"].shape[1] :]
                 for i, text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
                     out[i] = text.strip()

@@ -8,11 +8,16 @@ The loop calls, per online batch:
   2. ``compute_loss(model, micro_batch)`` per micro-batch; micro-batches always hold whole
      prompt groups (all K samples of a prompt), so pairwise losses see both members of a pair.
 Objectives never call annotators and never step the optimizer.
+
+Under DDP each process holds its share of the prompts. Statistics that span the batch (DAR's
+advantage normalisation, PPO's whitening, "mean over valid samples") must span the *global*
+batch: the loop sets ``reduce_sum`` to an all-reduce, and objectives compute such statistics from
+sums passed through it (``global_mean_scale``).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -28,6 +33,34 @@ class Objective:
     def __init__(self, config: Any, train: Any) -> None:
         self.config = config  # instance of ``Config`` (or None)
         self.train = train  # the shared TrainConfig
+        self.reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # all-reduce (sum) under DDP
+
+    def num_generations(self) -> int:
+        """K, the responses sampled per prompt; OAIF overrides it (one pair by default)."""
+        return self.train.num_generations
+
+    def global_mean_scale(self, count: float, num_rows: int) -> float:
+        """Row weight that makes the loop's per-process Σ_rows(w·ℓ)/N, averaged over the W
+        processes by DDP, a mean over ``count`` items (samples, pairs, tokens) of the global
+        batch: w = N·W / Σ_processes count."""
+        total = self.reduce_sum(torch.tensor([float(count), 1.0], dtype=torch.float64))
+        return num_rows * float(total[1]) / max(float(total[0]), 1.0)
+
+    def has_signal(self, feedback: Feedback, prepared: dict[str, torch.Tensor]) -> bool:
+        """Whether this batch can move the policy on its own process: a judged, untied pair, or
+        valid rewards that differ. (An AdamW step on a zero gradient still moves the weights
+        through its momentum and weight decay; the loop skips the step when no process has signal.)"""
+        if "pair_weight" in prepared:
+            return bool(prepared["pair_weight"].sum() > 0)
+        if feedback.rewards is None:
+            return True
+        valid = feedback.valid if feedback.valid is not None else torch.ones_like(feedback.rewards, dtype=torch.bool)
+        r = feedback.rewards[valid].double().cpu()
+        total, n = self.reduce_sum(torch.stack([r.sum(), torch.tensor(float(r.numel()), dtype=torch.float64)]))
+        if n == 0:
+            return False
+        spread = self.reduce_sum((r - total / n).abs().sum().reshape(1))  # two passes: exact, however small
+        return bool(spread[0] > 0)
 
     def setup(self, model: torch.nn.Module) -> None:
         """Called once with the (unwrapped) policy before the optimizer is built, e.g. to create a

@@ -50,7 +50,7 @@ class BestOfNSFT(Objective):
         selected[torch.arange(P, device=device)[has_best], best[has_best]] = True
         N, num_selected = P * K, int(selected.sum())
         # Σ_rows w·ℓ / N = mean over the selected responses; the loop weights a micro-batch of n rows by n/N.
-        row_weight = selected.reshape(-1).float() * (N / max(num_selected, 1))
+        row_weight = selected.reshape(-1).float() * self.global_mean_scale(num_selected, N)
         lengths = rollout.completion_lengths.view(P, K).float()
         metrics = {
             "bon/selected_reward": rewards[selected].double().mean().item() if num_selected else 0.0,

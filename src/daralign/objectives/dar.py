@@ -11,10 +11,11 @@ Projected with a forward KL and importance-sampled from π_t it becomes a weight
 
 from __future__ import annotations
 
-import torch
-
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
 
 from daralign.errors import ConfigError
 from daralign.objectives.base import Objective, register_objective
@@ -22,26 +23,44 @@ from daralign.objectives.base import Objective, register_objective
 NORMALIZATIONS = ("batch", "group", "none")
 
 
-def advantages(rewards: torch.Tensor, normalization: str = "batch", eps: float = 1e-6) -> torch.Tensor:
-    """A = r − V(x) with V(x) the Monte-Carlo mean of the K rewards of prompt x, then normalised.
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
-    rewards: (num_prompts, K). With K = 1 the per-prompt mean is the sample itself (A ≡ 0), so the
-    batch mean is the baseline instead (the paper reports DAR works with K = 1).
+
+def advantages(rewards: torch.Tensor, normalization: str = "batch", eps: float = 1e-6, *,
+               valid: torch.Tensor | None = None, reduce_sum=_identity) -> torch.Tensor:
+    """A = r − V(x) with V(x) the Monte-Carlo mean of the valid rewards of prompt x, then normalised.
+
+    rewards, valid: (num_prompts, K). With K = 1 the per-prompt mean is the sample itself (A ≡ 0), so
+    the batch mean is the baseline instead (the paper reports DAR works with K = 1). Every
+    statistic (baseline, batch mean and std) is taken over valid entries only; invalid entries
+    get A = 0. ``reduce_sum`` all-reduces sums so that "batch" means the global batch under DDP.
     """
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"advantage_normalization: {normalization!r} is not one of {NORMALIZATIONS}")
-    rewards = rewards.double()
-    if rewards.shape[1] == 1:
-        adv = rewards - rewards.mean()  # K = 1 rule: batch-mean baseline
+    r = rewards.double()
+    v = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.bool().to(r.device)
+    vf = v.double()
+    r = torch.where(v, r, 0.0)
+    if r.shape[1] == 1:
+        total, n = reduce_sum(torch.stack([r.sum(), vf.sum()]))
+        adv = r - total / n.clamp(min=1)  # K = 1 rule: batch-mean baseline
     else:
-        adv = rewards - rewards.mean(dim=1, keepdim=True)  # A = r − V(x)
+        adv = r - r.sum(1, keepdim=True) / vf.sum(1, keepdim=True).clamp(min=1)  # A = r − V(x)
+    adv = torch.where(v, adv, 0.0)
     if normalization == "batch":
-        # torch.std on one element is NaN; a single sample has nothing to normalise against.
-        std = adv.std() if adv.numel() > 1 else adv.new_tensor(0.0)
-        adv = (adv - adv.mean()) / (std + eps)
+        total, n = reduce_sum(torch.stack([adv.sum(), vf.sum()]))
+        mean = total / n.clamp(min=1)
+        sq = reduce_sum((torch.where(v, adv - mean, 0.0) ** 2).sum().reshape(1))[0]
+        # unbiased std; a single sample has nothing to normalise against (std 0)
+        std = (sq / (n - 1)).sqrt() if n > 1 else adv.new_tensor(0.0)
+        adv = (adv - mean) / (std + eps)
     elif normalization == "group" and adv.shape[1] > 1:
-        adv = (adv - adv.mean(dim=1, keepdim=True)) / (adv.std(dim=1, keepdim=True) + eps)
-    return adv
+        n = vf.sum(1, keepdim=True)
+        mean = adv.sum(1, keepdim=True) / n.clamp(min=1)
+        std = ((torch.where(v, adv - mean, 0.0) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        adv = (adv - mean) / (std + eps)
+    return torch.where(v, adv, 0.0)
 
 
 def dar_log_weights(
@@ -53,6 +72,8 @@ def dar_log_weights(
     beta: float,
     weight_clip: float,
     advantage_normalization: str = "batch",
+    valid: torch.Tensor | None = None,
+    reduce_sum=_identity,
 ) -> torch.Tensor:
     """log w, clipped above at log(weight_clip), in float64; see ``dar_weights``."""
     check_coefficients(alpha, beta, weight_clip)
@@ -63,7 +84,7 @@ def dar_log_weights(
         )
     if not torch.isfinite(rewards).all():
         raise ValueError("rewards contain NaN or inf; refusing to compute DAR weights")
-    adv = advantages(rewards, advantage_normalization)
+    adv = advantages(rewards, advantage_normalization, valid=valid, reduce_sum=reduce_sum)
     total = alpha + beta
     # log w = (α/(α+β))·(log π_ref − log π_t) + A/(α+β); stay in log space, clip before exp.
     log_w = (alpha / total) * (ref_logps.double() - behaviour_logps.double()) + adv / total
@@ -79,6 +100,7 @@ def dar_weights(
     beta: float,
     weight_clip: float = 20.0,
     advantage_normalization: str = "batch",
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DAR's per-sample regression weights, for use in any trainer.
 
@@ -89,6 +111,7 @@ def dar_weights(
         alpha: weight of KL(π‖π_ref) (≥ 0).  beta: weight of KL(π‖π_t) (≥ 0); α+β > 0.
         weight_clip: upper clip w_clip of the weight (> 0); paper default 20.
         advantage_normalization: "batch" (default), "group" (per prompt) or "none".
+        valid: optional (num_prompts, K) bool; invalid labels take no part in any statistic.
 
     Returns:
         (num_prompts, K) detached weights, in the dtype of ``rewards``:
@@ -97,7 +120,7 @@ def dar_weights(
     """
     log_w = dar_log_weights(
         rewards, ref_logps, behaviour_logps, alpha=alpha, beta=beta,
-        weight_clip=weight_clip, advantage_normalization=advantage_normalization,
+        weight_clip=weight_clip, advantage_normalization=advantage_normalization, valid=valid,
     )
     return log_w.exp().to(rewards.dtype if rewards.is_floating_point() else torch.float32).detach()
 
@@ -115,14 +138,22 @@ def check_coefficients(alpha: float, beta: float, weight_clip: float) -> None:
 
 @dataclass
 class DARConfig:
-    """DAR's knobs. Give either (dar_alpha, dar_beta) or the paper's (dar_total, dar_ratio)."""
+    """DAR's knobs. Give either (dar_alpha, dar_beta) or the paper's (dar_total, dar_ratio).
 
-    dar_alpha: float | None = None  # α: KL toward the frozen reference π_ref (not TRL's `beta`)
-    dar_beta: float | None = None  # β: KL toward the sampling policy π_t (trust region)
-    dar_total: float = 0.05  # α+β (paper: 0.05 best); used when dar_alpha/dar_beta are not given
-    dar_ratio: float = 0.1  # α/(α+β): larger = more conservative (shorter answers)
-    weight_clip: float = 20.0  # w_clip (paper: 20 best)
-    advantage_normalization: str = "batch"  # batch | group | none
+    The ICLR-2026 version of the paper writes the regulariser as β·(α·KL_ref + (1−α)·KL_t): *its*
+    α is ``dar_ratio`` and *its* β is ``dar_total`` here ("α=0.1, β=0.05" there = the defaults).
+    """
+
+    dar_alpha: float | None = field(default=None, metadata={"help": "α: weight of KL(π‖π_ref), the pull toward the frozen reference (not TRL's `beta`); default dar_total·dar_ratio"})
+    dar_beta: float | None = field(default=None, metadata={"help": "β: weight of KL(π‖π_t), the trust region toward the sampling policy; default dar_total·(1−dar_ratio)"})
+    dar_total: float = field(default=0.05, metadata={"help": "α+β (paper: 0.05 best); used when dar_alpha/dar_beta are not given"})
+    dar_ratio: float = field(default=0.1, metadata={"help": "α/(α+β) in [0, 1]: larger = more conservative (shorter answers); 0 = no reference term"})
+    weight_clip: float = field(default=20.0, metadata={"help": "w_clip, the upper clip of the weight (paper: 20 best)"})
+    advantage_normalization: str = field(default="batch", metadata={"help": "A = r − V(x) normalised over the batch | per prompt (group) | none"})
+
+    # Two spellings of the same two numbers: a later config source giving one replaces the other
+    # from an earlier source (see ``config.parse_train_args``).
+    PARAMETERISATIONS: ClassVar = (("dar_alpha", "dar_beta"), ("dar_total", "dar_ratio"))
 
     def __post_init__(self) -> None:
         if (self.dar_alpha is None) != (self.dar_beta is None):
@@ -133,6 +164,9 @@ class DARConfig:
             self.dar_alpha = self.dar_total * self.dar_ratio
             self.dar_beta = self.dar_total * (1 - self.dar_ratio)
         check_coefficients(self.dar_alpha, self.dar_beta, self.weight_clip)
+        # resolved both ways, so a saved config.yaml states one consistent pair of each
+        self.dar_total = self.dar_alpha + self.dar_beta
+        self.dar_ratio = self.dar_alpha / self.dar_total
         if self.advantage_normalization not in NORMALIZATIONS:
             raise ConfigError(f"advantage_normalization: {self.advantage_normalization!r} is not one of {NORMALIZATIONS}")
 
@@ -147,27 +181,29 @@ class DAR(Objective):
     def prepare(self, rollout, feedback, ref_token_logps, model):
         cfg = self.config
         P, K = rollout.num_prompts, rollout.num_generations
+        rewards, valid = self.rewards_and_valid(rollout, feedback)
         behaviour = rollout.behaviour_logps.view(P, K)
         ref = ref_token_logps.sum(-1).view(P, K)
         log_w = dar_log_weights(
-            feedback.rewards, ref, behaviour, alpha=cfg.dar_alpha, beta=cfg.dar_beta,
-            weight_clip=cfg.weight_clip, advantage_normalization=cfg.advantage_normalization,
+            rewards, ref, behaviour, alpha=cfg.dar_alpha, beta=cfg.dar_beta, weight_clip=cfg.weight_clip,
+            advantage_normalization=cfg.advantage_normalization, valid=valid, reduce_sum=self.reduce_sum,
         )
-        weights = log_w.exp().float()
-        if feedback.valid is not None:
-            weights = weights * feedback.valid.float()  # invalid labels: dropped from the update
+        weights = log_w.exp().float() * valid.float()  # invalid labels: dropped from the update
         clip = float(torch.log(torch.tensor(cfg.weight_clip, dtype=torch.float64)))
-        adv = advantages(feedback.rewards, cfg.advantage_normalization)
+        adv = advantages(rewards, cfg.advantage_normalization, valid=valid, reduce_sum=self.reduce_sum)[valid]
+        n_valid = int(valid.sum())
         metrics = {
             "dar/advantage_std": adv.std().item() if adv.numel() > 1 else 0.0,
-            "dar/weight_mean": weights.mean().item(),
+            "dar/weight_mean": weights[valid].mean().item() if n_valid else 0.0,
             "dar/weight_max": weights.max().item(),
-            "dar/clip_frac": (log_w >= clip - 1e-9).double().mean().item(),
-            "dar/log_ratio_ref_behaviour": (ref - behaviour).mean().item(),
+            "dar/clip_frac": (log_w[valid] >= clip - 1e-9).double().mean().item() if n_valid else 0.0,
+            "dar/log_ratio_ref_behaviour": (ref - behaviour)[valid].mean().item() if n_valid else 0.0,
         }
-        return {"weights": weights.reshape(-1)}, metrics
+        # L = −Σ_valid w·log π / #valid (global batch): the loop computes Σ_rows(·)/N per process
+        scale = self.global_mean_scale(n_valid, P * K)
+        return {"weights": (weights * scale).reshape(-1)}, metrics
 
     def loss(self, policy_logps, batch):
-        # L = −mean_i w_i · log π_θ(y_i|x_i)   (w is a constant: no gradient flows through it)
+        # L = −mean_i w_i · log π_θ(y_i|x_i) over valid samples (w is a constant: no gradient flows through it)
         loss = -(batch["weights"].to(policy_logps.dtype) * policy_logps).mean()
         return loss, {}

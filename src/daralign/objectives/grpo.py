@@ -90,7 +90,7 @@ class GRPO(Objective):
         N = P * K
         # token-level average over the whole batch: Σ ℓ_t / #tokens. The loop weights a micro-batch of
         # n rows by n/N, so each row carries N / #tokens and a micro-batch returns Σ ℓ_t·(N/#tokens) / n.
-        token_scale = torch.full((N,), N / max(float(mask.sum()), 1.0), device=device)
+        token_scale = torch.full((N,), self.global_mean_scale(float(mask.sum()), N), device=device)
         prepared = {
             "advantages": adv.reshape(-1).float(),
             "old_token_logps": rollout.behaviour_token_logps.float(),

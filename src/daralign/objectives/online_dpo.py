@@ -18,7 +18,7 @@ the three direct-alignment losses (TRL's ``loss_type`` spelling) are
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +59,11 @@ def preference_loss(
 
 
 @dataclass
-class OnlineDPOConfig:
-    """OAIF knobs (TRL names)."""
+class PreferenceLossConfig:
+    """The direct-alignment loss (TRL names), shared by online (OAIF) and offline DPO."""
 
-    beta: float = 0.1  # β: strength of the KL to the frozen reference π_ref (TRL's `beta`)
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO) | hinge (SLiC)
+    beta: float = field(default=0.1, metadata={"help": "β: strength of the implicit KL to the frozen reference π_ref (TRL's `beta`)"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | ipo (IPO) | hinge (SLiC)"})
 
     def __post_init__(self) -> None:
         if not (self.beta > 0 and math.isfinite(self.beta)):
@@ -73,13 +73,27 @@ class OnlineDPOConfig:
 
 
 @dataclass
+class OnlineDPOConfig(PreferenceLossConfig):
+    """OAIF knobs. As in the OAIF paper, each prompt gets one pair of two fresh samples; the shared
+    ``num_generations`` (the K of reward methods) does not apply to these methods."""
+
+    oaif_num_generations: int = field(default=2, metadata={"help": "responses sampled per prompt (2 = one judged pair, as OAIF); more needs best_vs_worst"})
+    best_vs_worst: bool = field(default=True, metadata={"help": "with oaif_num_generations > 2: judge all K(K-1)/2 pairs and train on most-wins vs fewest-wins (true), or judge and train on K//2 disjoint pairs (false)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.oaif_num_generations, bool) or not isinstance(self.oaif_num_generations, int) or self.oaif_num_generations < 2:
+            raise ConfigError(f"oaif_num_generations must be an integer ≥ 2 (a pair needs two responses; got {self.oaif_num_generations})")
+
+
+@dataclass
 class OnlineIPOConfig(OnlineDPOConfig):
-    loss_type: str = "ipo"  # sigmoid (DPO) | ipo (IPO) | hinge (SLiC)
+    loss_type: str = field(default="ipo", metadata={"help": "sigmoid (DPO) | ipo (IPO) | hinge (SLiC)"})
 
 
 @dataclass
 class OnlineSLiCConfig(OnlineDPOConfig):
-    loss_type: str = "hinge"  # sigmoid (DPO) | ipo (IPO) | hinge (SLiC)
+    loss_type: str = field(default="hinge", metadata={"help": "sigmoid (DPO) | ipo (IPO) | hinge (SLiC)"})
 
 
 @register_objective("online-dpo")
@@ -95,8 +109,9 @@ class OnlineDPO(Objective):
 
     def __init__(self, config, train) -> None:
         super().__init__(config if config is not None else self.Config(), train)
-        if self.feedback_kind == "compare" and train is not None and train.num_generations < 2:
-            raise ConfigError(f"num_generations must be ≥ 2 for {self.name} (a pair needs two responses; got {train.num_generations})")
+
+    def num_generations(self) -> int:
+        return self.config.oaif_num_generations
 
     def prepare(self, rollout, feedback, ref_token_logps, model):
         N, K = rollout.input_ids.shape[0], rollout.num_generations
@@ -129,8 +144,8 @@ class OnlineDPO(Objective):
             pairs_in_prompt[p] += 1
             chosen_offset[slot], rejected_offset[slot], used[slot] = winner - slot, loser - slot, True
         num_pairs = int(used.sum())
-        # Σ_rows w·ℓ / N = mean over used pairs; the loop weights a micro-batch of n rows by n/N.
-        pair_weight = used.float() * (N / max(num_pairs, 1))
+        # Σ_rows w·ℓ / N = mean over used pairs (of the global batch); the loop weights a micro-batch of n rows by n/N.
+        pair_weight = used.float() * self.global_mean_scale(num_pairs, N)
         device = rollout.input_ids.device
         prepared = {
             "ref_logps": ref_token_logps.sum(-1).float(),  # log π_ref(y|x), (N,)

@@ -44,12 +44,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean) / std over the masked entries (unbiased variance, as TRL); 0 off the mask."""
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduce_sum=lambda t: t) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (unbiased variance, as TRL); 0 off the mask.
+    ``reduce_sum`` all-reduces the sums, so under DDP the statistics are the global batch's."""
     mask = mask.to(x.dtype)
-    n = mask.sum()
-    mean = (x * mask).sum() / n.clamp(min=1)
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    total, n = reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean = total / n.clamp(min=1)
+    var = reduce_sum((((x - mean) * mask) ** 2).sum().reshape(1))[0] / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -150,11 +151,11 @@ class PPO(Objective):
 
         advantages = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         returns = advantages + values  # R_t = Â_t + V_old(s_t)
-        advantages = masked_whiten(advantages, mask)  # Â ← (Â − mean) / std
+        advantages = masked_whiten(advantages, mask, reduce_sum=self.reduce_sum)  # Â ← (Â − mean) / std
 
         # Token-level mean over the whole batch: the loop weights a micro-batch of n rows by n/N, so each
         # row carries N / #tokens and a micro-batch returns Σ ℓ_t·(N/#tokens) / n.
-        token_scale = torch.full((N,), N / max(float(mask.sum()), 1.0), device=device)
+        token_scale = torch.full((N,), self.global_mean_scale(float(mask.sum()), N), device=device)
         prepared = {
             "old_token_logps": behaviour,
             "old_values": values,

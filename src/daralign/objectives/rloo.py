@@ -71,7 +71,7 @@ class RLOO(Objective):
         adv = leave_one_out_advantages(rlhf_reward, valid)
         N = P * K
         # Σ_rows w·ℓ / N = mean over valid samples; the loop weights a micro-batch of n rows by n/N.
-        row_weight = valid.reshape(-1).float() * (N / max(int(valid.sum()), 1))
+        row_weight = valid.reshape(-1).float() * self.global_mean_scale(int(valid.sum()), N)
         metrics = {
             "objective/kl": kl[valid].mean().item() if valid.any() else 0.0,
             "objective/rlhf_reward": rlhf_reward[valid].mean().item() if valid.any() else 0.0,

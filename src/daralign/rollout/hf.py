@@ -3,12 +3,17 @@
 π_t(y|x) is recorded at sampling time from the raw logits ``generate`` already computed
 (``output_logits=True``), so recording costs no extra forward pass. Log-probs are of the
 temperature-scaled distribution, the one the loop also uses for π_ref and π_θ; top-p/top-k
-truncation is not part of π_t (as in TRL).
+truncation, when the user asks for it, is not part of π_t (as in TRL).
+
+The recorded π_t must be the distribution actually sampled from, so sampling runs with a
+*neutral* generation config: the model's own ``generation_config.json`` (repetition penalty,
+top-k 50, suppressed tokens, ...) is set aside while sampling, and nothing masks EOS at the first
+step (no ``min_new_tokens``): an empty answer is a legitimate sample.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -32,6 +37,21 @@ def _tokenize_prompts(tokenizer, prompts: list[Any], max_prompt_length: int, dev
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = side, tside
     return {k: v.to(device) for k, v in enc.items()}
+
+
+@contextmanager
+def neutral_generation_config(model, eos_ids: list[int], pad_token_id: int):
+    """Sample with transformers' global defaults only, not the checkpoint's processors."""
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
+    saved = target.generation_config
+    target.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_token_id,
+                                                bos_token_id=getattr(saved, "bos_token_id", None))
+    try:
+        yield
+    finally:
+        target.generation_config = saved
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -61,17 +81,17 @@ def sample_rollout(
     gen_logps = torch.zeros((N, max_completion_length), dtype=torch.float32, device=device)
     for s in range(0, N, generation_batch_size):
         e = min(s + generation_batch_size, N)
-        with _autocast(bf16):
+        with _autocast(bf16), neutral_generation_config(model, eos_ids, pad):
             out = model.generate(
                 input_ids=prompt_ids[s:e], attention_mask=prompt_mask[s:e], do_sample=True,
-                temperature=temperature, top_p=top_p, top_k=top_k or None, max_new_tokens=max_completion_length,
-                min_new_tokens=1, pad_token_id=pad, eos_token_id=eos_ids,
-                return_dict_in_generate=True, output_logits=True,
+                temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_completion_length,
+                pad_token_id=pad, eos_token_id=eos_ids, return_dict_in_generate=True, output_logits=True,
             )
         new = out.sequences[:, Lp:]
-        logits = torch.stack(out.logits, dim=1).float() / temperature  # (b, T, V) raw, pre-warper
         gen_tokens[s:e, : new.shape[1]] = new
-        gen_logps[s:e, : new.shape[1]] = torch.gather(F.log_softmax(logits, -1), 2, new[..., None]).squeeze(-1)
+        for t, step_logits in enumerate(out.logits):  # raw, pre-warper; one (b, V) at a time, never (b, T, V)
+            logps = F.log_softmax(step_logits.float() / temperature, -1)
+            gen_logps[s:e, t] = torch.gather(logps, 1, new[:, t:t + 1]).squeeze(-1)
     # completion = tokens up to and including the first EOS (pad may equal EOS, so never use pad)
     is_eos_tok = torch.isin(gen_tokens, torch.tensor(eos_ids, device=device))
     is_eos = is_eos_tok.any(-1)
@@ -111,9 +131,10 @@ def generate_text(model, tokenizer, prompts: list[Any], *, max_new_tokens: int, 
     device = next(model.parameters()).device
     for s in range(0, len(prompts), batch_size):
         enc = _tokenize_prompts(tokenizer, prompts[s:s + batch_size], 10_000, device)
-        with _autocast(bf16):
+        eos_ids = _eos_ids(model, tokenizer)
+        with _autocast(bf16), neutral_generation_config(model, eos_ids, tokenizer.pad_token_id):
             seq = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer))
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
         out += tokenizer.batch_decode(seq[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     model.train(was_training)
     return [o for o in out for _ in range(num_return_sequences)]

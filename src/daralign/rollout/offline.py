@@ -1,0 +1,38 @@
+"""Offline preference pairs as a ``Rollout``: K = 2 fixed responses per prompt (chosen at k = 0,
+rejected at k = 1), tokenised exactly as sampled ones are (left-padded prompt through the policy's
+chat template, response tokens + EOS, right-padded), so offline DPO runs through the same loop,
+objective and log-prob code as the online methods.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from daralign.rollout.hf import _tokenize_prompts
+from daralign.types import Rollout
+
+
+def pair_rollout(tokenizer, rows: list[dict], *, max_prompt_length: int, max_completion_length: int, device) -> Rollout:
+    """Rows from ``data.load_pairs``. A response longer than ``max_completion_length`` tokens is cut
+    (``is_eos`` False for it, as for a sampled response that hit the length limit)."""
+    enc = _tokenize_prompts(tokenizer, [r["prompt"] for r in rows], max_prompt_length, device)
+    prompt_ids = enc["input_ids"].repeat_interleave(2, 0)
+    prompt_mask = enc["attention_mask"].repeat_interleave(2, 0)
+    texts = [r[side] for r in rows for side in ("chosen", "rejected")]
+    responses = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    is_eos = torch.tensor([len(ids) <= max_completion_length for ids in responses], device=device)
+    responses = [ids[:max_completion_length] for ids in responses]
+    T = max(len(ids) for ids in responses)
+    gen = torch.full((len(responses), T), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    gen_mask = torch.zeros((len(responses), T), dtype=torch.long, device=device)
+    for i, ids in enumerate(responses):
+        gen[i, :len(ids)] = torch.tensor(ids, device=device)
+        gen_mask[i, :len(ids)] = 1
+    N, Lp = prompt_ids.shape
+    return Rollout(
+        rows=rows, prompts=[r["prompt"] for r in rows], completions=texts,
+        input_ids=torch.cat([prompt_ids, gen], 1), attention_mask=torch.cat([prompt_mask, gen_mask], 1),
+        completion_mask=torch.cat([torch.zeros_like(prompt_mask), gen_mask], 1),
+        behaviour_token_logps=torch.zeros((N, Lp + T - 1), device=device),  # not sampled: no π_t
+        is_eos=is_eos, num_generations=2,
+    )
