@@ -123,6 +123,24 @@ class JudgeHTTPServer:
         self.server.server_close()
 
 
+def keyword_judge(path, body, n):
+    """A judge server handler that reads its request: in a comparison it prefers the response with
+    more 'e's; a single response is "Yes" if it has an 'e'. Deterministic and real over HTTP."""
+    import re
+
+    text = body["messages"][-1]["content"]
+    if "<response_a>" in text:
+        a, b = (re.search(rf"<{t}>\n(.*?)\n</{t}>", text, re.S).group(1) for t in ("response_a", "response_b"))
+        return 200, chat_reply("A" if a.count("e") >= b.count("e") else "B"), {}
+    return 200, chat_reply("Yes" if "e" in text.split("<response>")[-1] else "No"), {}
+
+
+def http_judge(server, mode: str = "score", **over) -> dict:
+    """A `type: judge` config for a JudgeHTTPServer on 127.0.0.1 (text answers, no retries)."""
+    return {"type": "judge", "mode": mode, "template": "tone", "backend": "openai", "base_url": server.base_url,
+            "model": "m", "use_logprobs": False, "max_retries": 0, "timeout_s": 5, **over}
+
+
 @pytest.fixture
 def judge_http():
     server = JudgeHTTPServer()

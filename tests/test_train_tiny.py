@@ -242,4 +242,5 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_policy_dir, tiny_prompts_file):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     per_step = 2 * PROMPTS_PER_STEP * K  # two ranks, each with its own prompts
     assert [m["annotations"] for m in metrics] == [per_step, 2 * per_step]
+    assert [m["annotation_requests"] for m in metrics] == [per_step, 2 * per_step]  # summed over ranks too
     assert (out / "final" / "model.safetensors").is_file()

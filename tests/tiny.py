@@ -158,3 +158,13 @@ def short_reward(prompts, completions, **kwargs):
 
 def none_first_reward(prompts, completions, **kwargs):
     return [None] + [float(i) for i in range(1, len(completions))]
+
+
+def constant_reward(prompts, completions, **kwargs):
+    """Every response the same score: no signal to learn from."""
+    return [0.5] * len(completions)
+
+
+def sometimes_invalid_reward(prompts, completions, **kwargs):
+    """length_reward, but the second response of each call is unlabelled (None)."""
+    return [None if i == 1 else 0.05 * len(c) + c.count("e") for i, c in enumerate(completions)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -274,7 +275,7 @@ class OnlineTrainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped update steps the schedule without the optimizer, on purpose
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.scheduler.step()  # the raw scheduler: accelerate's wrapper steps once per process
         out = {"loss": sum(losses) / cfg.num_updates_per_batch if losses else 0.0,
                "learning_rate": self.scheduler.get_last_lr()[0], "update/skipped": 0.0 if signal else 1.0}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a message stays one line, whatever the terminal width
 CONSOLE_KEYS = ("reward", "kl", "completions/mean_length", "dar/clip_frac", "loss", "annotations", "step_time")
 
 
