@@ -37,21 +37,27 @@ def test_every_trl_preference_format_loads(tmp_path):
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [
         ("Hello there!", "No."), ("Blue and vast.", "Wet."), ("Bright.", "Up."), ("Draw a smile.", "Stab it.")]
     assert pairs[0]["prompt"] == "Hi?" and pairs[0]["id"] == 0  # extra columns pass through
-    assert pairs[2]["prompt"] == "Sky?"
+    assert pairs[2]["prompt"] == [{"role": "user", "content": "Sky?"}]
     assert pairs[3]["prompt"] == [{"role": "user", "content": "Pen pranks?"}, {"role": "assistant", "content": "Ideas?"},
                                   {"role": "user", "content": "yes"}]
 
 
-def test_bad_rows_name_the_file_row_and_field(tmp_path, capsys):
+def test_bad_rows_name_the_file_row_and_field(tmp_path):
     path = tiny.write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "x"}])
     with pytest.raises(DataError, match=r"p.jsonl: row 0: field 'rejected' is missing"):
         load_pairs(str(path))
     path = tiny.write_jsonl(tmp_path / "q.jsonl", [{"chosen": "just text", "rejected": "other"}])
-    with pytest.raises(DataError, match=r"q.jsonl: row 0: field 'prompt' is missing"):
+    with pytest.raises(DataError, match=r"q.jsonl: row 0: fields 'chosen'/'rejected'.*give a 'prompt' field"):
         load_pairs(str(path))
-    mismatched = [{"chosen": hh("A?", "yes"), "rejected": hh("B?", "no")}, {"chosen": hh("C?", "y"), "rejected": hh("C?", "n")}]
-    pairs = load_pairs(str(tiny.write_jsonl(tmp_path / "m.jsonl", mismatched)))
-    assert len(pairs) == 1 and "skipped 1 row(s)" in capsys.readouterr().err
+    convs = [{"chosen": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "y"}],
+              "rejected": [{"role": "user", "content": "B?"}, {"role": "assistant", "content": "n"}]}]
+    with pytest.raises(DataError, match=r"c.jsonl: row 0: .*share every turn but the last"):
+        load_pairs(str(tiny.write_jsonl(tmp_path / "c.jsonl", convs)))
+    # HH transcripts that differ before the last turn: split inside their shared prefix (TRL's rule)
+    pairs = load_pairs(str(tiny.write_jsonl(tmp_path / "m.jsonl", [{"chosen": hh("A?", "x", "B?", "yes"),
+                                                                    "rejected": hh("A?", "z", "B?", "no")}])))
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "A?"}]
+    assert pairs[0]["chosen"].startswith("x") and pairs[0]["rejected"].startswith("z")
 
 
 @pytest.mark.skipif(not SHARED_HH.exists(), reason="the HH-RLHF file lives in ../shared/data (CI has it, a clone does not)")

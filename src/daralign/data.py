@@ -105,71 +105,91 @@ def load_prompts(source: str, *, column: str = "prompt", split: str = "train", c
     return out
 
 
+HH_ASSISTANT = "\n\nAssistant:"
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
-def hh_messages(transcript: str) -> list[dict] | None:
-    """An HH-RLHF transcript (``\n\nHuman: … \n\nAssistant: …``) as chat messages; None if it
-    is not one."""
-    parts = HH_TURN.split(transcript)
-    if len(parts) < 3 or parts[0].strip():
-        return None
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+def transcript_to_messages(text: str) -> list[dict]:
+    """``"\\n\\nHuman: hi\\n\\nAssistant: hello\\n\\nHuman: ...\\n\\nAssistant:"`` → chat messages
+    (user/assistant); the trailing empty assistant turn (where the answer goes) is dropped."""
+    parts = HH_TURN.split(text)
+    messages = [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+                for speaker, content in zip(parts[1::2], parts[2::2])]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
 
 
-def _split_pair_side(value: Any, where: str, field: str) -> tuple[Any, str]:
-    """(implicit prompt or None, response text) of one side of a preference row."""
+def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) from two HH-RLHF transcripts.
+
+    The prompt is their shared prefix cut at its last ``"\\n\\nAssistant:"`` (kept in the prompt);
+    the answers are what follows, stripped. Cutting inside the *common* prefix (as TRL's
+    ``extract_prompt``), not at each transcript's own last turn, also handles the few pairs whose
+    transcripts differ earlier (5 of 2,312 in harmless-base test): there the answers carry the rest
+    of the dialogue.
+    """
+    n, limit = 0, min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, n)
+    if cut < 0:
+        raise ValueError('the transcripts share no "\\n\\nAssistant:" turn')
+    end = cut + len(HH_ASSISTANT)
+    return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
+
+
+def _response(value: Any, where: str, field: str) -> str:
+    """One side of an explicit-prompt pair: a string, or messages ending with the assistant's answer."""
     if isinstance(value, str):
-        messages = hh_messages(value)
-        if messages is None:
-            return None, value  # a plain response string (the row's prompt says what it answers)
-        value = messages
-    if isinstance(value, list) and value:
-        check_prompt(value, where, field)
-        last = value[-1]
-        if last["role"] != "assistant":
-            raise DataError(f"{where}: field {field!r} must end with an assistant turn (the response), got role {last['role']!r}")
-        return (value[:-1] or None), last["content"]
-    raise DataError(f"{where}: field {field!r} must be a string or a list of chat messages, got {type(value).__name__}")
+        return value.strip()
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant" \
+            and isinstance(value[-1].get("content"), str):
+        return value[-1]["content"].strip()
+    raise DataError(f"{where}: field {field!r} must be a string or chat messages ending with an assistant turn")
 
 
 def load_pairs(source: str, *, column: str = "prompt", split: str = "train", config: str | None = None) -> list[dict]:
-    """Preference rows for offline DPO, in any of TRL's preference formats, as
-    ``{"prompt": str | messages, "chosen": str, "rejected": str, ...}``:
+    """Preference rows for offline DPO (and the agreement study), in any of TRL's preference
+    formats, as ``{"prompt": str | messages, "chosen": str, "rejected": str, ...}``:
 
-    - explicit prompt: ``prompt`` + ``chosen``/``rejected`` as strings or as assistant message lists;
-    - implicit prompt: ``chosen``/``rejected`` as whole conversations (message lists, or HH-RLHF
-      ``\n\nHuman: … \n\nAssistant: …`` transcripts) split at the last assistant turn.
+    - explicit prompt: ``prompt`` + ``chosen``/``rejected`` as strings or assistant message lists;
+    - implicit prompt: ``chosen``/``rejected`` as whole conversations — message lists sharing every
+      turn but the last, or HH-RLHF ``\\n\\nHuman: … \\n\\nAssistant: …`` transcripts split at the
+      last Assistant turn of their shared prefix (``split_hh_pair``).
 
-    Rows whose two transcripts differ before the last assistant turn are not a pair: they are
-    skipped, and one line says how many and which.
+    Extra columns pass through. Bad rows raise ``DataError`` naming file, row and field.
     """
     rows, name = _read_source(source, split, config)
-    out, mismatched = [], []
+    out = []
     for i, row in enumerate(rows):
         where = f"{name}: row {i}"
         for field in ("chosen", "rejected"):
-            if row.get(field) is None:
-                raise DataError(f"{where}: field {field!r} is missing (offline dpo needs prompt, chosen, rejected)")
-        (p_c, chosen), (p_r, rejected) = (_split_pair_side(row[f], where, f) for f in ("chosen", "rejected"))
-        prompt = row.get(column)
-        if prompt is None:
-            if p_c is None or p_r is None:
-                raise DataError(f"{where}: field {column!r} is missing and chosen/rejected are not whole conversations")
-            if p_c != p_r:
-                mismatched.append(i)
-                continue
-            prompt = p_c if len(p_c) > 1 or p_c[0]["role"] != "user" else p_c[0]["content"]
+            value = row.get(field)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise DataError(f"{where}: field {field!r} is missing or empty (offline dpo needs prompt, chosen, rejected)")
+        c, r = row["chosen"], row["rejected"]
+        if column in row:
+            prompt, chosen, rejected = row[column], _response(c, where, "chosen"), _response(r, where, "rejected")
+        elif isinstance(c, str) and isinstance(r, str):
+            try:
+                text, chosen, rejected = split_hh_pair(c, r)
+            except ValueError as e:
+                raise DataError(f"{where}: fields 'chosen'/'rejected': {e}; give a {column!r} field instead") from None
+            prompt = transcript_to_messages(text)
+            if not prompt or prompt[-1]["role"] != "user":
+                raise DataError(f"{where}: field 'chosen': the shared prefix does not end with a Human turn")
+        elif isinstance(c, list) and isinstance(r, list):
+            if c[:-1] != r[:-1] or not c[:-1]:
+                raise DataError(f"{where}: fields 'chosen'/'rejected': conversations must share every turn but the last "
+                                f"(the prompt); give a {column!r} field instead")
+            prompt, chosen, rejected = c[:-1], _response(c, where, "chosen"), _response(r, where, "rejected")
+        else:
+            raise DataError(f"{where}: field {column!r} is missing and chosen/rejected are not whole conversations")
         check_prompt(prompt, where, column)
+        if chosen == rejected:
+            raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
         out.append({**row, "prompt": prompt, "chosen": chosen, "rejected": rejected})
-    if mismatched:
-        from daralign.tracking import console
-
-        console.print(f"[yellow]{name}: skipped {len(mismatched)} row(s) whose chosen and rejected differ before the last "
-                      f"assistant turn (not a pair): rows {mismatched[:10]}{' ...' if len(mismatched) > 10 else ''}[/yellow]")
-    if not out:
-        raise DataError(f"{name}: no usable preference rows")
     return out
 
 

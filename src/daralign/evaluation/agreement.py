@@ -17,84 +17,23 @@ Every rate comes with a 95% bootstrap interval over pairs; differences use a pai
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
-from daralign.data import read_rows
+from daralign.data import load_pairs, split_hh_pair, transcript_to_messages  # noqa: F401  (re-exported)
 from daralign.errors import AnnotationError, DataError
 from daralign.evaluation.winrate import TIE_EPS, TIE_MARGIN, _checked_probs, bootstrap_ci
-
-ASSISTANT = "\n\nAssistant:"
-_TURN = re.compile(r"\n\n(Human|Assistant):")
-
 
 # --- data -------------------------------------------------------------------------------------
 
 
-def transcript_to_messages(text: str) -> list[dict]:
-    """``"\\n\\nHuman: hi\\n\\nAssistant: hello\\n\\nHuman: ...\\n\\nAssistant:"`` → chat messages
-    (user/assistant); the trailing empty assistant turn (where the answer goes) is dropped."""
-    parts = _TURN.split(text)
-    messages = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
-    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-        messages.pop()
-    return messages
-
-
-def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) from two HH-RLHF transcripts.
-
-    The prompt is their shared prefix cut at its last ``"\\n\\nAssistant:"`` (kept in the prompt);
-    the answers are what follows, stripped. Cutting inside the *common* prefix, not at each
-    transcript's own last turn, also handles the few pairs whose transcripts differ earlier
-    (5 of 2,312 in harmless-base test): there the answers carry the rest of the dialogue.
-    """
-    n = 0
-    limit = min(len(chosen), len(rejected))
-    while n < limit and chosen[n] == rejected[n]:
-        n += 1
-    cut = chosen.rfind(ASSISTANT, 0, n)
-    if cut < 0:
-        raise ValueError('the transcripts share no "\\n\\nAssistant:" turn')
-    end = cut + len(ASSISTANT)
-    return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
-
-
 def load_preference_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Human preference pairs as rows ``{prompt, chosen, rejected}``.
-
-    Accepts HH-RLHF rows (``chosen``/``rejected`` whole transcripts, no ``prompt``: the prompt is
-    split off and turned into chat messages) and plain rows with ``prompt`` (string or messages),
-    ``chosen``, ``rejected`` (strings). Bad rows raise ``DataError`` naming file, row and field.
-    """
-    raw = read_rows(path)
-    raw = raw if limit is None else raw[:limit]
-    pairs = []
-    for i, row in enumerate(raw):
-        for key in ("chosen", "rejected"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise DataError(f"{path}: row {i}: field {key!r} is missing or not a non-empty string")
-        if "prompt" in row:
-            prompt = row["prompt"]
-            if not (isinstance(prompt, str) and prompt.strip()) and not isinstance(prompt, list):
-                raise DataError(f"{path}: row {i}: field 'prompt' must be a non-empty string or a list of messages")
-            chosen, rejected = row["chosen"].strip(), row["rejected"].strip()
-        else:
-            try:
-                text, chosen, rejected = split_hh_pair(row["chosen"], row["rejected"])
-            except ValueError as e:
-                raise DataError(f"{path}: row {i}: fields 'chosen'/'rejected': {e}; give a 'prompt' field instead") from None
-            prompt = transcript_to_messages(text)
-            if not prompt or prompt[-1]["role"] != "user":
-                raise DataError(f"{path}: row {i}: field 'chosen': the shared prefix does not end with a Human turn")
-        if chosen == rejected:
-            raise DataError(f"{path}: row {i}: fields 'chosen' and 'rejected' are identical")
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "row": i})
-    return pairs
+    """Human preference pairs as rows ``{prompt, chosen, rejected, row}`` (``data.load_pairs``:
+    HH-RLHF transcripts, or rows with ``prompt``, ``chosen``, ``rejected``)."""
+    pairs = load_pairs(str(path))
+    pairs = pairs if limit is None else pairs[:limit]
+    return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "row": i} for i, p in enumerate(pairs)]
 
 
 # --- judging ----------------------------------------------------------------------------------
