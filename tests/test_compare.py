@@ -14,7 +14,8 @@ import yaml
 import tiny
 from daralign.annotators.base import Annotator, CompareResult, ScoreResult, register_annotator
 from daralign.cli import main as daralign_main
-from daralign.compare import annotator_for, build_plan, check_existing, expand_sweep
+from daralign.annotators import annotator_for
+from daralign.compare import build_plan, check_existing, expand_sweep
 from daralign.compare_report import prompt_stream
 from daralign.errors import ConfigError
 

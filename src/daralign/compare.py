@@ -156,28 +156,6 @@ def _check_name(name: str, where: str) -> None:
         raise ConfigError(f"{where}: {name} is set by compare per run; use {FORCED[name]}")
 
 
-def annotator_for(annotator: dict, feedback_kind: str, algorithm: str, needs_score: bool) -> dict:
-    """The annotator config a run of ``algorithm`` gets: a judge in the mode the method needs,
-    anything else as it is (checked to implement what the method asks)."""
-    from daralign.annotators.base import ANNOTATORS, Annotator
-
-    kind = "compare" if feedback_kind == "compare" else "score"
-    if annotator.get("type") == "judge":
-        from daralign.annotators.judge import load_template
-
-        load_template(annotator.get("template", "helpfulness"), kind)  # a file template fits one mode only
-        if needs_score:
-            load_template(annotator.get("template", "helpfulness"), "score")
-        return {**annotator, "mode": kind}
-    cls = getattr(ANNOTATORS.get(annotator.get("type")), "__self__", None)
-    for method in {kind} | ({"score"} if needs_score else set()):
-        if cls is not None and getattr(cls, method) is getattr(Annotator, method):
-            why = "its training feedback" if method == kind else "the held-out score (eval_dataset)"
-            raise ConfigError(f"{algorithm}: annotator type {annotator['type']!r} cannot {method}, which {why} needs; "
-                              f"use a judge (type: judge), which does both")
-    return annotator
-
-
 def nominal_requests_per_label(annotator: dict, kind: str) -> int:
     """Requests one label costs with nothing invalid or cached (the annotator's ``requests_per_label``
     without loading it; a two-digit judge scale read from log-probs costs more and is not counted)."""
@@ -278,23 +256,13 @@ def _resolve(run: Run, cfg_path: Path, overrides: list, budget: int) -> None:
             *_argv(run.point.items()), "--seed", str(run.seed)]
     train, algo = parse_train_args(argv)
     objective = get_objective(run.algorithm)(algo, train)
-    kind = objective.feedback_kind
-    if not isinstance(train.annotator, dict):
-        raise ConfigError(f"annotator: expected a mapping, got {train.annotator!r}")
-    needs_score = bool(train.eval_dataset) and train.eval_annotator is None
-    annotator = annotator_for(train.annotator, kind, run.algorithm, needs_score=needs_score)
-    eval_annotator = train.eval_annotator
-    if eval_annotator is not None:
-        if not isinstance(eval_annotator, dict):
-            raise ConfigError(f"eval_annotator: expected a mapping, got {eval_annotator!r}")
-        eval_annotator = annotator_for(eval_annotator, "score", "eval_annotator", needs_score=True)
     run.K = objective.num_generations()
-    run.per_step = requests_per_step(train, objective, annotator)
+    run.per_step = requests_per_step(train, objective, train.annotator)  # parse_train_args fitted the annotators
     nominal = math.ceil(budget / run.per_step)
     # Cache hits are free, so a run may need more steps than nominal: leave room unless the
     # learning-rate schedule's length depends on max_steps. The loop stops at the budget either way.
     max_steps = 2 * nominal if train.lr_scheduler_type.startswith("constant") else nominal
-    run.train = dataclasses.replace(train, annotator=annotator, eval_annotator=eval_annotator, annotation_budget=budget,
+    run.train = dataclasses.replace(train, annotation_budget=budget,
                                     max_steps=max_steps, output_dir=str(run.out), report=False)
     run.algo = algo
 

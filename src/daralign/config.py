@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ import yaml
 
 from daralign.errors import ConfigError
 
-SECRET_HINTS = ("api_key", "token", "secret", "password")
+# reward-function keyword arguments whose values are secrets (redacted in config.yaml and trackers)
+SECRET_KWARGS = ("api_key", "token", "access_token", "secret", "password")
 
 
 @dataclass
@@ -97,8 +99,21 @@ class TrainConfig:
             raise ConfigError(f"temperature must be > 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] (got {self.top_p})")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number (got {value})")
         if self.learning_rate < 0:
             raise ConfigError(f"learning_rate must be ≥ 0 (got {self.learning_rate})")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be ≥ 0 (got {self.weight_decay})")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must be ≥ 0 (got {self.max_grad_norm})")
+        from transformers import SchedulerType
+
+        schedulers = [t.value for t in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise ConfigError(f"lr_scheduler_type: {self.lr_scheduler_type!r} is not one of {schedulers}")
         for name in ("save_steps", "eval_steps", "warmup_steps", "annotation_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
@@ -157,6 +172,8 @@ def _coerce(name: str, value: Any, tp, source: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {name} must be a list (got {value!r})")
         return [_coerce(name, v, base, source) for v in value]
+    if base in (int, float) and isinstance(value, bool):  # YAML `true` is not a number
+        raise ConfigError(f"{source}: {name} must be {base.__name__} (got {value!r})")
     try:
         if base is bool and not isinstance(value, bool):
             return _parse_bool(str(value))
@@ -200,7 +217,7 @@ def read_yaml(path: str | Path) -> dict:
 
 def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
     """YAML (``--config``) then CLI overrides → (TrainConfig, the algorithm's config)."""
-    from daralign.objectives import get_objective
+    from daralign.objectives import OBJECTIVES, get_objective
 
     pre = _ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
@@ -212,19 +229,28 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
     objective_cls = get_objective(algorithm)
     classes = [TrainConfig] + ([objective_cls.Config] if objective_cls.Config else [])
     fields = _fields(*classes)
-    unknown = sorted(set(values) - set(fields))
+    others = {f.name for cls in OBJECTIVES.values() if cls.Config for f in dataclasses.fields(cls.Config)} - set(fields)
+    unknown = sorted(set(values) - set(fields) - others)
     if unknown:
         raise ConfigError(f"{source}: unknown config key(s) {unknown} for algorithm {algorithm!r}")
-    values = {k: _coerce(k, v, fields[k][1], source) for k, v in values.items()}
+    ignored = sorted(set(values) & others)
+    if ignored:
+        from daralign.tracking import console
+
+        console.print(f"note: {source}: {', '.join(ignored)} belong to other algorithms; ignored for {algorithm}")
+    values = {k: _coerce(k, v, fields[k][1], source) for k, v in values.items() if k not in others}
     yaml_values = dict(values)
 
     # allow_abbrev=False: a misspelt prefix such as --learning_rat must be an error, as in YAML
-    parser = _ArgumentParser(prog="daralign train", description="Online alignment from AI feedback.",
-                             allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of field: value (CLI flags override it)")
+    parser = _ArgumentParser(
+        prog="daralign train", allow_abbrev=False,
+        description=f"Online alignment from AI feedback. Options below are for --algorithm {algorithm}; "
+                    f"algorithms: {', '.join(sorted(OBJECTIVES))} (`--algorithm NAME --help` shows its own). "
+                    "Values: YAML (--config) first, then these flags.")
+    parser.add_argument("--config", help="YAML file of field: value (flags override it)")
     for name, (_, tp, f) in fields.items():
         base, is_list = _base_type(tp)
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        kwargs: dict[str, Any] = {"help": _help(f), "default": argparse.SUPPRESS}
         if base is bool:
             kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         elif is_list:
@@ -232,7 +258,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
         elif base in (int, float, str):
             kwargs.update(type=base)
         parser.add_argument(f"--{name}", **kwargs)
-    cli = vars(parser.parse_args(argv))
+    cli = vars(parser.parse_args(_attach_negative_numbers(argv)))
     cli.pop("config", None)
     cli = {k: _coerce(k, v, fields[k][1], "command line") for k, v in cli.items()}
     values = _reconcile_parameterisations(objective_cls.Config, [(source, yaml_values), ("command line", cli)])
@@ -246,7 +272,51 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
     train.validate()
     if algo is not None and hasattr(algo, "validate"):
         algo.validate()
+    _fit_annotators(train, objective_cls.feedback_kind)
     return train, algo
+
+
+def _fit_annotators(train: TrainConfig, kind: str) -> None:
+    """Before any model loads: the annotator must give what the method learns from (a judge is
+    switched to the mode the method needs, and that is said), and the evaluator must score."""
+    from daralign.annotators import annotator_for
+
+    if train.annotator is not None and kind != "offline":
+        fitted = annotator_for(train.annotator, kind, train.algorithm,
+                               needs_score=bool(train.eval_dataset) and train.eval_annotator is None)
+        if fitted.get("type") == "judge" and fitted["mode"] != train.annotator.get("mode", "score"):
+            from daralign.tracking import console
+
+            console.print(f"note: {train.algorithm} learns from {'preferences' if kind == 'compare' else 'scores'}: "
+                          f"the judge is used in mode {fitted['mode']!r}")
+        train.annotator = fitted
+    if train.eval_annotator is not None:
+        train.eval_annotator = annotator_for(train.eval_annotator, "score", "eval_annotator", needs_score=True)
+
+
+def _help(f: dataclasses.Field) -> str:
+    """A field's help with its default (argparse's %(default)s cannot show it: defaults are suppressed
+    so that only given flags override the YAML)."""
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    text = f.metadata.get("help", "")
+    return (text + f" (default: {default!r})").replace("%", "%%")
+
+
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """``--learning_rate -1e-3`` → ``--learning_rate=-1e-3``: argparse takes "-1e-3" for a flag."""
+    out = []
+    for tok in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and tok.startswith("-") and not tok.startswith("--"):
+            try:
+                float(tok)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={tok}"
+                continue
+        out.append(tok)
+    return out
 
 
 def _reconcile_parameterisations(cls, sources: list[tuple[str, dict]]) -> dict:
@@ -280,10 +350,18 @@ def _reconcile_parameterisations(cls, sources: list[tuple[str, dict]]) -> dict:
 
 
 def redact(obj: Any) -> Any:
-    """A copy of a config mapping with secret-looking values replaced (env var *names* are kept)."""
+    """A copy of a config with the values of *declared* secret fields replaced: a reward function's
+    ``kwargs`` named in ``SECRET_KWARGS``. (Keys are secrets by declaration, not by guessing from
+    their names: ``max_new_tokens`` and ``tokenizer`` stay as they are. API keys never enter a
+    config at all: ``api_key_env`` names the environment variable.)"""
     if isinstance(obj, dict):
-        return {k: ("***" if any(h in k.lower() for h in SECRET_HINTS) and not k.endswith("_env") else redact(v))
-                for k, v in obj.items()}
+        out = {}
+        for k, v in obj.items():
+            if k == "kwargs" and isinstance(v, dict):
+                out[k] = {name: "***" if name in SECRET_KWARGS else redact(x) for name, x in v.items()}
+            else:
+                out[k] = redact(v)
+        return out
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj

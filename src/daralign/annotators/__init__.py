@@ -31,6 +31,28 @@ def build_annotator(cfg: dict | str) -> Annotator:
     return ANNOTATORS[cfg["type"]](cfg)
 
 
+def annotator_for(annotator: dict, feedback_kind: str, algorithm: str, needs_score: bool) -> dict:
+    """The annotator config a run of ``algorithm`` gets: a judge in the mode the method needs,
+    anything else as it is (checked to implement what the method asks)."""
+    if not isinstance(annotator, dict):
+        raise ConfigError(f"{algorithm}: the annotator must be a mapping (or a path to a YAML file of one), got {annotator!r}")
+    kind = "compare" if feedback_kind == "compare" else "score"
+    if annotator.get("type") == "judge":
+        from daralign.annotators.judge import load_template
+
+        load_template(annotator.get("template", "helpfulness"), kind)  # a file template fits one mode only
+        if needs_score:
+            load_template(annotator.get("template", "helpfulness"), "score")
+        return {**annotator, "mode": kind}
+    cls = getattr(ANNOTATORS.get(annotator.get("type")), "__self__", None)
+    for method in {kind} | ({"score"} if needs_score else set()):
+        if cls is not None and getattr(cls, method) is getattr(Annotator, method):
+            why = "its training feedback" if method == kind else "the held-out score (eval_dataset)"
+            raise ConfigError(f"{algorithm}: annotator type {annotator['type']!r} cannot {method}, which {why} needs; "
+                              f"use a judge (type: judge), which does both")
+    return annotator
+
+
 def describe_annotator(cfg: dict) -> str:
     """One line naming an annotator config, for reports: what it is and which model or code."""
     kind = cfg.get("type")
@@ -55,4 +77,4 @@ def same_annotator(a: dict | None, b: dict | None) -> bool:
 
 
 __all__ = ["Annotator", "ScoreResult", "CompareResult", "build_annotator", "describe_annotator", "register_annotator",
-           "same_annotator"]
+           "same_annotator", "annotator_for"]
