@@ -1,4 +1,4 @@
-"""`daralign annotate` and `daralign serve-judge --print-command` (fast: the judge is a real
+"""`daralign annotate` and `daralign serve-judge --print_command` (fast: the judge is a real
 stdlib server on 127.0.0.1). The real `serve-judge` process is exercised in test_clients_server.py."""
 
 from __future__ import annotations
@@ -98,9 +98,9 @@ def test_bad_annotator_yaml(tmp_path):
 
 def test_serve_judge_print_command(capsys):
     assert serve_main(["--engine", "transformers", "--model", "bundled:smollm2-135m-instruct", "--port", "8123",
-                       "--print-command"]) == 0
+                       "--print_command"]) == 0
     out = capsys.readouterr().out
     assert "serve" in out and "--host 127.0.0.1 --port 8123" in out
     assert "backend: openai\nbase_url: http://127.0.0.1:8123/v1\nmodel: " in out
     with pytest.raises(ConfigError, match="--engine"):
-        serve_main(["--engine", "vllm", "--print-command"])
+        serve_main(["--engine", "vllm", "--print_command"])

@@ -146,7 +146,8 @@ def test_resume_after_last_checkpoint_only_writes_final(tmp_path, tiny_policy_di
 
 def test_fresh_run_in_a_used_output_dir_drops_the_old_runs_state(tmp_path, tiny_policy_dir, tiny_prompts_file, capsys):
     """Without --resume, an earlier run's checkpoints and held-out scores in output_dir must not
-    leak into the new run: a later --resume would otherwise continue the OLD run's checkpoint-3."""
+    leak into the new run: a later --resume would otherwise continue the OLD run's checkpoint-3.
+    Replacing it takes --overwrite_output_dir; until the new run finishes the old one is kept aside."""
     cfg = _config(tmp_path, tiny_policy_dir, tiny_prompts_file)
     out = tmp_path / "run"
     base = ["train", "--config", str(cfg), "--output_dir", str(out), "--save_steps", "1", "--save_total_limit", "5"]
@@ -154,8 +155,10 @@ def test_fresh_run_in_a_used_output_dir_drops_the_old_runs_state(tmp_path, tiny_
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     old_before = (out / "heldout_before.json").read_text()
     capsys.readouterr()
-    assert daralign_main(base + ["--max_steps", "1", "--seed", "2"]) == 0
-    assert "removing 3 checkpoint(s)" in capsys.readouterr().err
+    assert daralign_main(base + ["--max_steps", "1", "--seed", "2"]) == 1  # refused, nothing touched
+    assert "holds an earlier daralign run" in capsys.readouterr().err and (out / "checkpoint-3").is_dir()
+    assert daralign_main(base + ["--max_steps", "1", "--seed", "2", "--overwrite_output_dir", "true"]) == 0
+    assert "moved to" in capsys.readouterr().err and not (out / ".replaced").exists()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert (out / "heldout_before.json").read_text() != old_before  # judged again for this run
     assert [m["step"] for m in _metrics(out)] == [1]

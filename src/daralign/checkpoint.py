@@ -1,6 +1,8 @@
 """Checkpoints that survive ``kill -9``: written to a temp folder, renamed into place when
-complete. A checkpoint holds accelerate's state (model safetensors, optimizer, scheduler, every
-RNG) plus ``trainer_state.json`` (step, annotation count, before-training evaluation)."""
+complete. A checkpoint holds accelerate's state (model safetensors; optimizer, scheduler and RNG
+states, which accelerate writes with ``torch.save``), an objective's extra modules (PPO's value
+head) as ``<name>.safetensors``, and ``trainer_state.json`` (step, annotation counts, the config
+that trained it)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+from safetensors.torch import load_file, save_file
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -26,7 +30,7 @@ def latest(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(accelerator, output_dir: str | Path, step: int, state: dict, keep: int) -> Path:
+def save(accelerator, output_dir: str | Path, step: int, state: dict, keep: int, modules: dict | None = None) -> Path:
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".checkpoint-{step}.tmp"
@@ -35,7 +39,9 @@ def save(accelerator, output_dir: str | Path, step: int, state: dict, keep: int)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        for name, module in (modules or {}).items():
+            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, old in checkpoints(root)[:-keep] if keep > 0 else []:
@@ -44,8 +50,10 @@ def save(accelerator, output_dir: str | Path, step: int, state: dict, keep: int)
     return final
 
 
-def load(accelerator, path: Path) -> dict:
+def load(accelerator, path: Path, modules: dict | None = None) -> dict:
     accelerator.load_state(str(path))
+    for name, module in (modules or {}).items():
+        module.load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(next(module.parameters()).device)))
     return json.loads((path / "trainer_state.json").read_text())
 
 

@@ -38,7 +38,7 @@ def env_main(argv: list[str]) -> int:
 
 
 def _usage() -> str:
-    lines = ["usage: daralign <command> [options]", "", "commands:"]
+    lines = ["usage: daralign <command> [options]   |   daralign --version", "", "commands:"]
     lines += [f"  {name:<12} {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "`daralign <command> --help` for a command's options."]
     return "\n".join(lines)
@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] == "--version":
+        import daralign
+
+        print(f"daralign {daralign.__version__}")
         return 0
     if argv[0] not in COMMANDS:
         print(f"daralign: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)

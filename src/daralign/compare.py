@@ -21,6 +21,7 @@ unfinished ones from their newest checkpoint, and refuses a run folder made with
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import hashlib
@@ -42,7 +43,8 @@ from daralign.tracking import console
 
 FORCED = {"algorithm": "--algorithms", "seed": "--seeds", "annotation_budget": "--annotation_budget",
           "output_dir": "--output_dir", "max_steps": "--annotation_budget (compare derives max_steps from it)"}
-NOT_COMPARED = {"resume", "report", "report_to", "logging_steps", "save_steps", "save_total_limit", "log_completions"}
+NOT_COMPARED = {"resume", "overwrite_output_dir", "report", "report_to", "logging_steps", "save_steps", "save_total_limit",
+                "log_completions"}
 HELDOUT_KEYS = ("model_name_or_path", "dtype", "bf16", "trust_remote_code", "use_peft", "eval_dataset",
                 "eval_max_prompts", "prompt_column", "seed", "max_completion_length", "eval_temperature",
                 "generation_batch_size", "max_prompt_length")
@@ -77,14 +79,14 @@ class Plan:
 
 # ---------------------------------------------------------------- parsing
 def _parser() -> _ArgumentParser:
-    p = _ArgumentParser(prog="daralign compare", allow_abbrev=False,
+    p = _ArgumentParser(prog="daralign compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
                         description="Run several algorithms on one annotation budget and report. "
                                     "Any other --field value is a config override for every run.")
     p.add_argument("--config", help="YAML config shared by every run (as for `daralign train`)")
     p.add_argument("--algorithms", required=True, help="comma-separated, e.g. dar,online-dpo,rloo,bon-sft")
     p.add_argument("--annotation_budget", type=int, required=True,
                    help="annotator requests per run (both orders = 2; retries and invalid answers count; cache hits are free)")
-    p.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    p.add_argument("--seeds", help="comma-separated seeds; none given: the config's seed")
     p.add_argument("--output_dir", default="runs/compare", help="one folder per run, summary.json, report.html")
     p.add_argument("--sweep", nargs="+", default=[], metavar="KNOB=V1,V2",
                    help="grid of values for --sweep_algorithm, e.g. dar_total=0.01,0.05 weight_clip=5,20")
@@ -306,7 +308,8 @@ def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool
     console.rule(f"[bold]{title}[/bold] · budget {run.train.annotation_budget} requests, "
                  f"{run.per_step} per step")
     run.out.mkdir(parents=True, exist_ok=True)
-    run.train = dataclasses.replace(run.train, resume=checkpoint.latest(run.out) is not None)  # an interrupted run goes on
+    # an interrupted run goes on from its checkpoint; one killed before any checkpoint starts again
+    run.train = dataclasses.replace(run.train, resume=checkpoint.latest(run.out) is not None, overwrite_output_dir=True)
     # The pre-training held-out score depends only on the base model, eval set, sampling and judge:
     # reuse it across runs (it runs in its own RNG stream, so skipping it changes no training).
     cached = root / ".heldout_before" / f"{_heldout_key(run)}.json"

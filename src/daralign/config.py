@@ -85,7 +85,8 @@ class TrainConfig:
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     logging_steps: int = field(default=1, metadata={"help": "print metrics every N steps"})
     report_to: list[str] = field(default_factory=list, metadata={"help": "also log to: tensorboard, wandb"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir (the config must be the same but for length, saving, logging and eval cadence)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an earlier daralign run in output_dir (kept in output_dir/.replaced until this run finishes); files daralign did not write are never touched"})
     report: bool = field(default=True, metadata={"help": "write report.md with plots at the end"})
     log_completions: bool = field(default=True, metadata={"help": "write every sampled completion and its reward to completions.jsonl"})
 
@@ -248,6 +249,10 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
                     f"algorithms: {', '.join(sorted(OBJECTIVES))} (`--algorithm NAME --help` shows its own). "
                     "Values: YAML (--config) first, then these flags.")
     parser.add_argument("--config", help="YAML file of field: value (flags override it)")
+    parser.add_argument("--with_control", type=_parse_bool, nargs="?", const=True, metavar="BOOL",
+                        help="`daralign train` only: after the run, repeat it with rewards shuffled across each batch "
+                             "(a control that separates learning from drift) in output_dir/control, and report both "
+                             "(default: False)")
     for name, (_, tp, f) in fields.items():
         base, is_list = _base_type(tp)
         kwargs: dict[str, Any] = {"help": _help(f), "default": argparse.SUPPRESS}
@@ -260,6 +265,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
         parser.add_argument(f"--{name}", **kwargs)
     cli = vars(parser.parse_args(_attach_negative_numbers(argv)))
     cli.pop("config", None)
+    cli.pop("with_control", None)  # read by `daralign train` itself
     cli = {k: _coerce(k, v, fields[k][1], "command line") for k, v in cli.items()}
     values = _reconcile_parameterisations(objective_cls.Config, [(source, yaml_values), ("command line", cli)])
 

@@ -30,6 +30,25 @@ def read_rows(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    if stem_suffix in (".csv", ".parquet"):
+        return _read_with_datasets(path, stem_suffix[1:])
+    try:
+        return _read_json_rows(path, stem_suffix)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save it as UTF-8") from None
+
+
+def _read_with_datasets(path: Path, kind: str) -> list[dict]:
+    """csv / parquet through the ``datasets`` library (as TRL users load them)."""
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(kind, data_files=str(path), split="train"))
+    except Exception as e:  # pyarrow and datasets raise many kinds; the user needs the file and the reason
+        raise DataError(f"{path}: cannot be read as {kind}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+
+
+def _read_json_rows(path: Path, stem_suffix: str) -> list[dict]:
     with _open(path) as f:
         if stem_suffix == ".json":
             try:
@@ -80,7 +99,7 @@ def check_prompt(value: Any, where: str, column: str = "prompt") -> None:
 def _read_source(source: str, split: str, config: str | None) -> tuple[list[dict], str]:
     """(rows, name for messages) of a file or a ``datasets`` name."""
     path = Path(source)
-    if path.suffix in (".jsonl", ".json", ".gz") or path.exists():
+    if path.suffix in (".jsonl", ".json", ".gz", ".csv", ".parquet") or path.exists():
         rows, name = read_rows(path), str(path)
     else:
         import datasets

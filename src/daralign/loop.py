@@ -33,11 +33,11 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from daralign import checkpoint
+from daralign import checkpoint, outputs
 from daralign.annotators import build_annotator, describe_annotator, same_annotator
 from daralign.config import TrainConfig, to_dict
 from daralign.data import PromptSchedule, load_pairs, load_prompts
-from daralign.errors import ConfigError
+from daralign.errors import AnnotationError, ConfigError
 from daralign.feedback import compare_feedback, labels_per_prompt, offline_feedback, score_feedback, shuffle_rewards
 from daralign.heldout import judge_heldout
 from daralign.models import disable_dropout, load_causal_lm, load_tokenizer, token_logps
@@ -47,6 +47,10 @@ from daralign.rollout.offline import pair_rollout
 from daralign.tracking import MetricsLog, console
 
 MB_KEYS = ("input_ids", "attention_mask", "completion_mask")
+MAX_STEPS_WITHOUT_LABELS = 3  # then the annotator is broken for this task: stop, saying what it answered
+# what --resume may change: how long, how often to save, log and evaluate — nothing that alters an update
+RESUME_MAY_CHANGE = {"max_steps", "annotation_budget", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
+                     "report", "report_to", "log_completions", "resume", "overwrite_output_dir"}
 
 
 class OnlineTrainer:
@@ -85,8 +89,6 @@ class OnlineTrainer:
         scheduler = get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=train.warmup_steps,
                                   num_training_steps=train.max_steps)  # one scheduler step per online batch
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy, optimizer, scheduler)
-        for module in self.extra.values():
-            self.accelerator.register_for_checkpointing(module)
         self.annotator = build_annotator(train.annotator) if train.annotator is not None else None
         self.eval_annotator, self.evaluator_name, self.evaluator_is_training = self._eval_annotator()
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -373,6 +375,25 @@ class OnlineTrainer:
             (self.out / f"heldout_{tag}.json").write_text(json.dumps(res, indent=1))
         return res
 
+    @property
+    def config_dict(self) -> dict:
+        """The resolved config as JSON values (secrets redacted), as checkpoints record it."""
+        return json.loads(json.dumps(to_dict(self.cfg, self.algo_config), default=str))
+
+    def _check_resume_config(self, path: Path) -> None:
+        """--resume continues *this* run: a change that would alter training is refused, naming the
+        fields; the length, the checkpoint cadence, logging and eval cadence may change."""
+        saved = json.loads((path / "trainer_state.json").read_text()).get("config")
+        if saved is None:
+            return  # a checkpoint from before configs were recorded
+        now = self.config_dict
+        changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
+        if changed:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in changed[:5])
+            raise ConfigError(f"--resume: {path} was trained with another config ({shown}); resume with the same "
+                              f"config (only {', '.join(sorted(RESUME_MAY_CHANGE - {'resume'}))} may change), "
+                              f"or start a new run in another output_dir")
+
     def _finished(self, step: int, spent: dict) -> str | None:
         if step >= self.cfg.max_steps:
             return f"max_steps ({self.cfg.max_steps}) done"
@@ -380,21 +401,10 @@ class OnlineTrainer:
 
     def train(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
-        self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint.clean_partial(self.out)
-        stale = checkpoint.checkpoints(self.out) if not cfg.resume else []
-        if acc.is_main_process and not cfg.resume and (stale or (self.out / "metrics.jsonl").exists()):
-            # A fresh run in an output_dir an earlier run used: that run's checkpoints would be taken
-            # for this run's by a later --resume (and crowd its own out of save_total_limit), and its
-            # held-out scores would be reused. metrics.jsonl is restarted the same way. (A
-            # heldout_before.json placed in an unused folder, as `daralign compare` does, is kept.)
-            if stale:
-                console.print(f"[yellow]fresh run: removing {len(stale)} checkpoint(s) of an earlier run in "
-                              f"{self.out} (continue a run with --resume)[/yellow]")
-            for _, path in stale:
-                shutil.rmtree(path, ignore_errors=True)
-            for path in self.out.glob("heldout_*.json"):
-                path.unlink()
+        outputs.prepare(self.out, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, is_main=acc.is_main_process)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            checkpoint.clean_partial(self.out)  # half-written folders of a killed run (ours: the folder is marked)
         acc.wait_for_everyone()
         start = 0
         spent = {"annotations": 0, "annotation_requests": 0, "annotation_cache_hits": 0}
@@ -402,7 +412,8 @@ class OnlineTrainer:
         if cfg.resume and resume_from is None:
             console.print(f"[yellow]--resume: no checkpoint in {self.out}; starting from scratch[/yellow]")
         if resume_from is not None:
-            state = checkpoint.load(acc, resume_from)
+            self._check_resume_config(resume_from)
+            state = checkpoint.load(acc, resume_from, self.extra)
             start = state["step"]
             spent |= {k: state[k] for k in spent if k in state}
             console.print(f"resumed from {resume_from} (step {start}, {spent['annotation_requests']} requests, "
@@ -422,7 +433,7 @@ class OnlineTrainer:
             self.heldout("before")
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not acc.is_main_process)
-        step, saved = start, start if resume_from is not None else -1
+        step, saved, unlabelled = start, start if resume_from is not None else -1, 0
         with progress:
             task = progress.add_task(f"{cfg.algorithm} steps", total=cfg.max_steps, completed=start)
             for step in range(start, cfg.max_steps):
@@ -431,6 +442,13 @@ class OnlineTrainer:
                     console.print(f"{why}; stopping after step {step}")
                     break
                 metrics = self.step(step, num_prompts, spent)
+                unlabelled = unlabelled + 1 if self.kind != "offline" and metrics["annotations"] == spent["annotations"] else 0
+                if unlabelled >= MAX_STEPS_WITHOUT_LABELS:
+                    said = getattr(self.annotator, "last_answers", None)
+                    raise AnnotationError(
+                        f"annotator {describe_annotator(cfg.annotator)} gave no valid label in {unlabelled} consecutive "
+                        f"steps" + (f"; its last answers: {said!r}" if said else "") + " — check its template, scale "
+                        f"and backend (`daralign annotate` shows what it returns)")
                 spent = {k: metrics[k] for k in spent}
                 if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < cfg.max_steps:
                     res = self.heldout(f"step{step + 1}")
@@ -442,14 +460,16 @@ class OnlineTrainer:
                 reward = metrics.get("reward")
                 progress.update(task, advance=1, description=f"{cfg.algorithm}" + (f" reward={reward:.3f}" if reward is not None else ""))
                 if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
-                    checkpoint.save(acc, self.out, step + 1, {"step": step + 1, **spent}, cfg.save_total_limit)
+                    checkpoint.save(acc, self.out, step + 1, {"step": step + 1, **spent, "config": self.config_dict}, cfg.save_total_limit, self.extra)
                     saved = step + 1
             else:
                 step = cfg.max_steps
         if saved != step:  # always a checkpoint at the end: --resume of a finished run then does nothing
-            checkpoint.save(acc, self.out, step, {"step": step, **spent}, cfg.save_total_limit)
+            checkpoint.save(acc, self.out, step, {"step": step, **spent, "config": self.config_dict}, cfg.save_total_limit, self.extra)
         after = self.heldout("after")
         self.save_final()
+        if acc.is_main_process:
+            outputs.finish(self.out)
         if cfg.report_to:
             acc.end_training()
         return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"], "heldout_after": after}

@@ -30,11 +30,20 @@ def _location(name_or_path: str) -> tuple[str, dict]:
     return name_or_path, {}
 
 
+def _cannot_load(name_or_path: str, e: Exception) -> ConfigError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ConfigError(f"model {name_or_path!r} cannot be loaded ({first[:300]}); give a local model folder, a .gguf "
+                       f"file, bundled:NAME, or a Hub id (that needs network access to the Hub)")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     where, extra = _location(name_or_path)
-    tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as e:  # a missing folder, no Hub, not a model: one line naming it
+        raise _cannot_load(name_or_path, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -46,7 +55,10 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: {dtype!r} is not one of {sorted(DTYPES)}")
     where, extra = _location(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as e:
+        raise _cannot_load(name_or_path, e) from None
     if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in extra:
         # transformers dequantises GGUF weights but keeps the quantizer, which blocks training.
         model.hf_quantizer = None

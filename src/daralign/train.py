@@ -10,7 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from daralign.config import parse_train_args
+from daralign.config import _ArgumentParser, _parse_bool, parse_train_args
 from daralign.tracking import console
 
 
@@ -29,13 +29,10 @@ def run(train, algo) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if "--with_control" in argv:  # a train-command option, not a TrainConfig field
-        i = argv.index("--with_control")
-        with_control = argv[i + 1].lower() in ("1", "true", "yes") if i + 1 < len(argv) else True
-        argv = argv[:i] + argv[i + 2:]
-    else:
-        with_control = False
     train, algo = parse_train_args(argv)
+    pre = _ArgumentParser(add_help=False, allow_abbrev=False)  # a train-command option, not a TrainConfig field
+    pre.add_argument("--with_control", type=_parse_bool, nargs="?", const=True, default=False)
+    with_control = pre.parse_known_args(argv)[0].with_control
     run(train, algo)
     control_dir = None
     if with_control:

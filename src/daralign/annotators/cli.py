@@ -4,7 +4,7 @@ OpenAI-compatible judge server on 127.0.0.1).
     daralign annotate --annotator judge.yaml --input rows.jsonl --output out.jsonl
     daralign serve-judge --model bundled:qwen2.5-coder-0.5b-instruct --port 8080
 
-serve-judge only assembles and runs one of these one-liners (``--print-command`` shows it):
+serve-judge only assembles and runs one of these one-liners (``--print_command`` shows it):
 
     python -m llama_cpp.server --model judge.gguf --host 127.0.0.1 --port 8080     # pip install 'llama-cpp-python[server]'
     transformers serve ~/.cache/daralign/models/qwen2.5-coder-0.5b-instruct --host 127.0.0.1 --port 8080 --device cpu
@@ -105,7 +105,7 @@ def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
 
 
 def annotate_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="daralign annotate", description="Score or compare rows of a jsonl file with an annotator.")
+    ap = argparse.ArgumentParser(prog="daralign annotate", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="Score or compare rows of a jsonl file with an annotator.")
     ap.add_argument("--annotator", required=True, help="YAML file with the annotator config (e.g. type: judge ...)")
     ap.add_argument("--input", required=True, help="jsonl rows {prompt, completion} or {prompt, completion_a, completion_b}")
     ap.add_argument("--output", required=True, help="jsonl output (input rows + score | prob_a, valid)")
@@ -196,15 +196,16 @@ def serve_command(model: str, port: int, engine: str = "auto", n_ctx: int = 4096
 
 def serve_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         prog="daralign serve-judge",
         description="Serve a judge model on 127.0.0.1 with an OpenAI-compatible API (llama.cpp server or transformers serve).",
     )
     ap.add_argument("--model", default="bundled:qwen2.5-coder-0.5b-instruct", help="bundled:NAME, a .gguf file, or a model folder")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--engine", default="auto", help="auto (llama_cpp if installed, else transformers) | llama_cpp | transformers")
-    ap.add_argument("--n-ctx", type=int, default=4096, help="llama_cpp context length")
+    ap.add_argument("--n_ctx", type=int, default=4096, help="llama_cpp context length (default: 4096)")
     ap.add_argument("--dtype", default="auto", help="transformers serve dtype (auto, bfloat16, float32)")
-    ap.add_argument("--print-command", action="store_true", help="print the server command and judge config, do not start")
+    ap.add_argument("--print_command", action="store_true", help="print the server command and judge config, do not start")
     args = ap.parse_args(argv)
     if not (0 < args.port < 65536):
         raise ConfigError(f"serve-judge --port: {args.port} is not a TCP port")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import traceback
 from pathlib import Path
 
 from daralign.annotators.base import Annotator, ScoreResult, register_annotator
@@ -48,6 +49,8 @@ def load_callable(spec: str):
 
 def validate_scores(scores, expected: int, who: str) -> list[float | None]:
     """A list of ``expected`` finite floats or None; anything else is an ``AnnotationError``."""
+    if isinstance(scores, (str, bytes, dict)):  # list("1234") would be four "scores"
+        raise AnnotationError(f"{who} returned {type(scores).__name__} {str(scores)[:40]!r}, expected a list of {expected} numbers")
     try:
         scores = list(scores)
     except TypeError:
@@ -88,7 +91,12 @@ class FunctionAnnotator(Annotator):
         n = self.affordable(len(completions))  # items past the request limit are not asked (invalid)
         rows = rows[:n]
         columns = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {}) if k not in ("prompt", "completion")}
-        raw = self.fn(prompts=list(prompts[:n]), completions=list(completions[:n]), **columns, **self.kwargs) if n else []
+        try:
+            raw = self.fn(prompts=list(prompts[:n]), completions=list(completions[:n]), **columns, **self.kwargs) if n else []
+        except Exception as e:  # the user's bug: show where in *their* code, not a traceback through ours
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            raise AnnotationError(f"reward function {self.spec} raised {type(e).__name__}: {e} "
+                                  f"(at {frame.filename}:{frame.lineno}, in {frame.name})") from None
         self.num_requests += n  # one per batch item handed to the function
         scores = validate_scores(raw, n, f"reward function {self.spec}") + [None] * (len(completions) - n)
         self.num_annotations += sum(s is not None for s in scores)

@@ -269,6 +269,7 @@ class JudgeAnnotator(Annotator):
         self._client = client
         self._owns_client = client is None  # a shared client is closed by whoever made it
         self._cache = ResponseCache(config.cache) if config.cache else None
+        self.last_answers: list[str | None] = []
         self.totals: dict[str, float] = {"labels": 0, "invalid": 0, "requests": 0, "cache_hits": 0, "tokens": 0, "latency_s": 0.0}
 
     @classmethod
@@ -377,6 +378,7 @@ class JudgeAnnotator(Annotator):
         def on_reply(i: int, reply: Reply) -> None:
             a = todo[i]
             a.reply = reply
+            self.last_answers = (self.last_answers + [reply.text])[-3:]  # for "what did it answer?" errors
             stats["tokens"] += reply.tokens
             stats["latency_s"] += reply.latency_s
             stats["paid"] += 1

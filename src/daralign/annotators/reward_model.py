@@ -11,7 +11,7 @@ import torch
 from daralign.annotators.base import Annotator, ScoreResult, register_annotator
 from daralign.annotators.functions import _check_keys, validate_scores
 from daralign.data import as_messages
-from daralign.errors import ConfigError
+from daralign.errors import AnnotationError, ConfigError
 from daralign.models import DTYPES, _location
 
 
@@ -50,16 +50,41 @@ class RewardModelAnnotator(Annotator):
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         return "\n\n".join(m["content"] for m in messages)
 
+    def _fit(self, prompt, completion: str) -> tuple[str, bool]:
+        """The rendered text within ``max_length`` tokens, cut from the *left of the prompt* so the
+        model always sees the whole response (a right cut would give every long-prompt sample of a
+        prompt the same score). (text, whether the prompt was cut)."""
+        text = self._render(prompt, completion)
+        over = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) - self.max_length
+        if over <= 0:
+            return text, False
+        messages = as_messages(prompt)
+        while over > 0 and any(m["content"] for m in messages):
+            i = next(j for j, m in enumerate(messages) if m["content"])  # the earliest text left
+            ids = self.tokenizer(messages[i]["content"], add_special_tokens=False)["input_ids"]
+            messages[i] = {**messages[i], "content": self.tokenizer.decode(ids[over:]) if over < len(ids) else ""}
+            text = self._render(messages, completion)
+            over = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) - self.max_length
+        if over > 0:
+            raise AnnotationError(f"reward model: a response alone is longer than max_length={self.max_length} tokens; "
+                                  f"raise max_length (the model must see the whole response)")
+        return text, True
+
     @torch.no_grad()
     def score(self, prompts, completions, rows):
         n = self.affordable(len(completions))  # responses past the request limit are not scored (invalid)
-        texts = [self._render(p, c) for p, c in zip(prompts[:n], completions[:n])]
+        fitted = [self._fit(p, c) for p, c in zip(prompts[:n], completions[:n])]
+        texts, cut = [t for t, _ in fitted], sum(c for _, c in fitted)
+        if cut:
+            from daralign.tracking import console
+
+            console.print(f"[yellow]reward model: {cut} of {n} prompt(s) cut from the left to fit max_length={self.max_length} "
+                          f"(the response is always whole)[/yellow]")
         scores: list[float] = []
         for s in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[s:s + self.batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length, add_special_tokens=False)
+            enc = self.tokenizer(texts[s:s + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             scores += self.model(**enc).logits[:, 0].float().tolist()
         self.num_requests += n  # one per scored response
         scores = validate_scores(scores, n, "reward model") + [None] * (len(completions) - n)
         self.num_annotations += n
-        return ScoreResult(scores)
+        return ScoreResult(scores, {"annotator/truncated_prompts": float(cut)})

@@ -272,7 +272,7 @@ def _eval_mtbench(args) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="daralign eval", description="Win rate of a model against a reference (judge asked in "
+    p = argparse.ArgumentParser(prog="daralign eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="Win rate of a model against a reference (judge asked in "
                                 "both orders), or MT-bench with the FastChat single-answer judge.")
     p.add_argument("--model", required=True, help="model to evaluate: folder, hub id, .gguf or bundled:NAME")
     p.add_argument("--reference", help="reference model, or a .json/.jsonl file with 'reference'/'output' answers "
@@ -327,7 +327,7 @@ def agreement_main(argv: list[str]) -> int:
     from daralign.evaluation.agreement import agreement_summary
     from daralign.evaluation.plots import plot_agreement
 
-    p = argparse.ArgumentParser(prog="daralign agreement", description="How often an AI annotator agrees with human "
+    p = argparse.ArgumentParser(prog="daralign agreement", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="How often an AI annotator agrees with human "
                                 "preference labels as a reward (score both) and as a preference (each order, both orders).")
     p.add_argument("--pairs", help="HH-RLHF {chosen, rejected} transcripts or {prompt, chosen, rejected} rows")
     p.add_argument("--annotator", help="annotator YAML; a judge is used in mode score and mode compare")

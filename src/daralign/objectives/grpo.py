@@ -12,7 +12,7 @@ For the K ≥ 2 samples of a prompt, per token t of y_i (TRL's names ``epsilon``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,9 +55,9 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 class GRPOConfig:
     """GRPO knobs (TRL names)."""
 
-    beta: float = 0.04  # β: weight of the per-token k3 KL to the reference (0 = no reference model)
-    epsilon: float = 0.2  # ε: the ratio is clipped to [1−ε, 1+ε]
-    scale_eps: float = 1e-4  # added to the group std before dividing (TRL uses 1e-4)
+    beta: float = field(default=0.04, metadata={"help": 'β: weight of the per-token k3 KL to the reference (0 = no reference model)'})
+    epsilon: float = field(default=0.2, metadata={"help": 'ε: the ratio is clipped to [1−ε, 1+ε]'})
+    scale_eps: float = field(default=1e-4, metadata={"help": 'added to the group std before dividing (TRL uses 1e-4)'})
 
     def __post_init__(self) -> None:
         if not (self.beta >= 0 and math.isfinite(self.beta)):

@@ -18,7 +18,7 @@ The missing-EOS penalty is applied to r(x, y) by the loop (``missing_eos_penalty
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -65,12 +65,12 @@ def clipped_value_loss(values, old_values, returns, cliprange_value: float):
 class PPOConfig:
     """PPO knobs (TRL names)."""
 
-    kl_coef: float = 0.05  # per-token KL penalty to π_ref inside the reward (0 = no reference model)
-    cliprange: float = 0.2  # policy ratio clipped to [1 − cliprange, 1 + cliprange]
-    cliprange_value: float = 0.2  # new value kept within ± cliprange_value of the old value
-    vf_coef: float = 0.1  # weight of the value loss
-    gamma: float = 1.0  # discount γ
-    lam: float = 0.95  # GAE λ
+    kl_coef: float = field(default=0.05, metadata={"help": 'per-token KL penalty to π_ref inside the reward (0 = no reference model)'})
+    cliprange: float = field(default=0.2, metadata={"help": 'policy ratio clipped to [1 − cliprange, 1 + cliprange]'})
+    cliprange_value: float = field(default=0.2, metadata={"help": 'new value kept within ± cliprange_value of the old value'})
+    vf_coef: float = field(default=0.1, metadata={"help": 'weight of the value loss'})
+    gamma: float = field(default=1.0, metadata={"help": 'discount γ'})
+    lam: float = field(default=0.95, metadata={"help": 'GAE λ'})
 
     def __post_init__(self) -> None:
         for name in ("kl_coef", "vf_coef"):

@@ -13,7 +13,7 @@ each sample's baseline is the mean reward of the other K−1 samples:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,7 +38,7 @@ def leave_one_out_advantages(rewards: torch.Tensor, valid: torch.Tensor | None =
 class RLOOConfig:
     """RLOO knobs (TRL names)."""
 
-    kl_coef: float = 0.05  # weight of the sequence KL to π_ref subtracted from the reward (0 = no reference)
+    kl_coef: float = field(default=0.05, metadata={"help": 'weight of the sequence KL to π_ref subtracted from the reward (0 = no reference)'})
 
     def __post_init__(self) -> None:
         if not (self.kl_coef >= 0 and math.isfinite(self.kl_coef)):
