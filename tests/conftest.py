@@ -205,3 +205,13 @@ def smol_judge_server(tmp_path_factory):
     with serve_judge(tmp_path_factory.mktemp("serve"), ["--engine", "transformers", "--model",
                      "bundled:smollm2-135m-instruct", "--dtype", "float32"], "/health", 300) as server:
         yield server
+
+def undocumented_metrics(rows: list[dict]) -> set[str]:
+    """Keys of metrics.jsonl rows that docs/metrics.md does not list (``<x>`` there matches a name)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    names = re.findall(r"`([a-z_<>/]+[a-z_<>0-9]*)`", text)
+    patterns = [re.compile("^" + re.sub(r"<[a-z_]+>", r"[^/]+", re.escape(n).replace(r"\<", "<").replace(r"\>", ">")) + "$")
+                for n in names]
+    return {k for row in rows for k in row if not any(p.match(k) for p in patterns)}

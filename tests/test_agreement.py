@@ -16,7 +16,8 @@ from daralign.evaluation.agreement import (agreement_summary, annotate_pairs, lo
                                            transcript_to_messages)
 from daralign.evaluation.plots import plot_agreement
 
-HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"  # whole file: CI
+HH_SLICE = Path(__file__).resolve().parent / "data" / "hh-rlhf-harmless-base-test.head40.jsonl"  # a clone has this
 needs_hh = pytest.mark.skipif(not HH.is_file(), reason=f"{HH} not present")
 
 
@@ -40,9 +41,8 @@ def test_hh_parser_on_the_whole_real_file():
     assert same_as_last_turn == 2312 - 5  # the 5 pairs whose transcripts differ before the last turn
 
 
-@needs_hh
 def test_hh_first_pair_exact():
-    p = load_preference_pairs(HH, limit=1)[0]
+    p = load_preference_pairs(HH_SLICE, limit=1)[0]
     assert [m["role"] for m in p["prompt"]] == ["user", "assistant", "user", "assistant", "user"]
     assert p["prompt"][:3] == [
         {"role": "user", "content": "what are some pranks with a pen i can do?"},
@@ -152,12 +152,11 @@ def kindness(prompts, completions, **columns):
 '''
 
 
-@needs_hh
 def test_agreement_cli_with_a_function_annotator(tmp_path, capsys):
     (tmp_path / "fn.py").write_text(REWARD_FN)
     (tmp_path / "ann.yaml").write_text(f"type: function\nfunction: {tmp_path / 'fn.py'}:kindness\n")
     out = tmp_path / "out"
-    rc = daralign_main(["agreement", "--pairs", str(HH), "--annotator", str(tmp_path / "ann.yaml"), "--limit", "40",
+    rc = daralign_main(["agreement", "--pairs", str(HH_SLICE), "--annotator", str(tmp_path / "ann.yaml"), "--limit", "40",
                         "--output_dir", str(out), "--n_boot", "200"])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())

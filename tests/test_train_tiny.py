@@ -56,7 +56,10 @@ def main_run(tmp_path_factory, tiny_policy_dir, tiny_prompts_file):
 
 
 def test_metrics_have_the_documented_keys(main_run):
+    from conftest import undocumented_metrics
+
     out, metrics = main_run
+    assert not undocumented_metrics(metrics), "add these to docs/metrics.md"
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         missing = REQUIRED_KEYS - set(m)
@@ -217,6 +220,9 @@ def test_eval_win_rate_during_training(tmp_path, tiny_policy_dir, tiny_prompts_f
     out = tmp_path / "run"
     metrics = train(cfg, out)
     assert 0.0 <= metrics[0]["eval/win_rate"] <= 1.0 and metrics[0]["eval/mean_length"] > 0
+    from conftest import undocumented_metrics
+
+    assert not undocumented_metrics(metrics), "add these to docs/metrics.md"
     refs = json.loads((out / "heldout_reference_answers.json").read_text())
     assert len(refs) == 3 and all(isinstance(r, str) for r in refs)
     before = json.loads((out / "heldout_before.json").read_text())

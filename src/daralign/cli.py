@@ -21,18 +21,14 @@ COMMANDS = {
 
 
 def env_main(argv: list[str]) -> int:
-    import platform
-
     import torch
 
-    import daralign
+    from daralign.provenance import provenance
 
-    print(f"daralign {daralign.__version__}\npython {platform.python_version()} ({platform.platform()})")
-    for name in ["torch", "transformers", "accelerate", "peft", "datasets", "safetensors", "httpx"]:
-        try:
-            print(f"{name} {importlib.import_module(name).__version__}")
-        except ImportError:
-            print(f"{name} not installed")
+    info = provenance()
+    print(f"daralign {info['daralign']} (commit {info['git_commit'] or 'unknown'})\npython {info['python']} ({info['platform']})")
+    for name, version in info["libraries"].items():
+        print(f"{name} {version or 'not installed'}")
     print(f"cuda available: {torch.cuda.is_available()}  threads: {torch.get_num_threads()}")
     return 0
 

@@ -39,6 +39,7 @@ import yaml
 from daralign import checkpoint
 from daralign.config import TrainConfig, _ArgumentParser, _parse_bool, parse_train_args, read_yaml, to_dict
 from daralign.errors import ConfigError
+from daralign.provenance import provenance
 from daralign.tracking import console
 
 FORCED = {"algorithm": "--algorithms", "seed": "--seeds", "annotation_budget": "--annotation_budget",
@@ -340,6 +341,7 @@ def main(argv: list[str]) -> int:
     for run in plan.runs:
         check_existing(run)
     (root / "configs").mkdir(parents=True, exist_ok=True)
+    (root / "provenance.json").write_text(json.dumps(provenance(), indent=1))
     for algorithm, values in plan.configs.items():
         (root / "configs" / f"{algorithm}.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     console.print(f"compare: {len(plan.runs)} runs ({', '.join(plan.algorithms)}; seeds {plan.seeds}"

@@ -305,7 +305,10 @@ def write_html(summary: dict, root: Path) -> Path:
     under = [r["dir"] for r in summary["runs"] if not r["budget_reached"]]
     over = [f"{r['dir']} ({r['annotation_requests']})" for r in summary["runs"] if r["annotation_requests"] > summary["annotation_budget"]]
     same = summary["evaluator_is_training_annotator"]
+    prov = json.loads((root / "provenance.json").read_text()) if (root / "provenance.json").exists() else {}
+    libs = ", ".join(f"{k} {v}" for k, v in prov.get("libraries", {}).items() if v)
     notes = [f"Policy {summary['model']}, trained on {summary['dataset']}, held-out prompts {summary['eval_dataset']}.",
+             f"daralign {prov.get('daralign')} (commit {prov.get('git_commit') or 'unknown'}); {libs}.",
              f"Trained by: {summary['training_annotator']}. Evaluated by: {summary['evaluator']}"
              + (" — the SAME annotator the methods trained on: the held-out score is the signal the reward methods "
                 "optimise, not an independent yardstick (give eval_annotator for one)." if same else " (independent of training)."),

@@ -42,6 +42,7 @@ from daralign.feedback import compare_feedback, labels_per_prompt, offline_feedb
 from daralign.heldout import judge_heldout
 from daralign.models import disable_dropout, load_causal_lm, load_tokenizer, token_logps
 from daralign.objectives import get_objective
+from daralign.provenance import provenance
 from daralign.rollout.hf import sample_rollout
 from daralign.rollout.offline import pair_rollout
 from daralign.tracking import MetricsLog, console
@@ -389,8 +390,9 @@ class OnlineTrainer:
         now = self.config_dict
         changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
         if changed:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in changed[:5])
-            raise ConfigError(f"--resume: {path} was trained with another config ({shown}); resume with the same "
+            shown = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in changed[:3])
+            raise ConfigError(f"--resume: {path} was trained with another config (changed: {', '.join(changed)}; {shown}"
+                              f"{', ...' if len(changed) > 3 else ''}); resume with the same "
                               f"config (only {', '.join(sorted(RESUME_MAY_CHANGE - {'resume'}))} may change), "
                               f"or start a new run in another output_dir")
 
@@ -425,6 +427,7 @@ class OnlineTrainer:
                         "heldout_after": None, "finished_earlier": True}
         if acc.is_main_process:
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg, self.algo_config), sort_keys=False))
+            (self.out / "provenance.json").write_text(json.dumps(provenance(), indent=1))
         if cfg.report_to:
             acc.init_trackers(self.out.name, config={k: v for k, v in to_dict(self.cfg, self.algo_config).items()
                                                     if isinstance(v, (int, float, str, bool))})

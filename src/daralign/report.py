@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from daralign.annotators import describe_annotator  # noqa: E402
 from daralign.heldout import paired_difference  # noqa: E402
 from daralign.tracking import read_metrics  # noqa: E402
 
@@ -66,6 +69,18 @@ def write_report(run_dir: str | Path, control_dir: str | Path | None = None, n_s
     runs = {"trained": run_dir} | ({"shuffled-reward control": Path(control_dir)} if control_dir else {})
     plots = plot_runs(runs, run_dir)
     lines = ["# daralign run report", ""]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    prov = json.loads((run_dir / "provenance.json").read_text()) if (run_dir / "provenance.json").exists() else {}
+    if cfg:
+        trained_by = describe_annotator(cfg["annotator"]) if cfg.get("annotator") else "no annotator (offline pairs)"
+        lines += [f"- algorithm `{cfg.get('algorithm')}`, policy `{cfg.get('model_name_or_path')}`",
+                  f"- data `{cfg.get('dataset')}`, held-out `{cfg.get('eval_dataset')}`",
+                  f"- trained by: {trained_by}",
+                  f"- evaluated by: {describe_annotator(cfg['eval_annotator']) if cfg.get('eval_annotator') else 'the training annotator'}"]
+    if prov:
+        lines.append(f"- daralign {prov.get('daralign')} (commit {prov.get('git_commit') or 'unknown'}), "
+                     + ", ".join(f"{k} {v}" for k, v in prov.get("libraries", {}).items() if v))
+    lines.append("")
     lines += ["## Held-out score (fixed prompts, fixed sampling seed)", "",
               "| run | before | after | after − before (± s.e. over prompts) | KL(π‖π_ref) after (nats/seq) | length before → after |",
               "|---|---|---|---|---|---|"]

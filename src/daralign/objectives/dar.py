@@ -158,15 +158,17 @@ class DARConfig:
     def __post_init__(self) -> None:
         if (self.dar_alpha is None) != (self.dar_beta is None):
             raise ConfigError("give both dar_alpha and dar_beta, or neither (then dar_total and dar_ratio are used)")
+        # resolved both ways, so a saved config.yaml states one consistent pair of each
         if self.dar_alpha is None:
             if not 0 <= self.dar_ratio <= 1:
                 raise ConfigError(f"dar_ratio must be in [0, 1] (got {self.dar_ratio})")
             self.dar_alpha = self.dar_total * self.dar_ratio
             self.dar_beta = self.dar_total * (1 - self.dar_ratio)
-        check_coefficients(self.dar_alpha, self.dar_beta, self.weight_clip)
-        # resolved both ways, so a saved config.yaml states one consistent pair of each
-        self.dar_total = self.dar_alpha + self.dar_beta
-        self.dar_ratio = self.dar_alpha / self.dar_total
+            check_coefficients(self.dar_alpha, self.dar_beta, self.weight_clip)
+        else:
+            check_coefficients(self.dar_alpha, self.dar_beta, self.weight_clip)
+            self.dar_total = self.dar_alpha + self.dar_beta
+            self.dar_ratio = self.dar_alpha / self.dar_total
         if self.advantage_normalization not in NORMALIZATIONS:
             raise ConfigError(f"advantage_normalization: {self.advantage_normalization!r} is not one of {NORMALIZATIONS}")
 
