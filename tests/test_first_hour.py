@@ -144,3 +144,28 @@ def test_every_train_option_has_help_with_its_default(capsys):
         assert len(options) > 50
         assert " ".join(text.split()).count("(default:") == len(options) - 1  # all but --config
     assert daralign_main(["--version"]) == 0 and capsys.readouterr().out.startswith("daralign ")
+
+
+def test_a_reward_model_always_sees_the_whole_response(tiny_rm_dir, capsys):
+    from daralign.annotators import build_annotator
+
+    rm = build_annotator({"type": "reward_model", "model": str(tiny_rm_dir), "max_length": 120})
+    long_prompt = "Tell me about the ocean and its waves. " * 60  # far past max_length on its own
+    responses = ["The sea is calm.", "Great question, here is a short answer about the ocean!"]
+    result = rm.score([long_prompt] * 2, responses, [{}, {}])
+    assert result.scores[0] != result.scores[1]  # a right cut would have scored only the prompt: equal scores
+    assert result.metrics["annotator/truncated_prompts"] == 2.0
+    assert "cut from the left" in capsys.readouterr().err
+    for response in responses:
+        text, cut = rm._fit(long_prompt, response)
+        assert cut and response in text and len(rm.tokenizer(text, add_special_tokens=False)["input_ids"]) <= 120
+
+
+def test_every_judge_field_is_documented():
+    import dataclasses
+
+    from daralign.annotators.judge import JudgeConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "annotators.md").read_text()
+    missing = [f.name for f in dataclasses.fields(JudgeConfig) if f"| `{f.name}` |" not in doc]
+    assert not missing, f"document these judge fields in docs/annotators.md: {missing}"

@@ -28,7 +28,7 @@ SECRET_KWARGS = ("api_key", "token", "access_token", "secret", "password")
 class TrainConfig:
     """Everything an online run shares, whatever the algorithm."""
 
-    algorithm: str = field(default="dar", metadata={"help": "objective to train with (see daralign.objectives)"})
+    algorithm: str = field(default="dar", metadata={"help": "objective to train with: dar | rloo | grpo | ppo | bon-sft | online-dpo | online-ipo | online-slic | dpo (docs/algorithms.md)"})
     # --- model
     model_name_or_path: str = field(default="bundled:smollm2-135m-instruct", metadata={"help": "policy: hub id, local folder, .gguf file or bundled:NAME"})
     ref_model_name_or_path: str | None = field(default=None, metadata={"help": "frozen reference; default: the policy's starting weights"})
@@ -64,7 +64,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per online step"})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name"})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler: constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial | inverse_sqrt | ... (stepped once per online batch)"})
     warmup_steps: int = field(default=0, metadata={"help": "scheduler warm-up steps"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
     num_updates_per_batch: int = field(default=1, metadata={"help": "optimizer epochs over one online batch"})
