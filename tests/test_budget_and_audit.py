@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import chat_reply, http_judge
 from safetensors.torch import load_file
 
@@ -25,12 +24,7 @@ FN = f"{tiny.TINY_PY}:"
 
 
 def config(tmp: Path, policy: Path, prompts: Path, **over) -> Path:
-    cfg = {"model_name_or_path": str(policy), "dataset": str(prompts), "num_generations": 2,
-           "per_device_train_batch_size": 2, "max_completion_length": 5, "max_steps": 6, "learning_rate": 1e-3,
-           "seed": 7, "report": False, "annotator": {"type": "function", "function": FN + "length_reward"}, **over}
-    path = tmp / f"cfg{len(list(tmp.glob('cfg*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny.run_config(tmp, policy, prompts, **{"max_completion_length": 5, "max_steps": 6, **over})
 
 
 def train(cfg: Path, out: Path, *args: str) -> list[dict]:

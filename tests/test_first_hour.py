@@ -18,13 +18,7 @@ from daralign.cli import main as daralign_main
 FN = f"{tiny.TINY_PY}:"
 
 
-def config(tmp: Path, policy: Path, prompts: Path, **over) -> Path:
-    cfg = {"model_name_or_path": str(policy), "dataset": str(prompts), "num_generations": 2,
-           "per_device_train_batch_size": 2, "max_completion_length": 4, "max_steps": 2, "learning_rate": 1e-3,
-           "seed": 7, "report": False, "annotator": {"type": "function", "function": FN + "length_reward"}, **over}
-    path = tmp / f"cfg{len(list(tmp.glob('cfg*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+config = tiny.run_config
 
 
 def train(cfg: Path, out: Path, *args: str) -> int:

@@ -168,3 +168,16 @@ def constant_reward(prompts, completions, **kwargs):
 def sometimes_invalid_reward(prompts, completions, **kwargs):
     """length_reward, but the second response of each call is unlabelled (None)."""
     return [None if i == 1 else 0.05 * len(c) + c.count("e") for i, c in enumerate(completions)]
+
+
+def run_config(tmp: str | Path, policy: Path, prompts: Path, **over) -> Path:
+    """A training YAML on the tiny policy (2 prompts × K=2, function reward), with overrides; a new
+    file per call in ``tmp``."""
+    import yaml
+
+    cfg = {"model_name_or_path": str(policy), "dataset": str(prompts), "num_generations": 2,
+           "per_device_train_batch_size": 2, "max_completion_length": 4, "max_steps": 2, "learning_rate": 1e-3,
+           "seed": 7, "report": False, "annotator": {"type": "function", "function": f"{TINY_PY}:length_reward"}, **over}
+    path = Path(tmp) / f"cfg{len(list(Path(tmp).glob('cfg*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -451,7 +451,7 @@ class OnlineTrainer:
                     raise AnnotationError(
                         f"annotator {describe_annotator(cfg.annotator)} gave no valid label in {unlabelled} consecutive "
                         f"steps" + (f"; its last answers: {said!r}" if said else "") + " — check its template, scale "
-                        f"and backend (`daralign annotate` shows what it returns)")
+                        "and backend (`daralign annotate` shows what it returns)")
                 spent = {k: metrics[k] for k in spent}
                 if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < cfg.max_steps:
                     res = self.heldout(f"step{step + 1}")
