@@ -189,3 +189,17 @@ def test_rollout_renders_chat_template_and_restores_state(model_tok):
     text = tok.decode(r.input_ids[3, :Lp][r.attention_mask[3, :Lp].bool()])
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.endswith("<|im_start|>assistant\n")
     model.eval()
+
+
+def test_completion_only_logps_equal_the_full_forward(model_tok):
+    """``token_logps(..., completion_mask)`` computes logits only from the first completion position
+    (``logits_to_keep``): the same numbers on completion tokens as the full forward, 0 before."""
+    model, tok = model_tok
+    seqs = _sequences(tok)
+    ids, att, comp = layout(seqs, tok.pad_token_id)
+    full = token_logps(model, ids, att, 0.7)
+    only = token_logps(model, ids, att, 0.7, comp)
+    mask = comp[:, 1:].bool()
+    assert torch.allclose(only[mask], full[mask], atol=1e-5)
+    start = int(comp.any(0).nonzero()[0])
+    assert (only[:, : start - 1] == 0).all() and only.shape == full.shape

@@ -145,7 +145,7 @@ class OnlineTrainer:
         with ctx, self.accelerator.autocast():
             for s in range(0, rollout.input_ids.shape[0], mb):
                 out.append(token_logps(model, rollout.input_ids[s:s + mb], rollout.attention_mask[s:s + mb],
-                                       temperature or self.cfg.temperature).float())
+                                       temperature or self.cfg.temperature, rollout.completion_mask[s:s + mb]).float())
         model.train(was_training)
         return torch.cat(out) * rollout.completion_mask[:, 1:]
 

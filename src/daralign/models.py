@@ -68,21 +68,38 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     return model
 
 
-def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def first_completion_position(completion_mask: torch.Tensor) -> int:
+    """The first column holding a completion token in any row (rollouts put every completion after
+    the left-padded prompt block, so the completion region is a suffix of the columns)."""
+    cols = completion_mask.bool().any(0).nonzero()
+    return max(int(cols[0]), 1) if len(cols) else completion_mask.shape[1] - 1  # token 0 has no prediction
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                completion_mask: torch.Tensor | None = None) -> torch.Tensor:
     """log π(x_t | x_<t) for t = 1..L-1, shape (B, L-1). Position ids follow the attention mask, so
-    left padding does not shift positions."""
+    left padding does not shift positions.
+
+    With ``completion_mask``, logits and the log-softmax are computed only from the first
+    completion position on (``logits_to_keep``): the prompt's positions, most of a long prompt's
+    cost in a full-vocabulary log-softmax, are never used. Entries before it are 0."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, :-1]
+    L = input_ids.shape[1]
+    start = first_completion_position(completion_mask) if completion_mask is not None else 1
+    keep = L - start + 1  # logits at positions start-1 .. L-1 predict tokens start .. L (the last is unused)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=keep).logits[:, :-1]
     if temperature != 1.0:
         logits = logits / temperature
     # log_softmax then gather, in fp32: bf16 log-probs of a 49k vocabulary lose ~2 digits.
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, input_ids[:, 1:, None]).squeeze(-1)
+    kept = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, input_ids[:, start:, None]).squeeze(-1)
+    return F.pad(kept, (start - 1, 0))
 
 
 def sequence_logps(model, input_ids, attention_mask, completion_mask, temperature: float = 1.0) -> torch.Tensor:
     """log π(y|x) = Σ_t over completion tokens of log π(y_t | x, y_<t), shape (B,).
     Prompt and padding tokens are masked out by ``completion_mask``."""
-    per_token = token_logps(model, input_ids, attention_mask, temperature)
+    per_token = token_logps(model, input_ids, attention_mask, temperature, completion_mask)
     return (per_token * completion_mask[:, 1:].to(per_token.dtype)).sum(-1)
 
 

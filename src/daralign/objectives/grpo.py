@@ -106,7 +106,8 @@ class GRPO(Objective):
         return prepared, metrics
 
     def compute_loss(self, model, batch):
-        logps = token_logps(model, batch["input_ids"], batch["attention_mask"], self.train.temperature)  # (n, L-1)
+        logps = token_logps(model, batch["input_ids"], batch["attention_mask"], self.train.temperature,
+                            batch["completion_mask"])  # (n, L-1), computed on completion positions only
         mask = batch["loss_mask"].to(logps.dtype)
         off = mask == 0  # zero every log-prob off the loss tokens so exp() there cannot overflow into 0·inf
         logps = logps.masked_fill(off, 0.0)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from daralign.errors import ConfigError
 from daralign.objectives.base import Objective, register_objective
+from daralign.models import first_completion_position
 from daralign.objectives.grpo import clipped_surrogate
 
 
@@ -112,15 +113,18 @@ class PPO(Objective):
             raise RuntimeError("ppo: call objective.setup(model) before trainable_modules() (it creates the value head)")
         return {"value_head": self.value_head}
 
-    def logps_and_values(self, model, input_ids, attention_mask):
-        """One forward: token log-probs (n, L-1) as ``models.token_logps``, and V(s_t) (n, L-1) from
-        the last hidden state at position t (the state before token t+1 is emitted)."""
+    def logps_and_values(self, model, input_ids, attention_mask, completion_mask):
+        """One forward: token log-probs (n, L-1) as ``models.token_logps`` (completion positions
+        only), and V(s_t) (n, L-1) from the last hidden state at position t (the state before token
+        t+1 is emitted). Entries before the first completion position are 0."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+        start = first_completion_position(completion_mask)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    output_hidden_states=True, logits_to_keep=input_ids.shape[1] - start + 1)
         logits = out.logits[:, :-1].float() / self.train.temperature
-        logps = torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:, None]).squeeze(-1)
-        hidden = out.hidden_states[-1][:, :-1].float()
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        logps = F.pad(torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, start:, None]).squeeze(-1), (start - 1, 0))
+        hidden = out.hidden_states[-1][:, start - 1:-1].float()
+        values = F.pad(self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float(), (start - 1, 0))
         return logps, values
 
     def prepare(self, rollout, feedback, ref_token_logps, model):
@@ -136,7 +140,8 @@ class PPO(Objective):
         # Old values V_old(s_t): a no-grad forward in chunks of one micro-batch.
         chunk = max(self.train.per_device_train_batch_size * K, 1)
         values = torch.cat([
-            self.logps_and_values(model, rollout.input_ids[s:s + chunk], rollout.attention_mask[s:s + chunk])[1]
+            self.logps_and_values(model, rollout.input_ids[s:s + chunk], rollout.attention_mask[s:s + chunk],
+                                  rollout.completion_mask[s:s + chunk])[1]
             for s in range(0, N, chunk)
         ]) * mask
 
@@ -175,7 +180,7 @@ class PPO(Objective):
 
     def compute_loss(self, model, batch):
         cfg = self.config
-        logps, vpred = self.logps_and_values(model, batch["input_ids"], batch["attention_mask"])
+        logps, vpred = self.logps_and_values(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         mask = batch["loss_mask"].to(logps.dtype)
         off = mask == 0  # zero log-probs off the loss tokens so exp() there cannot overflow into 0·inf
         logps = logps.masked_fill(off, 0.0)
