@@ -273,3 +273,23 @@ def test_two_digit_scale_two_step_on_completions_endpoint(judge_http):
     res = j.score(["p"], ["r"])
     assert res.scores == pytest.approx([0.2 * 1 + 0.3 * 10 + 0.5 * 9])
     assert res.metrics["judge/requests"] == 2 and j.num_annotations == 1
+
+
+def test_shared_prefix_kv_reuse_gives_the_same_next_token_distribution(tiny_policy_dir):
+    """The judge's template prefix computed once and expanded over the batch (suffixes left-padded
+    after it): the same next-token probabilities as full forwards, to 1e-5."""
+    from daralign.annotators.clients import Request, TransformersClient
+
+    template = "Rate the tone of this answer. Be strict, fair and brief. Reply Yes or No.\n<response>\n"
+    reqs = [Request(messages=(("user", template + r + "\n</response>"),), candidates=("Yes", "No"))
+            for r in ["The sea is calm.", "Great!", "I am happy to help you with that, here is a short answer."]]
+    fast = TransformersClient(str(tiny_policy_dir), dtype="float32", batch_size=8, reuse_prefix=True)
+    slow = TransformersClient(str(tiny_policy_dir), dtype="float32", batch_size=8, reuse_prefix=False)
+    enc = fast.tokenizer([fast.render(r) for r in reqs], return_tensors="pt", padding=True, add_special_tokens=False)
+    import torch
+
+    with torch.inference_mode():
+        a, b = fast._next_token_probs(enc), slow._next_token_probs(enc)
+    assert fast._prefix is not None and len(fast._prefix[0]) >= 16  # the prefix path was taken
+    assert torch.allclose(a, b, atol=1e-5)
+    assert [r.text for r in fast.complete(reqs)] == [r.text for r in slow.complete(reqs)]  # the same argmax token

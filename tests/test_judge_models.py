@@ -105,3 +105,21 @@ def test_compare_both_orders(qwen_judge_client):
     # bias and leave a small but consistent signal (~0.51-0.54).
     assert sum(p > 0.5 for p in p_enthusiastic) >= 5 and sum(p_enthusiastic) / 6 > 0.5
     assert j.num_annotations == 6 and res.metrics["judge/requests"] == 12
+
+
+def test_prefix_reuse_gives_the_same_labels():
+    """The real judge with its template prefix's KV cache reused (the default) against full
+    forwards of every request, in fp32: the same scores to 1e-4. (In bf16 the two differ by bf16
+    rounding, as a change of padded batch shape does: up to 0.03, see the batching test.)"""
+    from daralign.annotators.clients import TransformersClient
+
+    client = TransformersClient("bundled:qwen2.5-coder-0.5b-instruct", dtype="float32", batch_size=8)
+    try:
+        prompts = [[{"role": "user", "content": p}] if i % 2 else p for i, p in enumerate(PROMPTS)] * 2
+        reused = tone(client).score(prompts, POS + NEG, [{}] * 12).scores
+        assert client._prefix is not None  # the shared-prefix path ran
+        client.reuse_prefix = False
+        full = tone(client).score(prompts, POS + NEG, [{}] * 12).scores
+    finally:
+        client.close()
+    assert reused == pytest.approx(full, abs=1e-4)

@@ -105,6 +105,18 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> str:
     return "bfloat16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "float32"
 
 
+MIN_SHARED_PREFIX = 16  # tokens; below this a prefix pass costs more than it saves
+
+
+def _common_prefix_length(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving at least one token of each row to run."""
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    for i in range(max(n, 0)):
+        if any(r[i] != first[i] for r in rows):
+            return i
+    return max(n, 0)
+
+
 class TransformersClient(Client):
     """Batched, left-padded forward passes of a local causal LM.
 
@@ -114,7 +126,7 @@ class TransformersClient(Client):
     """
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 8, trust_remote_code: bool = False,
-                 device: str = "auto"):
+                 device: str = "auto", reuse_prefix: bool = True):
         import torch
 
         from daralign.models import load_causal_lm, load_tokenizer
@@ -130,6 +142,8 @@ class TransformersClient(Client):
         head = self.model.get_output_embeddings()
         self._hook = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
         self._ids: dict[str, list[int]] = {}
+        self.reuse_prefix = reuse_prefix
+        self._prefix = None  # (token ids, KV cache) of the last shared request prefix
 
     def __repr__(self) -> str:
         return f"TransformersClient(model={self.name!r}, dtype={self.dtype!r}, device={self.device!r})"
@@ -193,8 +207,37 @@ class TransformersClient(Client):
     def _next_token_probs(self, enc):
         torch = self.torch
         mask = enc["attention_mask"]
+        rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], mask)]
+        shared = _common_prefix_length(rows)
+        if self.reuse_prefix and shared >= MIN_SHARED_PREFIX:
+            return self._next_token_probs_after_prefix(rows, shared)
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
         logits = self.model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1]
+        return torch.softmax(logits.float(), dim=-1)
+
+    def _next_token_probs_after_prefix(self, rows: list[list[int]], shared: int):
+        """Every judge request starts with the same template text: its KV cache is computed once
+        (and kept for the next batch) and expanded over the batch; only the differing suffixes —
+        left-padded *after* the prefix, masked, positions continuing from it — go through the
+        model. Same next-token distribution as the full forward (test: to 1e-4)."""
+        import copy
+
+        torch = self.torch
+        prefix = tuple(rows[0][:shared])
+        if self._prefix is None or self._prefix[0] != prefix:
+            ids = torch.tensor([prefix], device=self.device)
+            self._prefix = (prefix, self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values)
+        cache = copy.deepcopy(self._prefix[1])
+        cache.batch_repeat_interleave(len(rows))
+        suffixes = [r[shared:] for r in rows]
+        width = max(len(x) for x in suffixes)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=self.device)
+        suffix_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in suffixes], device=self.device)
+        mask = torch.cat([torch.ones((len(rows), shared), dtype=torch.long, device=self.device), suffix_mask], 1)
+        position_ids = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
         return torch.softmax(logits.float(), dim=-1)
 
     def _generate(self, enc, max_tokens: int, temperature: float, seed: int | None):

@@ -51,6 +51,7 @@ class JudgeConfig:
     dtype: str = "auto"  # transformers: auto (bf16 only where the hardware has it) | float32 | bfloat16 | float16
     device: str = "auto"  # transformers: auto (cuda if available) | cpu | cuda | cuda:N
     batch_size: int = 8  # transformers: sequences per forward pass
+    reuse_prefix: bool = True  # transformers: compute the requests' shared template prefix once per batch (KV cache)
     max_concurrency: int = 8  # openai: requests in flight
     timeout_s: float = 60.0  # openai: per request
     max_retries: int = 4  # openai: retries on connection errors, timeouts, 5xx, 429
@@ -106,6 +107,7 @@ class JudgeConfig:
         for name in ("cache", "system_prompt", "tokenizer"):
             need(getattr(self, name) is None or isinstance(getattr(self, name), str), name, "must be a string")
         need(isinstance(self.trust_remote_code, bool), "trust_remote_code", "must be true or false")
+        need(isinstance(self.reuse_prefix, bool), "reuse_prefix", "must be true or false")
         need(self.n_threads is None or (isinstance(self.n_threads, int) and self.n_threads >= 1), "n_threads",
              "must be an integer >= 1")
         if self.backend == "openai":
@@ -294,7 +296,7 @@ class JudgeAnnotator(Annotator):
             if c.backend == "transformers":
                 from daralign.annotators.clients import TransformersClient
 
-                self._client = TransformersClient(c.model, c.dtype, c.batch_size, c.trust_remote_code, c.device)
+                self._client = TransformersClient(c.model, c.dtype, c.batch_size, c.trust_remote_code, c.device, c.reuse_prefix)
             elif c.backend == "openai":
                 from daralign.annotators.clients import OpenAIClient
 
