@@ -293,3 +293,17 @@ def test_shared_prefix_kv_reuse_gives_the_same_next_token_distribution(tiny_poli
     assert fast._prefix is not None and len(fast._prefix[0]) >= 16  # the prefix path was taken
     assert torch.allclose(a, b, atol=1e-5)
     assert [r.text for r in fast.complete(reqs)] == [r.text for r in slow.complete(reqs)]  # the same argmax token
+
+
+def test_a_long_prompt_is_cut_from_the_left_and_the_response_kept_whole(judge_http, capsys):
+    from conftest import http_judge
+
+    from daralign.annotators import build_annotator
+
+    judge = build_annotator(http_judge(judge_http, max_prompt_chars=200))
+    long_prompt = "START " + "words " * 200 + "the actual question?"
+    response = "a complete answer " * 30
+    res = judge.score([long_prompt], [response])
+    text = judge_http.requests[-1][1]["messages"][-1]["content"]
+    assert "the actual question?" in text and "START" not in text and response.strip() in text
+    assert res.metrics["judge/truncated_prompts"] == 1.0 and "cut from the left" in capsys.readouterr().err

@@ -71,6 +71,7 @@ class JudgeConfig:
     retry_temperature: float = 0.7
     min_label_mass: float = 1e-3  # below this P(labels) the answer is invalid
     system_prompt: str | None = None
+    max_prompt_chars: int = 8000  # the pasted prompt is cut from the left beyond this (the response is always whole)
     trust_remote_code: bool = False
     n_ctx: int = 4096  # llama_cpp
     n_threads: int | None = None  # llama_cpp
@@ -91,7 +92,7 @@ class JudgeConfig:
              "must be auto, float32, bfloat16 or float16")
         need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device), "device",
              "must be auto, cpu, cuda or cuda:N")
-        for name in ("batch_size", "max_concurrency", "max_new_tokens", "top_logprobs", "n_ctx"):
+        for name in ("batch_size", "max_concurrency", "max_new_tokens", "top_logprobs", "n_ctx", "max_prompt_chars"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "must be an integer >= 1")
         for name in ("max_retries", "invalid_retries"):
@@ -217,6 +218,13 @@ def format_prompt(prompt: Any) -> str:
     if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
         return "\n\n".join(f"{str(m.get('role', 'user')).capitalize()}: {m['content']}" for m in prompt)
     raise AnnotationError(f"judge: a prompt must be a string or a list of {{role, content}} messages, got {type(prompt).__name__}")
+
+
+def fit_prompt(text: str, max_chars: int) -> tuple[str, bool]:
+    """The end of a long prompt (what the response answers), marked as cut; (text, was it cut)."""
+    if len(text) <= max_chars:
+        return text, False
+    return "[…] " + text[len(text) - max_chars:], True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,6 +492,17 @@ class JudgeAnnotator(Annotator):
             "judge/invalid_rate": n_invalid / n_labels if n_labels else 0.0,
         }
 
+    def _prompt_texts(self, prompts: list[Any], n: int) -> tuple[list[str], int]:
+        """Prompts as pasted text, cut from the left to ``max_prompt_chars`` (said once per call)."""
+        fitted = [fit_prompt(format_prompt(p), self.config.max_prompt_chars) for p in self._expand(prompts, n, "prompts")]
+        cut = sum(c for _, c in fitted)
+        if cut:
+            from daralign.tracking import console
+
+            console.print(f"[yellow]judge: {cut} prompt(s) longer than max_prompt_chars={self.config.max_prompt_chars} "
+                          f"cut from the left (the response is always whole)[/yellow]")
+        return [t for t, _ in fitted], cut
+
     @staticmethod
     def _expand(items: list, n: int, what: str) -> list:
         """Prompts/rows may be given once per prompt for K completions each (prompt-major)."""
@@ -499,11 +518,11 @@ class JudgeAnnotator(Annotator):
         if self.config.mode != "score":
             raise AnnotationError("judge: this judge has mode 'compare'; set mode: score to score single responses")
         stats = _new_stats()
-        texts = [format_prompt(p) for p in self._expand(prompts, len(completions), "prompts")]
+        texts, cut = self._prompt_texts(prompts, len(completions))
         vals = self._labels(texts, [(str(c),) for c in completions], stats)
         n_invalid = sum(v is None for v in vals)
         self.num_annotations += len(vals) - n_invalid
-        return ScoreResult(scores=vals, metrics=self._metrics(stats, len(vals), n_invalid))
+        return ScoreResult(scores=vals, metrics=self._metrics(stats, len(vals), n_invalid) | {"judge/truncated_prompts": float(cut)})
 
     def compare(self, prompts: list[Any], completions_a: list[str], completions_b: list[str],
                 rows: list[dict] | None = None) -> CompareResult:
@@ -512,7 +531,7 @@ class JudgeAnnotator(Annotator):
         if len(completions_a) != len(completions_b):
             raise AnnotationError(f"judge: {len(completions_a)} completions_a but {len(completions_b)} completions_b")
         stats = _new_stats()
-        texts = [format_prompt(p) for p in self._expand(prompts, len(completions_a), "prompts")]
+        texts, cut = self._prompt_texts(prompts, len(completions_a))
         ab = [(str(a), str(b)) for a, b in zip(completions_a, completions_b)]
         first = self._labels(texts, ab, stats)
         flips = n_both = 0
@@ -531,7 +550,7 @@ class JudgeAnnotator(Annotator):
             probs = first
         n_invalid = sum(p is None for p in probs)
         self.num_annotations += len(probs) - n_invalid
-        metrics = self._metrics(stats, len(probs), n_invalid)
+        metrics = self._metrics(stats, len(probs), n_invalid) | {"judge/truncated_prompts": float(cut)}
         if self.config.debias == "both_orders":
             metrics["judge/position_flip_rate"] = flips / n_both if n_both else 0.0
         return CompareResult(prob_a=probs, metrics=metrics)
