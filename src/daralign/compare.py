@@ -84,7 +84,9 @@ def _parser() -> _ArgumentParser:
                         description="Run several algorithms on one annotation budget and report. "
                                     "Any other --field value is a config override for every run.")
     p.add_argument("--config", help="YAML config shared by every run (as for `daralign train`)")
-    p.add_argument("--algorithms", required=True, help="comma-separated, e.g. dar,online-dpo,rloo,bon-sft")
+    p.add_argument("--algorithms", required=True,
+                   help="comma-separated, from dar, rloo, grpo, ppo, bon-sft, online-dpo, online-ipo, online-slic "
+                        "(offline dpo spends no annotations: run it with `daralign train`)")
     p.add_argument("--annotation_budget", type=int, required=True,
                    help="annotator requests per run (both orders = 2; retries and invalid answers count; cache hits are free)")
     p.add_argument("--seeds", help="comma-separated seeds; none given: the config's seed")
