@@ -250,3 +250,15 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_policy_dir, tiny_prompts_file):
     assert [m["annotations"] for m in metrics] == [per_step, 2 * per_step]
     assert [m["annotation_requests"] for m in metrics] == [per_step, 2 * per_step]  # summed over ranks too
     assert (out / "final" / "model.safetensors").is_file()
+    # the shuffled-reward control permutes across the global batch (gathered from both ranks, one
+    # permutation on both): rank 0 then logs rewards that include rank 1's
+    ctl = tmp_path / "ddp_control"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "daralign.cli",
+                           "train", "--config", str(cfg), "--output_dir", str(ctl), "--shuffle_rewards", "true"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    shuffled = [json.loads(line) for line in (ctl / "completions.jsonl").read_text().splitlines()]
+    assert len(shuffled) == len(plain) == 2 * PROMPTS_PER_STEP * K  # rank 0's samples, 2 steps
+    step1 = [sorted(r["reward"] for r in rows if r["step"] == 1) for rows in (plain, shuffled)]  # same samples at step 1
+    assert step1[0] != step1[1]  # a local permutation would keep rank 0's multiset of rewards
