@@ -32,7 +32,7 @@ def test_missing_llama_cpp_is_a_clear_config_error():
 
 @pytest.fixture(scope="module")
 def llama_client():
-    from daralign.annotators.clients import LlamaCppClient
+    from daralign.annotators.llama_cpp_client import LlamaCppClient
 
     client = LlamaCppClient("bundled:qwen2.5-coder-0.5b-instruct", n_ctx=2048)
     yield client
