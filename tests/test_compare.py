@@ -200,7 +200,8 @@ def test_judge_mode_follows_the_method():
 
 @pytest.mark.parametrize("extra, message", [
     (["--algorithms", "dar,nope"], "unknown 'nope'"),
-    (["--algorithms", "dar,dpo"], "no place on an annotation budget"),
+    (["--algorithms", "dar,dpo"], "dpo \\(pair labels\\).*cannot compare"),
+    (["--algorithms", "dar,online-dpo", "--eval_requests", "6"], "not a multiple of dar's 4"),
     (["--algorithms", "dar", "--max_steps", "3"], "derives max_steps"),
     (["--algorithms", "dar", "--seed", "3"], "use --seeds"),
     (["--algorithms", "dar", "--beta", "0.2"], "not a config field"),

@@ -54,8 +54,12 @@ def test_every_algorithm_trains_through_the_loop(algorithm, tmp_path, tiny_polic
     for m in metrics:
         assert m["update/skipped"] in (0.0, 1.0) and m["num_prompts"] == P
         assert m["completions/min_length"] <= m["completions/mean_length"] <= m["completions/max_length"]
-    # the budget unit is what the judge server received (the held-out yardstick is a function: no HTTP)
-    assert metrics[-1]["annotation_requests"] == len(judge_http.requests)
+    # the budget unit is what the judge server received for training: the held-out yardstick is a
+    # function (no HTTP), and the judge's held-out proxy score (2 prompts × 2 answers, before and
+    # after) is not charged to the run
+    proxy = 0 if algorithm == "dpo" else 2 * 2 * 2
+    assert metrics[-1]["annotation_requests"] == len(judge_http.requests) - proxy
+    assert (json.loads((out / "heldout_after.json").read_text())["proxy_score"] is None) == (algorithm == "dpo")
     if algorithm in SCORE:
         assert metrics[-1]["annotation_requests"] == metrics[-1]["annotations"] == 2 * P * 4  # K = 4 scores per prompt
     elif algorithm in COMPARE:

@@ -6,7 +6,16 @@ in ``algorithm``, ``seed`` and the swept knobs. Each spends at most ``--annotati
 *requests* (what the user pays: both orders of a comparison = 2, retries and invalid answers count,
 cache hits are free); the loop cuts the last step to fit. Each method samples as its paper does:
 reward methods K = ``num_generations`` responses per prompt, OAIF one pair (``oaif_num_generations``).
-Runs go to ``D/<algorithm>[/<knob=value,...>]/seed<k>``; ``D/configs/<algorithm>.yaml`` is what each got.
+Offline ``dpo`` spends the same budget up front: pairs of the starting policy's answers on the
+prompts OAIF would see, labelled by the annotator in compare mode (``compare_offline.py``), then one
+epoch over them — OAIF-DPO's number of steps. Runs go to ``D/<algorithm>[/<knob=value,...>]/seed<k>``;
+``D/configs/<algorithm>.yaml`` is what each got.
+
+With an ``eval_annotator`` (the *gold*) beside the training annotator (the *proxy*), every run's
+held-out gold, proxy and KL at every evaluation become curves over requests spent
+(``--eval_requests`` puts every method's evaluations at the same counts), summarised per method
+with 95% CIs over seeds, P1, and the gold's peak and turn-down (``compare_curves.py``);
+``--best_of_n N`` adds the best-of-n reference on the starting policy (``evaluation/best_of_n.py``).
 
 Judges: one config drives every method. A ``type: judge`` annotator is used in ``mode: compare``
 for preference methods (``feedback_kind == "compare"``) and ``mode: score`` for reward methods —
@@ -61,6 +70,7 @@ class Run:
     algo: object = None
     per_step: int = 0  # nominal annotator requests per step (every label valid, nothing cached)
     K: int = 0  # responses sampled per prompt
+    prompts: str | None = None  # offline dpo: the prompt set its pairs are sampled on (its dataset is the pairs)
 
     @property
     def group(self) -> str:
@@ -85,8 +95,9 @@ def _parser() -> _ArgumentParser:
                                     "Any other --field value is a config override for every run.")
     p.add_argument("--config", help="YAML config shared by every run (as for `daralign train`)")
     p.add_argument("--algorithms", required=True,
-                   help="comma-separated, from dar, rloo, grpo, ppo, bon-sft, online-dpo, online-ipo, online-slic "
-                        "(offline dpo spends no annotations: run it with `daralign train`)")
+                   help="comma-separated, from dar, rloo, grpo, ppo, bon-sft, online-dpo, online-ipo, online-slic, dpo "
+                        "(offline: the budget buys pairs of the starting policy's answers, labelled by the annotator "
+                        "before training, then one epoch over them)")
     p.add_argument("--annotation_budget", type=int, required=True,
                    help="annotator requests per run (both orders = 2; retries and invalid answers count; cache hits are free)")
     p.add_argument("--seeds", help="comma-separated seeds; none given: the config's seed")
@@ -96,6 +107,12 @@ def _parser() -> _ArgumentParser:
     p.add_argument("--sweep_algorithm", default="dar", help="the algorithm the grid varies (default dar)")
     p.add_argument("--override", nargs="+", default=[], metavar="ALGO:FIELD=VALUE",
                    help="a value for one algorithm only, e.g. rloo:kl_coef=0 or online-dpo:oaif_num_generations=4")
+    p.add_argument("--eval_requests", type=int, default=0, metavar="N",
+                   help="held-out evaluation every N annotator requests for every method (sets each run's eval_steps "
+                        "to N ÷ its requests per step), so curves of all methods share their x values; 0: the config's eval_steps")
+    p.add_argument("--best_of_n", type=int, default=0, metavar="N",
+                   help="with an eval_annotator: best-of-n (n ≤ N) on the starting policy, chosen by the training annotator "
+                        "and scored by the evaluator, as the reference on the gold-vs-√KL plot; 0: off")
     p.add_argument("--keep_checkpoints", type=_parse_bool, default=False, metavar="BOOL",
                    help="keep each finished run's checkpoint (optimizer state); default: only final/")
     return p
@@ -164,8 +181,9 @@ def _check_name(name: str, where: str) -> None:
 def nominal_requests_per_label(annotator: dict, kind: str) -> int:
     """Requests one label costs with nothing invalid or cached (the annotator's ``requests_per_label``
     without loading it; a two-digit judge scale read from log-probs costs more and is not counted)."""
-    if annotator.get("type") == "combined":
-        return sum(nominal_requests_per_label(s, kind) for s in annotator.get("sources", []))
+    if annotator.get("type") in ("combined", "ensemble"):
+        members = annotator.get("sources" if annotator["type"] == "combined" else "members", [])
+        return sum(nominal_requests_per_label(s, kind) for s in members)
     if annotator.get("type") == "judge" and kind == "compare":
         return 2 if annotator.get("debias", "both_orders") == "both_orders" else 1
     return 1
@@ -186,10 +204,6 @@ def build_plan(argv: list[str]) -> tuple[Plan, object]:
     opts, rest = _parser().parse_known_args(argv)
     overrides = _flag_pairs(rest)
     algorithms = _split_list(opts.algorithms, "--algorithms")
-    for a in algorithms:
-        if get_objective(a).feedback_kind == "offline":
-            raise ConfigError(f"--algorithms: {a} trains on a fixed prompt/chosen/rejected set and uses no annotations, "
-                              f"so it has no place on an annotation budget; run it with `daralign train --algorithm {a}`")
     if opts.annotation_budget < 1:
         raise ConfigError(f"--annotation_budget must be ≥ 1 (got {opts.annotation_budget})")
     known = {a: _fields(a) for a in algorithms}
@@ -243,7 +257,7 @@ def build_plan(argv: list[str]) -> tuple[Plan, object]:
                     name = ",".join(f"{k}={v}" for k, v in point.items()).replace("/", "_")
                     folder = out / a / name if point else out / a
                     run = Run(a, point, seed, folder / f"seed{seed}")
-                    _resolve(run, cfg_path, mine, opts.annotation_budget)
+                    _resolve(run, cfg_path, mine, opts.annotation_budget, opts.eval_requests)
                     runs.append(run)
     plan = Plan(runs, opts.annotation_budget, seeds, algorithms, knobs, opts.sweep_algorithm if knobs else None, configs)
     return plan, opts
@@ -253,23 +267,53 @@ def _bad_seed(text: str):
     raise ConfigError(f"--seeds: {text!r} is not an integer")
 
 
-def _resolve(run: Run, cfg_path: Path, overrides: list, budget: int) -> None:
+def _resolve(run: Run, cfg_path: Path, overrides: list, budget: int, eval_requests: int = 0) -> None:
     """parse_train_args on the shared YAML + overrides + knob values, then compare's own fields."""
+    from daralign.annotators import annotator_for
     from daralign.objectives import get_objective
 
     argv = ["--config", str(cfg_path), "--algorithm", run.algorithm, *_argv(overrides),
             *_argv(run.point.items()), "--seed", str(run.seed)]
+    offline = get_objective(run.algorithm).feedback_kind == "offline"
+    if offline:  # its dataset: the pairs the budget buys (compare_offline.py), outside the run folder
+        if not train_annotator(cfg_path, overrides):
+            raise ConfigError(f"{run.algorithm} in compare: its pairs are labelled by the config's annotator, and there is none")
+        argv += ["--dataset", str(pairs_path(run))]
     train, algo = parse_train_args(argv)
+    if offline:
+        annotator_for(train.annotator, "compare", f"{run.algorithm} (pair labels)", needs_score=False)
+        run.prompts = parse_train_args(argv[:-2])[0].dataset
     objective = get_objective(run.algorithm)(algo, train)
     run.K = objective.num_generations()
+    if offline:  # one pair per prompt, as OAIF labels them; one epoch is OAIF's number of steps
+        run.per_step = train.prompts_per_step * nominal_requests_per_label(train.annotator, "compare")
+        run.algo = algo
+        run.train = dataclasses.replace(train, annotation_budget=0, max_steps=max(1, budget // run.per_step),
+                                        eval_steps=eval_requests // run.per_step if eval_requests else train.eval_steps,
+                                        output_dir=str(run.out), report=False)
+        return
     run.per_step = requests_per_step(train, objective, train.annotator)  # parse_train_args fitted the annotators
     nominal = math.ceil(budget / run.per_step)
     # Cache hits are free, so a run may need more steps than nominal: leave room unless the
     # learning-rate schedule's length depends on max_steps. The loop stops at the budget either way.
     max_steps = 2 * nominal if train.lr_scheduler_type.startswith("constant") else nominal
-    run.train = dataclasses.replace(train, annotation_budget=budget,
+    eval_steps = train.eval_steps
+    if eval_requests:
+        if eval_requests % run.per_step:
+            raise ConfigError(f"--eval_requests {eval_requests} is not a multiple of {run.algorithm}'s {run.per_step} "
+                              f"requests per step; choose a common multiple of every method's")
+        eval_steps = eval_requests // run.per_step
+    run.train = dataclasses.replace(train, annotation_budget=budget, eval_steps=eval_steps,
                                     max_steps=max_steps, output_dir=str(run.out), report=False)
     run.algo = algo
+
+
+def pairs_path(run: Run) -> Path:
+    return run.out.parent / "pairs" / f"seed{run.seed}.jsonl"
+
+
+def train_annotator(cfg_path: Path, overrides: list) -> bool:
+    return "annotator" in read_yaml(cfg_path) or any(name == "annotator" for name, _ in overrides)
 
 
 # ---------------------------------------------------------------- running
@@ -281,7 +325,9 @@ def _heldout_key(run: Run) -> str:
     t = run.train
     scorer = t.eval_annotator or t.annotator
     scorer = {**scorer, "mode": "score"} if scorer.get("type") == "judge" else scorer
-    blob = json.dumps({k: getattr(t, k) for k in HELDOUT_KEYS} | {"scorer": scorer}, sort_keys=True, default=str)
+    proxy = t.annotator if t.eval_annotator is not None and t.eval_proxy_score else None
+    proxy = {**proxy, "mode": "score"} if isinstance(proxy, dict) and proxy.get("type") == "judge" else proxy
+    blob = json.dumps({k: getattr(t, k) for k in HELDOUT_KEYS} | {"scorer": scorer, "proxy": proxy}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -301,7 +347,7 @@ def check_existing(run: Run) -> None:
         raise ConfigError(f"{run.out} was made with another config ({shown}); use another --output_dir or delete that folder")
 
 
-def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool) -> None:
+def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool, budget: int) -> None:
     from daralign.train import run as train_run
 
     title = f"[{index}/{total}] {run.group} · seed {run.seed}"
@@ -320,6 +366,11 @@ def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool
     if run.train.eval_dataset and cached.is_file() and not before.exists():
         shutil.copyfile(cached, before)
     t0 = time.perf_counter()
+    labels = None
+    if run.algo is not None and run.train.algorithm == "dpo" and run.train.annotation_budget == 0:  # offline: buy the pairs first
+        from daralign.compare_offline import label_pairs
+
+        labels = label_pairs(dataclasses.replace(run.train, dataset=run.prompts), budget, pairs_path(run))
     train_run(run.train, run.algo)
     wall = time.perf_counter() - t0
     if run.train.eval_dataset and before.is_file() and not cached.is_file():
@@ -331,8 +382,22 @@ def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool
     record = {"group": run.group, "algorithm": run.algorithm, "point": run.point, "seed": run.seed,
               "requests_per_step": run.per_step, "requests_per_prompt": run.per_step // run.train.prompts_per_step,
               "num_generations": run.K, "wall_time_s": wall, "config": _fingerprint(run)}
+    if labels is not None:
+        record["label_requests"], record["pairs"] = labels["requests"], labels["pairs"]
     (run.out / "compare_run.json").write_text(json.dumps(record, indent=1, default=str))
     gc.collect()
+
+
+def best_of_n_reference(train: TrainConfig, n_max: int, root: Path) -> None:
+    """``best_of_n.json``: once per compare folder (and eval set, model, scorers)."""
+    from daralign.evaluation.best_of_n import measure_best_of_n
+
+    path = root / "best_of_n.json"
+    key = {"heldout": _heldout_key(Run("", {}, train.seed, root, train=train)), "n_max": n_max}
+    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+        return
+    console.rule(f"[bold]best-of-n reference[/bold] (n ≤ {n_max}, starting policy, proxy picks, evaluator scores)")
+    path.write_text(json.dumps({"key": key, **measure_best_of_n(train, n_max)}, indent=1))
 
 
 def main(argv: list[str]) -> int:
@@ -350,7 +415,9 @@ def main(argv: list[str]) -> int:
                   + (f"; {plan.sweep_algorithm} grid {plan.sweep}" if plan.sweep else "")
                   + f") on {plan.budget} annotator requests each → {root}")
     for i, run in enumerate(plan.runs, 1):
-        execute(run, i, len(plan.runs), root, opts.keep_checkpoints)
+        execute(run, i, len(plan.runs), root, opts.keep_checkpoints, plan.budget)
+    if opts.best_of_n and plan.runs[0].train.eval_annotator is not None:
+        best_of_n_reference(plan.runs[0].train, opts.best_of_n, root)
     summary = summarise(plan, root)
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     report = write_html(summary, root)

@@ -28,10 +28,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from daralign.annotators import describe_annotator, same_annotator  # noqa: E402
+from daralign.compare_curves import gold_section, plot_gold, run_curve  # noqa: E402
 from daralign.report import heldout_summary  # noqa: E402
 from daralign.tracking import console, read_metrics  # noqa: E402
 
-NUMERIC = ["annotation_requests", "annotations", "steps", "train_reward_final", "train_reward_best", "heldout_before",
+NUMERIC = ["annotation_requests", "annotations", "steps", "train_reward_final", "train_reward_best", "gold_before",
+           "gold_after", "proxy_before", "proxy_after", "heldout_before",
            "heldout_after", "heldout_diff", "heldout_best", "kl_final", "kl_train_final", "mean_length_final",
            "heldout_length_after", "wall_time_s", "train_time_s"]
 TABLE = [("annotation_requests", "requests", 0), ("annotations", "labels", 0), ("steps", "steps", 0),
@@ -61,8 +63,10 @@ def run_record(run_dir: Path, root: Path, budget: int) -> dict:
     rewards = [m["reward"] for m in metrics if m.get("reward") is not None]
     last = metrics[-1] if metrics else {}
     rec = {k: meta.get(k) for k in ("group", "algorithm", "point", "seed", "requests_per_step", "num_generations", "wall_time_s")}
-    rec |= {"dir": str(run_dir.relative_to(root)), "annotations": last.get("annotations", 0),
-            "annotation_requests": last.get("annotation_requests", 0), "cache_hits": last.get("annotation_cache_hits", 0),
+    upfront = meta.get("label_requests") or 0  # offline dpo: its pairs' labels, bought before training
+    rec |= {"dir": str(run_dir.relative_to(root)), "annotations": last.get("annotations", 0) + (meta.get("pairs") or 0),
+            "annotation_requests": last.get("annotation_requests", 0) + upfront,
+            "cache_hits": last.get("annotation_cache_hits", 0),
             "steps": len(metrics), "train_reward_final": rewards[-1] if rewards else None,
             "train_reward_best": max(rewards) if rewards else None,
             "kl_train_final": last.get("kl"), "mean_length_final": last.get("completions/mean_length"),
@@ -77,6 +81,9 @@ def run_record(run_dir: Path, root: Path, budget: int) -> dict:
                 "heldout_se": s["se"], "heldout_best": max([s["before"], *evals, s["after"]]),
                 "heldout_length_before": s["length_before"], "heldout_length_after": s["length_after"],
                 "heldout_prompts": s["n_prompts"]}
+        if not s["evaluator_is_training_annotator"]:  # an independent gold beside the proxy trained on
+            rec |= {"gold_before": s["before"], "gold_after": s["after"], "proxy_before": s["proxy_before"],
+                    "proxy_after": s["proxy_after"], "curve": run_curve(run_dir, upfront)}
     return rec
 
 
@@ -114,9 +121,11 @@ def summarise(plan, root: Path) -> dict:
                    for g, rs in groups.items()],
     }
     # every run of a seed must have trained on one prompt stream (prefixes of the longest)
+    if any("curve" in r for r in records):
+        summary["gold"] = gold_section(summary, root)
     same = {}
-    for seed in plan.seeds:
-        streams = [prompt_stream(r.out, r.K) for r in plan.runs if r.seed == seed]
+    for seed in plan.seeds:  # offline dpo trains on its pairs, not on the prompt stream
+        streams = [prompt_stream(r.out, r.K) for r in plan.runs if r.seed == seed and r.train.annotation_budget]
         longest = max(streams, key=len, default=[])
         same[str(seed)] = all(s == longest[:len(s)] for s in streams)
     summary["same_prompt_order"] = same
@@ -250,6 +259,9 @@ def plot_all(summary: dict, root: Path) -> list[tuple[str, str]]:
                 "Mean sampled response length per step (mean over seeds). Steps cost different numbers of "
                 "requests per method (see the table)."))
 
+    if summary.get("gold"):
+        out += plot_gold(summary, root, color)
+
     for knob, effects in (summary.get("sweep_effects") or {}).items():
         keys = [k for k in ("heldout_after", "train_reward_final") if any(e["mean"][k] is not None for e in effects.values())]
         if not keys:
@@ -295,6 +307,42 @@ def print_table(summary: dict) -> None:
     console.print(t)
 
 
+def gold_rows(summary: dict) -> list[list[str]]:
+    """Per method: gold at the budget (mean ± 95% CI), requests to reach OAIF-DPO's final gold, the
+    gold's peak and whether it turned down while the proxy rose, and wall time."""
+    def num(x, d=3):
+        return "—" if x is None else f"{x:.{d}f}"
+
+    rows = []
+    for name, g in summary["gold"]["groups"].items():
+        ci = f" ± {g['gold_at_budget_ci']:.3f}" if g.get("gold_at_budget_ci") is not None else ""
+        rows.append([name, num(g["gold_at_budget"]) + ci, num(g["proxy_at_budget"]), num(g["kl_at_budget"], 2),
+                     num(g["requests_to_reach_oaif_dpo"], 0), f"{num(g['peak_gold'])} @ {num(g['peak_requests'], 0)}",
+                     {True: "yes", False: "no", None: "—"}[g["turn_down"]], num(g["wall_time_s"], 0)])
+    return rows
+
+
+GOLD_HEAD = ["method", "gold at budget (95% CI)", "proxy at budget", "KL at budget", "requests to OAIF-DPO's final gold",
+             "gold peak @ requests", "turns down while proxy rises", "wall time (s)"]
+
+
+def gold_table(summary: dict) -> str:
+    if not summary.get("gold"):
+        return ""
+    esc = html.escape
+    g = summary["gold"]
+    p1 = "not measured (DAR or OAIF-DPO never reached the target)" if g["p1"] is None else f"{g['p1']:.2f}"
+    head = "".join(f"<th>{esc(h)}</th>" for h in GOLD_HEAD)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in gold_rows(summary))
+    return (f"<h2>Gold (the evaluator) against the proxy (the training annotator)</h2><table><tr>{head}</tr>{body}</table>"
+            f"<p>P1 = DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold ({num_or_dash(g['oaif_dpo_final_gold'])}): "
+            f"{esc(p1)}.</p>")
+
+
+def num_or_dash(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
 def write_html(summary: dict, root: Path) -> Path:
     root = Path(root)
     plots = plot_all(summary, root)
@@ -333,6 +381,7 @@ figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{font-size:13px;color:#4
 <p>Algorithms: {esc(', '.join(summary['algorithms']))}; seeds: {esc(', '.join(map(str, summary['seeds'])))}
 {esc(f"; {summary['sweep_algorithm']} grid: {summary['sweep']}") if summary['sweep'] else ''}.</p>
 <h2>Mean ± std over seeds</h2><table><tr>{head}</tr>{body}</table>
+{gold_table(summary)}
 <ul>{''.join(f'<li>{esc(n)}</li>' for n in notes)}</ul>
 <h2>Plots</h2>{figs}
 <p>Per-run numbers: <code>summary.json</code>; each run's metrics, completions and held-out answers are in its folder.</p>

@@ -81,6 +81,7 @@ class TrainConfig:
     eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0 = only before and after)"})
     eval_max_prompts: int = field(default=64, metadata={"help": "held-out prompts used"})
     eval_temperature: float = field(default=0.7, metadata={"help": "sampling temperature for held-out answers"})
+    eval_proxy_score: bool = field(default=True, metadata={"help": "with an eval_annotator, also score the held-out answers with the training annotator (the proxy): eval/proxy_score rising while eval/score falls is the annotator being hacked"})
     eval_win_rate: bool = field(default=False, metadata={"help": "also judge held-out answers against reference answers (the eval set's reference/output column, else the starting policy's) in both orders: eval/win_rate"})
     shuffle_rewards: bool = field(default=False, metadata={"help": "control run: permute rewards across the batch (learning vs drift)"})
     # --- output

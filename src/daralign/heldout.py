@@ -30,22 +30,34 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _score_per_prompt(annotator, prompts, completions, rows, K) -> list[float | None]:
+    """Mean score of each prompt's K answers; all None without an annotator. The training budget's
+    request cap is lifted meanwhile: held-out requests are not the run's to spend."""
+    if annotator is None:
+        return [None] * len(rows)
+    limit, annotator.request_limit = annotator.request_limit, None
+    try:
+        scores = annotator.score(prompts, completions, [rows[i // K] for i in range(len(prompts))]).scores
+    finally:
+        annotator.request_limit = limit
+    return [_mean(scores[p * K:(p + 1) * K]) for p in range(len(rows))]
+
+
 def judge_heldout(model, tokenizer, annotator, rows: list[dict], *, max_new_tokens: int, temperature: float,
                   seed: int, samples_per_prompt: int = 2, bf16: bool = False, batch_size: int = 32,
-                  ref_token_logps: Callable | None = None) -> dict:
+                  ref_token_logps: Callable | None = None, proxy=None) -> dict:
     """``annotator`` may be None (nothing scores: ``score`` is None); ``ref_token_logps(rollout)``
-    gives the reference's per-token log-probs for the KL (None: not measured)."""
+    gives the reference's per-token log-probs for the KL (None: not measured); ``proxy``, a second
+    scorer of the same answers (the training annotator beside an independent evaluator), gives
+    ``proxy_score``. Neither is held to the training budget's request limit."""
     with fork_rng():
         torch.manual_seed(seed)
         rollout = sample_rollout(model, tokenizer, rows, num_generations=samples_per_prompt,
                                  max_completion_length=max_new_tokens, temperature=temperature,
                                  generation_batch_size=batch_size, bf16=bf16)
     K = samples_per_prompt
-    per_prompt: list[float | None] = [None] * len(rows)
-    if annotator is not None:
-        prompts = [rollout.prompt_of(i) for i in range(len(rollout.completions))]
-        scores = annotator.score(prompts, rollout.completions, [rows[i // K] for i in range(len(prompts))]).scores
-        per_prompt = [_mean(scores[p * K:(p + 1) * K]) for p in range(len(rows))]
+    prompts = [rollout.prompt_of(i) for i in range(len(rollout.completions))]
+    per_prompt, proxy_per_prompt = (_score_per_prompt(a, prompts, rollout.completions, rows, K) for a in (annotator, proxy))
     kl_per_prompt: list[float | None] = [None] * len(rows)
     if ref_token_logps is not None:
         kl = (rollout.behaviour_logps - ref_token_logps(rollout).sum(-1)).view(len(rows), K).mean(1)
@@ -54,6 +66,8 @@ def judge_heldout(model, tokenizer, annotator, rows: list[dict], *, max_new_toke
     return {
         "score": _mean(per_prompt),
         "per_prompt": per_prompt,
+        "proxy_score": _mean(proxy_per_prompt) if proxy is not None else None,
+        "proxy_per_prompt": proxy_per_prompt if proxy is not None else None,
         "kl": _mean(kl_per_prompt),
         "kl_per_prompt": kl_per_prompt,
         "mean_length": lengths.mean().item(),

@@ -92,6 +92,7 @@ class OnlineTrainer(HeldoutEvaluation):
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy, optimizer, scheduler)
         self.annotator = build_annotator(train.annotator) if train.annotator is not None else None
         self.eval_annotator, self.evaluator_name, self.evaluator_is_training = self._eval_annotator()
+        self.proxy_scorer = self._proxy_scorer()
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         if train.prompts_per_step % world:
             raise ConfigError(f"per_device_train_batch_size × gradient_accumulation_steps ({train.prompts_per_step}) "
@@ -404,10 +405,12 @@ class OnlineTrainer(HeldoutEvaluation):
                         f"steps" + (f"; its last answers: {said!r}" if said else "") + " — check its template, scale "
                         "and backend (`daralign annotate` shows what it returns)")
                 spent = {k: metrics[k] for k in spent}
-                if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < cfg.max_steps:
+                if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < cfg.max_steps \
+                        and self.prompts_affordable(spent)[0]:  # the last step of a budget: "after" is this evaluation
                     res = self.heldout(f"step{step + 1}")
                     if res:
                         metrics |= {"eval/score": res["score"], "eval/kl": res["kl"], "eval/mean_length": res["mean_length"]} \
+                            | ({"eval/proxy_score": res["proxy_score"]} if res.get("proxy_score") is not None else {}) \
                             | res.get("win_rate", {})
                 if log is not None:
                     log.log(metrics, step + 1, print_line=(step + 1) % cfg.logging_steps == 0)
@@ -450,8 +453,9 @@ class OnlineTrainer(HeldoutEvaluation):
         os.replace(tmp, final)
 
     def close(self) -> None:
-        if self.eval_annotator is not None and self.eval_annotator is not self.annotator:
-            self.eval_annotator.close()  # a shared client is closed by its owner; closing twice is safe
+        for scorer in (self.eval_annotator, self.proxy_scorer):
+            if scorer is not None and scorer is not self.annotator:
+                scorer.close()  # a shared client is closed by its owner; closing twice is safe
         if self.annotator is not None:
             self.annotator.close()
         if getattr(self, "vllm", None) is not None:

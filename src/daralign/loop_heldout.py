@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 
 from daralign.annotators import build_annotator, describe_annotator, same_annotator
+from daralign.annotators.base import Annotator
 from daralign.errors import ConfigError
 from daralign.heldout import judge_heldout
 
 
 class HeldoutEvaluation:
     """Needs from the trainer: ``cfg``, ``out``, ``eval_rows``, ``annotator``, ``eval_annotator``,
-    ``evaluator_name``, ``evaluator_is_training``, ``unwrapped``, ``tokenizer``, ``accelerator``
+    ``evaluator_name``, ``evaluator_is_training``, ``proxy_scorer``, ``unwrapped``, ``tokenizer``, ``accelerator``
     and ``reference_token_logps``."""
 
     def _reference_answers(self) -> list[str]:
@@ -81,6 +82,21 @@ class HeldoutEvaluation:
                 return JudgeAnnotator(JudgeConfig(**cfg), client=self.annotator.client), name, same  # one loaded model
         return build_annotator(cfg), name, same
 
+    def _proxy_scorer(self):
+        """The training annotator, in score mode, for ``proxy_score`` beside an independent
+        evaluator's ``score`` (None when the evaluator is the training annotator, or when there is
+        no training annotator, or it cannot score)."""
+        from daralign.annotators.judge import JudgeAnnotator, JudgeConfig
+
+        cfg = self.cfg.annotator
+        if not (self.eval_rows and self.cfg.eval_proxy_score and isinstance(cfg, dict)) or self.evaluator_is_training:
+            return None
+        if cfg.get("type") == "judge":
+            if cfg.get("mode") == "score":
+                return self.annotator
+            return JudgeAnnotator(JudgeConfig(**{**cfg, "mode": "score"}), client=self.annotator.client)  # one loaded model
+        return self.annotator if type(self.annotator).score is not Annotator.score else None
+
     def heldout(self, tag: str) -> dict | None:
         if not self.eval_rows:
             return None
@@ -89,7 +105,8 @@ class HeldoutEvaluation:
             res = judge_heldout(self.unwrapped, self.tokenizer, self.eval_annotator, self.eval_rows,
                                 max_new_tokens=self.cfg.max_completion_length, temperature=T,
                                 seed=self.cfg.seed + 7919, batch_size=self.cfg.generation_batch_size,
-                                ref_token_logps=lambda rollout: self.reference_token_logps(rollout, T))
+                                ref_token_logps=lambda rollout: self.reference_token_logps(rollout, T),
+                                proxy=self.proxy_scorer)
         res["evaluator"] = self.evaluator_name
         res["evaluator_is_training_annotator"] = self.evaluator_is_training
         if self.cfg.eval_win_rate:

@@ -36,6 +36,7 @@ def heldout_summary(run_dir: str | Path) -> dict | None:
     return {"before": before["score"], "after": after["score"], "diff": diff, "se": se,
             "length_before": before["mean_length"], "length_after": after["mean_length"],
             "kl_before": before.get("kl"), "kl_after": after.get("kl"),
+            "proxy_before": before.get("proxy_score"), "proxy_after": after.get("proxy_score"),
             "evaluator": after.get("evaluator"), "evaluator_is_training_annotator": after.get("evaluator_is_training_annotator"),
             "n_prompts": len(before["per_prompt"])}
 

@@ -2,14 +2,15 @@
 
 ``build_annotator(cfg)`` builds one from a YAML mapping; ``cfg["type"]`` picks the kind:
 ``judge`` (LLM judge, see judge.py), ``reward_model`` (sequence classifier), ``function``
-(a Python callable) or ``combined`` (weighted sum of several sources).
+(a Python callable), ``combined`` (weighted sum of several sources) or ``ensemble`` (mean, min or
+uncertainty-weighted aggregate of several, against over-optimisation: ensemble.py).
 """
 
 from __future__ import annotations
 
 from daralign.annotators.base import ANNOTATORS, Annotator, CompareResult, ScoreResult, register_annotator
 from daralign.errors import ConfigError
-from daralign.annotators import functions, reward_model  # noqa: F401  (register)
+from daralign.annotators import ensemble, functions, reward_model  # noqa: F401  (register)
 
 try:  # the LLM judge (its own module, optional extras inside)
     from daralign.annotators import judge  # noqa: F401
@@ -63,6 +64,9 @@ def describe_annotator(cfg: dict) -> str:
         return f"reward model {cfg.get('model')}"
     if kind == "function":
         return f"reward function {cfg.get('function')}"
+    if kind == "ensemble":
+        lam = f" λ={cfg.get('uwo_lambda', 1.0)}" if cfg.get("aggregate") == "uwo" else ""
+        return f"ensemble {cfg.get('aggregate', 'mean')}{lam}: " + " | ".join(f"[{describe_annotator(m)}]" for m in cfg.get("members", []))
     if kind == "combined":
         return "combined: " + " + ".join(f"{s.get('weight', 1.0)}×[{describe_annotator(s)}]" for s in cfg.get("sources", []))
     return f"{kind} annotator"

@@ -137,10 +137,10 @@ class CombinedAnnotator(Annotator):
     def requests_per_label(self, kind: str) -> int:
         return sum(source.requests_per_label(kind) for _, source in self.sources)
 
-    def score(self, prompts, completions, rows):
-        total: list[float | None] = [0.0] * len(completions)
-        metrics: dict[str, float] = {}
-        for i, (weight, source) in enumerate(self.sources):
+    def member_scores(self, prompts, completions, rows) -> tuple[list[list[float | None]], dict[str, float]]:
+        """Every source's scores, each source spending what is left of the shared request limit."""
+        per_source, metrics = [], {}
+        for i, (_, source) in enumerate(self.sources):
             requests, hits = source.num_requests, source.num_cache_hits
             # each source may spend what is left of the combined limit
             source.request_limit = None if self.request_limit is None else \
@@ -151,7 +151,14 @@ class CombinedAnnotator(Annotator):
             valid = [s for s in result.scores if s is not None]
             metrics[f"rewards/{i}_{source.name}/mean"] = sum(valid) / len(valid) if valid else float("nan")
             metrics.update(result.metrics)
-            total = [None if t is None or s is None else t + weight * s for t, s in zip(total, result.scores)]
+            per_source.append(result.scores)
+        return per_source, metrics
+
+    def score(self, prompts, completions, rows):
+        per_source, metrics = self.member_scores(prompts, completions, rows)
+        total: list[float | None] = [0.0] * len(completions)
+        for (weight, _), scores in zip(self.sources, per_source):
+            total = [None if t is None or s is None else t + weight * s for t, s in zip(total, scores)]
         self.num_annotations += sum(t is not None for t in total)
         return ScoreResult(total, metrics)
 

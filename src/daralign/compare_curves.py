@@ -1,0 +1,194 @@
+"""Gold curves of a ``daralign compare`` with an independent ``eval_annotator`` (the *gold*) beside
+the training annotator (the *proxy*): what the over-optimisation papers plot.
+
+Per run, from its folder: the held-out gold score, proxy score and KL(π‖π_ref) before training
+(0 requests), at every ``eval_steps`` and at the end, each at the annotator requests spent so far.
+Per method: the mean over seeds at each request count with a 95% confidence interval
+(Student t over seeds), and
+
+- ``gold_at_budget``: the final gold, mean and CI;
+- ``requests_to_reach``: the first request count where the mean gold reaches a target (the
+  OAIF-DPO final gold; linear between evaluations) — ``p1`` = DAR's ÷ OAIF-DPO's;
+- ``peak_requests``/``turn_down``: where the mean gold peaks, and whether it then falls by more
+  than its CI while the proxy still rises — the proxy being hacked.
+
+The best-of-n reference on the starting policy (KL = log n − (n−1)/n) is drawn on the gold-vs-√KL
+axes; ``evaluation/best_of_n.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from daralign.tracking import read_metrics  # noqa: E402
+
+# two-sided 95% Student t quantiles by degrees of freedom (n − 1); beyond 30 the normal 1.96
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t95(df: int) -> float:
+    return T95.get(df) or (T95[max(k for k in T95 if k <= df)] if df <= 30 else 1.96)
+
+
+def mean_ci(xs: list[float]) -> tuple[float | None, float | None]:
+    """Mean and the half-width of its 95% CI over ``xs`` (None for a single value)."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return m, t95(len(xs) - 1) * sd / math.sqrt(len(xs))
+
+
+def run_curve(run_dir: Path, upfront_requests: int = 0) -> list[dict]:
+    """[{requests, step, gold, proxy, kl, length}] from a run's held-out files. ``upfront_requests``:
+    what was spent before training (offline DPO's pair labels): every trained point sits there."""
+    run_dir = Path(run_dir)
+    spent = {m["step"]: m.get("annotation_requests", 0) for m in read_metrics(run_dir)}
+    points = []
+    for path in run_dir.glob("heldout_*.json"):
+        tag = path.stem.removeprefix("heldout_")
+        if tag == "before":
+            step = 0
+        elif tag == "after":
+            step = max(spent, default=0)
+        elif tag.startswith("step") and tag[4:].isdigit():
+            step = int(tag[4:])
+        else:
+            continue  # heldout_reference_answers.json
+        h = json.loads(path.read_text())
+        requests = 0 if step == 0 else upfront_requests + spent.get(step, 0)
+        points.append({"requests": requests, "step": step, "gold": h.get("score"), "proxy": h.get("proxy_score"),
+                       "kl": h.get("kl"), "length": h.get("mean_length"), "after": tag == "after"})
+    points.sort(key=lambda p: (p["step"], p["after"]))
+    return [p for i, p in enumerate(points) if not (i and p["step"] == points[i - 1]["step"])]  # after == last eval
+
+
+def group_curve(curves: list[list[dict]]) -> list[dict]:
+    """Mean and 95% CI over seeds at each request count every seed reached (runs of one method
+    evaluate at the same counts; a count some seed lacks, e.g. after a cut last step, is dropped
+    but for the final point, which is each run's last)."""
+    if not curves:
+        return []
+    common = sorted(set.intersection(*[{p["requests"] for p in c[:-1]} for c in curves]))
+    rows = [[next(p for p in c if p["requests"] == x) for c in curves] for x in common]
+    rows.append([c[-1] for c in curves])
+    out = []
+    for pts in rows:
+        point = {"requests": sum(p["requests"] for p in pts) / len(pts), "n": len(pts)}
+        for key in ("gold", "proxy", "kl", "length"):
+            point[key], point[f"{key}_ci"] = mean_ci([p[key] for p in pts])
+        out.append(point)
+    return out
+
+
+def requests_to_reach(curve: list[dict], target: float | None) -> float | None:
+    """First request count where the mean gold reaches ``target``, linear between evaluations."""
+    if target is None:
+        return None
+    for a, b in zip(curve, curve[1:]):
+        if a["gold"] is None or b["gold"] is None:
+            continue
+        if a["gold"] >= target:
+            return a["requests"]
+        if b["gold"] >= target:
+            return a["requests"] + (target - a["gold"]) / (b["gold"] - a["gold"]) * (b["requests"] - a["requests"])
+    return None
+
+
+def peak(curve: list[dict]) -> dict:
+    """Where the mean gold peaks, and whether it turns down after: the final gold lies below the
+    peak by more than the peak's CI while the proxy at the end is above the proxy at the peak."""
+    pts = [p for p in curve if p["gold"] is not None]
+    if not pts:
+        return {"peak_requests": None, "peak_gold": None, "turn_down": None}
+    best = max(pts, key=lambda p: p["gold"])
+    end = pts[-1]
+    margin = best["gold_ci"] or 0.0
+    proxy_rises = best["proxy"] is not None and end["proxy"] is not None and end["proxy"] > best["proxy"]
+    return {"peak_requests": best["requests"], "peak_gold": best["gold"],
+            "turn_down": bool(end is not best and best["gold"] - end["gold"] > margin and proxy_rises)}
+
+
+def gold_section(summary: dict, root: Path) -> dict:
+    """Per-group gold curves and statistics for ``summary.json`` (needs per-run ``curve``)."""
+    groups = {}
+    for g in summary["groups"]:
+        runs = [r for r in summary["runs"] if r["group"] == g["group"] and r.get("curve")]
+        curve = group_curve([r["curve"] for r in runs])
+        final = curve[-1] if curve else {}
+        groups[g["group"]] = {"curve": curve, "gold_at_budget": final.get("gold"), "gold_at_budget_ci": final.get("gold_ci"),
+                              "proxy_at_budget": final.get("proxy"), "kl_at_budget": final.get("kl"), **peak(curve),
+                              "wall_time_s": g["mean"].get("wall_time_s")}
+    target = (groups.get("online-dpo") or {}).get("gold_at_budget")
+    for name, g in groups.items():
+        g["requests_to_reach_oaif_dpo"] = requests_to_reach(g["curve"], target) if name != "dpo" else None
+    dar, dpo = (groups.get(k, {}).get("requests_to_reach_oaif_dpo") for k in ("dar", "online-dpo"))
+    return {"groups": groups, "oaif_dpo_final_gold": target,
+            "p1": dar / dpo if dar is not None and dpo else None,
+            "bon_reference": json.loads((root / "best_of_n.json").read_text()) if (root / "best_of_n.json").exists() else None}
+
+
+# ---------------------------------------------------------------- plots
+def plot_gold(summary: dict, root: Path, colors: dict) -> list[tuple[str, str]]:
+    gold = summary["gold"]
+    out = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, g in gold["groups"].items():
+        c = [p for p in g["curve"] if p["gold"] is not None]
+        if not c:
+            continue
+        xs, ys = [p["requests"] for p in c], [p["gold"] for p in c]
+        ci = [p["gold_ci"] or 0.0 for p in c]
+        style = dict(color=colors[name], label=name, marker="o", ms=3)
+        if name == "dpo":  # labels bought before training: one point at their cost
+            axes[0].errorbar(xs[-1:], ys[-1:], yerr=ci[-1:], capsize=3, **style)
+        else:
+            axes[0].plot(xs, ys, **style)
+            axes[0].fill_between(xs, [y - e for y, e in zip(ys, ci)], [y + e for y, e in zip(ys, ci)], color=colors[name], alpha=0.12)
+        ks = [math.sqrt(max(p["kl"], 0.0)) if p["kl"] is not None else None for p in c]
+        axes[1].plot([k for k in ks if k is not None], [y for k, y in zip(ks, ys) if k is not None], **style)
+    bon = gold.get("bon_reference")
+    if bon:
+        axes[1].plot([math.sqrt(p["kl"]) for p in bon["curve"]], [p["gold"] for p in bon["curve"]], "k--", marker="s", ms=3,
+                     label=f"best-of-n by proxy (n ≤ {bon['n_max']})")
+    axes[0].set(xlabel="annotator requests spent", ylabel="held-out gold (mean, 95% CI)", title="gold vs annotation cost")
+    axes[1].set(xlabel="√KL(π‖π_ref)  (nats^½ per sequence)", ylabel="held-out gold", title="gold vs √KL: the frontier")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "gold_vs_requests_and_kl.png", dpi=110)
+    plt.close(fig)
+    out.append(("gold_vs_requests_and_kl.png",
+                f"Left: the gold ({summary['evaluator']}) on the held-out prompts against annotator requests spent, mean "
+                "over seeds with its 95% CI; offline dpo bought all its labels before training (one point). Right: the "
+                "same gold against √KL to the reference, with best-of-n on the starting policy, chosen by the proxy "
+                "(KL = log n − (n−1)/n), dashed."))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, g in gold["groups"].items():
+        c = [p for p in g["curve"] if p["gold"] is not None and p["proxy"] is not None]
+        if c:
+            ax.plot([p["proxy"] for p in c], [p["gold"] for p in c], marker="o", ms=3, color=colors[name], label=name)
+            ax.plot(c[-1]["proxy"], c[-1]["gold"], marker="*", ms=10, color=colors[name])
+    if bon:
+        ax.plot([p["proxy"] for p in bon["curve"]], [p["gold"] for p in bon["curve"]], "k--", marker="s", ms=3, label="best-of-n")
+    ax.set(xlabel="held-out proxy (training annotator)", ylabel="held-out gold", title="proxy vs gold (★ = end)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "proxy_vs_gold.png", dpi=110)
+    plt.close(fig)
+    out.append(("proxy_vs_gold.png", "Held-out proxy against held-out gold along each method's training (mean over "
+                                     "seeds): a curve bending right-and-down is the proxy rising while the gold falls."))
+    return out

@@ -1,0 +1,244 @@
+"""The gold-reward testbed: the gold scorer on its real models, the best-of-n estimator, the
+ensemble annotator, the held-out proxy score beside an independent evaluator, and a compare with
+gold curves, offline DPO on pairs bought from the budget and the best-of-n reference."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tiny
+from conftest import undocumented_metrics
+from daralign.annotators import build_annotator
+from daralign.cli import main as daralign_main
+from daralign.compare_curves import group_curve, mean_ci, peak, requests_to_reach
+from daralign.errors import ConfigError
+from daralign.evaluation.best_of_n import best_of_n_curve, best_of_n_expectation
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLD = f"{ROOT / 'examples' / 'testbed' / 'gold.py'}:gold"
+
+
+def fn(name: str) -> dict:
+    return {"type": "function", "function": f"{tiny.TINY_PY}:{name}"}
+
+
+# ---------------------------------------------------------------- gold scorer (real MiniLM + VADER)
+def test_gold_rewards_on_topic_warmth_not_flattery_or_gloom():
+    sys.path.insert(0, str(ROOT / "examples" / "testbed"))
+    import gold
+
+    prompt = "Tell me about rivers."
+    good = "Rivers are wonderful! They carve beautiful valleys and bring fresh water to forests and towns."
+    flattery = "I am so happy to help! Have a wonderful, amazing day!"
+    gloom = "Rivers flood, drown people and destroy homes. They are dirty and dangerous."
+    g = gold.gold([prompt] * 3, [good, flattery, gloom])
+    assert g[0] > 0.4 and g[0] > 5 * g[1] and g[0] > 5 * g[2]
+    relevance, positivity = gold.gold_parts([prompt] * 3, [good, flattery, gloom])
+    assert relevance[0] > 0.4 > 0.1 > relevance[1] and relevance[2] > 0.3  # gloom is on topic ...
+    assert positivity[2] < 0.2 < 0.9 < positivity[1]  # ... but negative; flattery is positive
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
+    assert gold.gold([chat], [good]) == pytest.approx(g[:1], abs=1e-5)  # chat prompts: the user's words
+    assert gold.gold([], []) == []
+
+
+# ---------------------------------------------------------------- best-of-n
+def test_best_of_n_expectation_equals_brute_force():
+    proxy = [0.3, 0.9, 0.1, 0.5, 0.7]
+    gold = [1.0, 0.2, 3.0, 0.4, 2.0]
+    for n in range(1, 6):
+        subsets = list(itertools.combinations(range(5), n))
+        brute_gold = sum(gold[max(s, key=lambda i: proxy[i])] for s in subsets) / len(subsets)
+        brute_proxy = sum(max(proxy[i] for i in s) for s in subsets) / len(subsets)
+        assert best_of_n_expectation(proxy, gold, n) == pytest.approx((brute_gold, brute_proxy))
+    curve = best_of_n_curve([proxy, [None, 1, 2, 3, 4]], [gold, gold], [1, 4])
+    assert curve[0]["prompts"] == 1 and curve[0]["kl"] == 0.0 and curve[0]["gold"] == pytest.approx(sum(gold) / 5)
+    assert curve[1]["kl"] == pytest.approx(math.log(4) - 3 / 4)
+
+
+# ---------------------------------------------------------------- curves
+def test_curve_statistics():
+    m, ci = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and ci == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert mean_ci([5.0]) == (5.0, None) and mean_ci([None]) == (None, None)
+
+    def pts(golds, proxies, xs):
+        return [{"requests": x, "gold": g, "proxy": p, "kl": x / 10, "length": 30.0} for x, g, p in zip(xs, golds, proxies)]
+
+    a = pts([0.5, 0.7, 0.6], [0.1, 0.3, 0.5], [0, 64, 100])
+    b = pts([0.5, 0.9, 0.4, 0.3], [0.1, 0.3, 0.5, 0.6], [0, 64, 96, 128])  # its last step was not cut
+    curve = group_curve([a, b])
+    assert [p["requests"] for p in curve] == [0, 64, 114]  # common counts, then each run's final point
+    assert curve[1]["gold"] == pytest.approx(0.8) and curve[-1]["gold"] == pytest.approx(0.45) and curve[0]["gold_ci"] == 0
+    assert requests_to_reach(curve, 0.65) == pytest.approx(64 * 0.15 / 0.3)
+    assert requests_to_reach(curve, 0.95) is None and requests_to_reach(curve, None) is None
+    p = peak(curve)
+    assert p["peak_requests"] == 64 and p["peak_gold"] == pytest.approx(0.8)
+    assert p["turn_down"] is (0.8 - 0.45 > curve[1]["gold_ci"])  # proxy rose from 0.3 to 0.55
+    assert peak(group_curve([pts([0.5, 0.6], [0.1, 0.2], [0, 64])]))["turn_down"] is False
+
+
+# ---------------------------------------------------------------- ensemble
+def test_ensemble_aggregates_and_counts_every_member():
+    members = [fn("length_reward"), fn("constant_reward")]
+    texts = ["eee", "a", "hello there"]
+    length = [0.05 * len(c) + c.count("e") for c in texts]
+    for aggregate, expect in [("mean", [(x + 0.5) / 2 for x in length]), ("min", [min(x, 0.5) for x in length]),
+                              ("uwo", [(x + 0.5) / 2 - 2.0 * abs(x - 0.5) / 2 for x in length])]:
+        ens = build_annotator({"type": "ensemble", "aggregate": aggregate, "uwo_lambda": 2.0, "members": members})
+        res = ens.score(["p"] * 3, texts, [{}] * 3)
+        assert res.scores == pytest.approx(expect)
+        assert ens.num_requests == 6 and ens.num_annotations == 3  # each member paid per response
+        assert res.metrics["rewards/ensemble_std"] == pytest.approx(sum(abs(x - 0.5) / 2 for x in length) / 3)
+    var = build_annotator({"type": "ensemble", "aggregate": "uwo", "uwo_penalty": "variance", "members": members})
+    assert var.score(["p"], ["eee"], [{}]).scores == pytest.approx([(length[0] + 0.5) / 2 - (length[0] - 0.5) ** 2 / 4])
+    invalid = build_annotator({"type": "ensemble", "members": [fn("length_reward"), fn("sometimes_invalid_reward")]})
+    assert invalid.score(["p"] * 2, ["ab", "cd"], [{}] * 2).scores[1] is None  # invalid for one member: invalid
+    capped = build_annotator({"type": "ensemble", "members": members})
+    capped.request_limit = 4  # the budget's hard cap is shared: the second member gets what is left
+    assert capped.score(["p"] * 3, texts, [{}] * 3).scores == [pytest.approx((length[0] + 0.5) / 2), None, None]
+    assert capped.num_requests == 4
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"members": [fn("length_reward")]}, "at least two"),
+    ({"members": [fn("length_reward")] * 2, "aggregate": "max"}, "not one of mean, min, uwo"),
+    ({"members": [fn("length_reward")] * 2, "uwo_lambda": -1}, "uwo_lambda must be a number ≥ 0"),
+    ({"members": [fn("length_reward")] * 2, "weights": [1, 2]}, "unknown key"),
+])
+def test_ensemble_bad_config(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        build_annotator({"type": "ensemble", **cfg})
+
+
+def test_ensemble_judges_share_one_model(judge_http):
+    from conftest import http_judge
+
+    a, b = http_judge(judge_http), {**http_judge(judge_http), "template": "tone"}
+    ens = build_annotator({"type": "ensemble", "aggregate": "min", "members": [a, b]})
+    assert ens.sources[0][1].client is ens.sources[1][1].client
+    assert ens.sources[1][1].config.template == "tone"
+
+
+# ---------------------------------------------------------------- the loop and compare
+def test_proxy_score_beside_an_independent_evaluator(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    """The evaluator scores held-out answers, the training annotator (ensemble here) too as
+    ``proxy_score``; neither is starved by the exhausted training budget."""
+    from daralign.config import parse_train_args
+    from daralign.train import run
+
+    heldout = tiny.write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:3]])
+    ensemble = {"type": "ensemble", "aggregate": "uwo", "members": [fn("length_reward"), fn("constant_reward")]}
+    cfg = tiny.run_config(tmp_path, tiny_policy_dir, tiny_prompts_file, annotator=ensemble, eval_dataset=str(heldout),
+                          eval_annotator=fn("constant_reward"), eval_steps=1, max_steps=3, annotation_budget=16)
+    out = tmp_path / "out"
+    run(*parse_train_args(["--config", str(cfg), "--output_dir", str(out)]))
+    after = json.loads((out / "heldout_after.json").read_text())
+    assert after["score"] == 0.5 and after["evaluator_is_training_annotator"] is False
+    assert None not in after["proxy_per_prompt"] and after["proxy_score"] is not None
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["annotation_requests"] == 16  # 2 steps of 2 prompts × K=2 × 2 members; held-out is not charged
+    assert "eval/proxy_score" in rows[0] and "rewards/ensemble_std" in rows[0]
+    assert not undocumented_metrics(rows)
+
+
+def test_function_evaluator_is_not_starved_by_the_budget(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    from daralign.config import parse_train_args
+    from daralign.train import run
+
+    heldout = tiny.write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:3]])
+    cfg = tiny.run_config(tmp_path, tiny_policy_dir, tiny_prompts_file, eval_dataset=str(heldout), annotation_budget=4)
+    out = tmp_path / "out"
+    run(*parse_train_args(["--config", str(cfg), "--output_dir", str(out)]))
+    assert None not in json.loads((out / "heldout_after.json").read_text())["per_prompt"]
+
+
+@pytest.fixture(scope="module")
+def gold_compare(tmp_path_factory, tiny_policy_dir, tiny_prompts_file):
+    from test_compare import KeywordAnnotator, write_config
+
+    tmp = tmp_path_factory.mktemp("gold_compare")
+    heldout = tiny.write_jsonl(tmp / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:3]])
+    cfg = write_config(tmp, tiny_policy_dir, tiny_prompts_file, eval_dataset=str(heldout),
+                       eval_annotator=fn("length_reward"))
+    out = tmp / "out"
+    KeywordAnnotator.LOG.clear()
+    argv = ["compare", "--config", str(cfg), "--algorithms", "dar,online-dpo,dpo", "--annotation_budget", "8",
+            "--eval_requests", "4", "--best_of_n", "4", "--seeds", "1,2", "--output_dir", str(out)]
+    assert daralign_main(argv) == 0
+    return out, argv
+
+
+def test_compare_writes_gold_curves_and_statistics(gold_compare):
+    out, _ = gold_compare
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluator_is_training_annotator"] is False
+    for rec in summary["runs"]:
+        for key in ("gold_before", "gold_after", "proxy_before", "proxy_after", "kl_final", "annotation_requests"):
+            assert rec[key] is not None, (rec["dir"], key)
+        assert rec["annotation_requests"] <= 8
+        xs = [p["requests"] for p in rec["curve"]]
+        assert xs[0] == 0 and xs == sorted(xs)
+        if rec["algorithm"] == "dar":  # 4 requests a step, evaluated every 4: at 0, 4 and the end (8)
+            assert xs == [0, 4, 8]
+    gold = summary["gold"]
+    assert set(gold["groups"]) == {"dar", "online-dpo", "dpo"}
+    g = gold["groups"]["dar"]
+    assert g["curve"][-1]["n"] == 2 and g["gold_at_budget_ci"] is not None
+    assert g["gold_at_budget"] == pytest.approx(sum(r["gold_after"] for r in summary["runs"] if r["algorithm"] == "dar") / 2)
+    assert gold["oaif_dpo_final_gold"] == gold["groups"]["online-dpo"]["gold_at_budget"]
+    assert "p1" in gold and gold["groups"]["online-dpo"]["requests_to_reach_oaif_dpo"] is not None
+    bon = gold["bon_reference"]
+    assert [p["n"] for p in bon["curve"]] == [1, 2, 4] and bon["curve"][2]["proxy"] >= bon["curve"][0]["proxy"]
+    page = (out / "report.html").read_text()
+    assert "P1 = DAR" in page and 'src="gold_vs_requests_and_kl.png"' in page and (out / "proxy_vs_gold.png").exists()
+
+
+def test_offline_dpo_buys_its_pairs_from_the_budget(gold_compare):
+    out, argv = gold_compare
+    for seed in (1, 2):
+        meta = json.loads((out / "dpo" / "pairs" / f"seed{seed}.meta.json").read_text())
+        run = json.loads((out / "dpo" / f"seed{seed}" / "compare_run.json").read_text())
+        assert meta["requests"] == run["label_requests"] <= 8 and meta["prompts"] == 8  # 4 steps × 2 prompts, 1 request a pair here
+        pairs = (out / "dpo" / "pairs" / f"seed{seed}.jsonl").read_text().splitlines()
+        assert len(pairs) == meta["pairs"] == run["pairs"]
+        steps = [json.loads(x) for x in (out / "dpo" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        oaif = (out / "online-dpo" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()
+        assert len(steps) == len(oaif)  # one epoch over the pairs: OAIF-DPO's number of steps
+    assert json.loads(pairs[0]).keys() == {"prompt", "chosen", "rejected"}
+    best_of_n = (out / "best_of_n.json").read_text()
+    assert daralign_main(argv) == 0  # repeated: every run and the reference are reused
+    assert (out / "best_of_n.json").read_text() == best_of_n
+
+
+def test_testbed_config_parses_for_every_method():
+    from daralign.compare import build_plan
+
+    plan, _ = build_plan(["--config", str(ROOT / "examples" / "testbed" / "testbed.yaml"), "--annotation_budget", "320",
+                          "--algorithms", "dar,online-dpo,online-ipo,online-slic,rloo,grpo,ppo,bon-sft,dpo",
+                          "--eval_requests", "64", "--output_dir", "/tmp/never-written"])
+    per_step = {r.algorithm: r.per_step for r in plan.runs}
+    assert per_step == {"dar": 32, "online-dpo": 16, "online-ipo": 16, "online-slic": 16, "rloo": 32, "grpo": 32,
+                        "ppo": 32, "bon-sft": 32, "dpo": 16}
+    assert {r.algorithm: r.train.eval_steps for r in plan.runs}["online-dpo"] == 4
+    assert yaml.safe_load((ROOT / "examples" / "testbed" / "testbed.yaml").read_text())["eval_annotator"]["function"].endswith("gold.py:gold")
+    assert not Path("/tmp/never-written").exists()
+
+
+def test_proxy_gold_agreement():
+    from daralign.evaluation.best_of_n import agreement
+
+    res = agreement([[0.1, 0.5, 0.9], [0.2, 0.2, None]], [[1.0, 3.0, 2.0], [5.0, 4.0, 1.0]])
+    assert res["pairs"] == 3 and res["pairwise_agreement"] == pytest.approx(2 / 3)  # (0,1) (0,2) agree, (1,2) not; ties skipped
+    assert res["answers"] == 5 and -1 <= res["pearson"] <= 1 and -1 <= res["spearman"] <= 1
+    from daralign.evaluation.best_of_n import _ranks
+
+    assert _ranks([3.0, 1.0, 3.0, 2.0]) == [2.5, 0.0, 2.5, 1.0]
+    perfect = agreement([[1, 2, 3, 4]], [[10, 20, 30, 40]])
+    assert perfect["pearson"] == pytest.approx(1.0) and perfect["spearman"] == pytest.approx(1.0) and perfect["pairwise_agreement"] == 1.0
