@@ -198,6 +198,8 @@ def test_compare_writes_gold_curves_and_statistics(gold_compare):
     assert [p["n"] for p in bon["curve"]] == [1, 2, 4] and bon["curve"][2]["proxy"] >= bon["curve"][0]["proxy"]
     page = (out / "report.html").read_text()
     assert "P1 = DAR" in page and 'src="gold_vs_requests_and_kl.png"' in page and (out / "proxy_vs_gold.png").exists()
+    table = (out / "gold.md").read_text()
+    assert table.count("\n| ") == 3 and "| dar |" in table and "P1" in table
 
 
 def test_offline_dpo_buys_its_pairs_from_the_budget(gold_compare):
@@ -242,3 +244,24 @@ def test_proxy_gold_agreement():
     assert _ranks([3.0, 1.0, 3.0, 2.0]) == [2.5, 0.0, 2.5, 1.0]
     perfect = agreement([[1, 2, 3, 4]], [[10, 20, 30, 40]])
     assert perfect["pearson"] == pytest.approx(1.0) and perfect["spearman"] == pytest.approx(1.0) and perfect["pairwise_agreement"] == 1.0
+
+
+def test_a_field_added_later_at_its_default_is_not_another_config(gold_compare):
+    from daralign.compare import build_plan, check_existing
+
+    out, argv = gold_compare
+    plan, _ = build_plan(argv[1:])
+    run = plan.runs[0]
+    path = run.out / "compare_run.json"
+    record = json.loads(path.read_text())
+    original = path.read_text()
+    try:
+        del record["config"]["max_micro_batch_tokens"]  # as a run made before the field existed
+        path.write_text(json.dumps(record))
+        check_existing(run)
+        del record["config"]["max_completion_length"]  # not at its default: a different run
+        path.write_text(json.dumps(record))
+        with pytest.raises(ConfigError, match="another config"):
+            check_existing(run)
+    finally:
+        path.write_text(original)

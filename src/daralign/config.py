@@ -66,6 +66,7 @@ class TrainConfig:
     # --- optimisation
     per_device_train_batch_size: int = field(default=8, metadata={"help": "prompts per micro-batch (each with its K responses)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per online step"})
+    max_micro_batch_tokens: int = field(default=0, metadata={"help": "size micro-batches by tokens instead: as many whole prompt groups (K padded sequences each) as fit in this many tokens, for the update and every log-prob forward; one group at least; 0 = per_device_train_batch_size prompts"})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler: constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial | inverse_sqrt | ... (stepped once per online batch)"})
@@ -120,7 +121,7 @@ class TrainConfig:
         schedulers = [t.value for t in SchedulerType]
         if self.lr_scheduler_type not in schedulers:
             raise ConfigError(f"lr_scheduler_type: {self.lr_scheduler_type!r} is not one of {schedulers}")
-        for name in ("save_steps", "eval_steps", "warmup_steps", "annotation_budget"):
+        for name in ("save_steps", "eval_steps", "warmup_steps", "annotation_budget", "max_micro_batch_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
         if not self.dataset:

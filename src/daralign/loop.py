@@ -153,10 +153,18 @@ class OnlineTrainer(HeldoutEvaluation):
         ctx = self.unwrapped.disable_adapter() if self.reference is None else nullcontext()
         return self._forward_token_logps(self.reference or self.unwrapped, rollout, temperature, ctx)
 
+    def rows_per_micro_batch(self, rollout) -> int:
+        """Sequences per micro-batch: whole prompt groups, ``per_device_train_batch_size`` of them, or
+        as many as fit in ``max_micro_batch_tokens`` padded tokens (the cost and memory of a forward)."""
+        K, length = rollout.num_generations, rollout.input_ids.shape[1]
+        if self.cfg.max_micro_batch_tokens:
+            return K * max(1, self.cfg.max_micro_batch_tokens // (K * length))
+        return K * self.cfg.per_device_train_batch_size
+
     @torch.no_grad()
     def _forward_token_logps(self, model, rollout, temperature: float | None = None, ctx=None) -> torch.Tensor:
         out = []
-        mb = self.cfg.per_device_train_batch_size * rollout.num_generations
+        mb = self.rows_per_micro_batch(rollout)
         was_training = model.training
         model.eval()
         with ctx or nullcontext(), self.accelerator.autocast():
@@ -211,10 +219,10 @@ class OnlineTrainer(HeldoutEvaluation):
     def update(self, rollout, prepared: dict, signal: bool) -> dict:
         """``num_updates_per_batch`` optimizer steps on the batch — none when no process has signal —
         then one scheduler step: the schedule counts online batches, as ``max_steps`` does."""
-        cfg, K = self.cfg, rollout.num_generations
+        cfg = self.cfg
         N = rollout.input_ids.shape[0]
         batch = {k: getattr(rollout, k) for k in MB_KEYS} | prepared
-        rows_per_mb = cfg.per_device_train_batch_size * K  # whole prompt groups per micro-batch
+        rows_per_mb = self.rows_per_micro_batch(rollout)  # whole prompt groups per micro-batch
         self.policy.train()
         losses, extra_metrics, grad_norms = [], {}, []
         for _ in range(cfg.num_updates_per_batch if signal else 0):
@@ -385,7 +393,7 @@ class OnlineTrainer(HeldoutEvaluation):
                                                     if isinstance(v, (int, float, str, bool))})
         log = MetricsLog(self.out, acc, resume_step=start if resume_from is not None else None) if acc.is_main_process else None
         if start == 0 and not (self.out / "heldout_before.json").exists():
-            self.heldout("before")
+            self._heldout_showing("before", "before training")
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not acc.is_main_process)
         step, saved, unlabelled = start, start if resume_from is not None else -1, 0
@@ -407,6 +415,7 @@ class OnlineTrainer(HeldoutEvaluation):
                 spent = {k: metrics[k] for k in spent}
                 if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < cfg.max_steps \
                         and self.prompts_affordable(spent)[0]:  # the last step of a budget: "after" is this evaluation
+                    progress.update(task, description=f"{cfg.algorithm} · held-out evaluation ({len(self.eval_rows)} prompts)")
                     res = self.heldout(f"step{step + 1}")
                     if res:
                         metrics |= {"eval/score": res["score"], "eval/kl": res["kl"], "eval/mean_length": res["mean_length"]} \
@@ -423,13 +432,20 @@ class OnlineTrainer(HeldoutEvaluation):
                 step = cfg.max_steps
         if saved != step:  # always a checkpoint at the end: --resume of a finished run then does nothing
             checkpoint.save(acc, self.out, step, {"step": step, **spent, "config": self.config_dict}, cfg.save_total_limit, self.extra)
-        after = self.heldout("after")
+        after = self._heldout_showing("after", "after training")
         self.save_final()
         if acc.is_main_process:
             outputs.finish(self.out)
         if cfg.report_to:
             acc.end_training()
         return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"], "heldout_after": after}
+
+    def _heldout_showing(self, tag: str, when: str) -> dict | None:
+        """``heldout(tag)`` with a spinner (it takes a while: sampling, then every scorer)."""
+        if not (self.eval_rows and self.accelerator.is_main_process):
+            return self.heldout(tag)
+        with console.status(f"held-out evaluation {when} ({len(self.eval_rows)} prompts)…"):
+            return self.heldout(tag)
 
     def save_final(self) -> None:
         acc = self.accelerator
