@@ -192,6 +192,8 @@ def test_compare_writes_gold_curves_and_statistics(gold_compare):
     g = gold["groups"]["dar"]
     assert g["curve"][-1]["n"] == 2 and g["gold_at_budget_ci"] is not None
     assert g["gold_at_budget"] == pytest.approx(sum(r["gold_after"] for r in summary["runs"] if r["algorithm"] == "dar") / 2)
+    dar_runs = [r for r in summary["runs"] if r["algorithm"] == "dar"]
+    assert g["gold_change"] == pytest.approx(sum(r["gold_after"] - r["gold_before"] for r in dar_runs) / 2)
     assert gold["oaif_dpo_final_gold"] == gold["groups"]["online-dpo"]["gold_at_budget"]
     assert "p1" in gold and gold["groups"]["online-dpo"]["requests_to_reach_oaif_dpo"] is not None
     bon = gold["bon_reference"]

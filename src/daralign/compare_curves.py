@@ -6,7 +6,8 @@ Per run, from its folder: the held-out gold score, proxy score and KL(π‖π_re
 Per method: the mean over seeds at each request count with a 95% confidence interval
 (Student t over seeds), and
 
-- ``gold_at_budget``: the final gold, mean and CI;
+- ``gold_at_budget``: the final gold, mean and CI; ``gold_change``: after − before, mean over seeds
+  with its standard error (``gold_change_z`` = change ÷ SE);
 - ``requests_to_reach``: the first request count where the mean gold reaches a target (the
   OAIF-DPO final gold; linear between evaluations) — ``p1`` = DAR's ÷ OAIF-DPO's;
 - ``peak_requests``/``turn_down``: where the mean gold peaks, and whether it then falls by more
@@ -127,7 +128,12 @@ def gold_section(summary: dict, root: Path) -> dict:
         runs = [r for r in summary["runs"] if r["group"] == g["group"] and r.get("curve")]
         curve = group_curve([r["curve"] for r in runs])
         final = curve[-1] if curve else {}
+        change, change_ci = mean_ci([r["gold_after"] - r["gold_before"] for r in runs
+                                     if r.get("gold_after") is not None and r.get("gold_before") is not None])
+        se = change_ci / t95(len(runs) - 1) if change_ci is not None else None
         groups[g["group"]] = {"curve": curve, "gold_at_budget": final.get("gold"), "gold_at_budget_ci": final.get("gold_ci"),
+                              "gold_change": change, "gold_change_se": se,  # over seeds: after − before
+                              "gold_change_z": change / se if se else None,
                               "proxy_at_budget": final.get("proxy"), "kl_at_budget": final.get("kl"), **peak(curve),
                               "wall_time_s": g["mean"].get("wall_time_s")}
     target = (groups.get("online-dpo") or {}).get("gold_at_budget")
