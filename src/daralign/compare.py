@@ -269,51 +269,55 @@ def _bad_seed(text: str):
 
 def _resolve(run: Run, cfg_path: Path, overrides: list, budget: int, eval_requests: int = 0) -> None:
     """parse_train_args on the shared YAML + overrides + knob values, then compare's own fields."""
-    from daralign.annotators import annotator_for
     from daralign.objectives import get_objective
 
     argv = ["--config", str(cfg_path), "--algorithm", run.algorithm, *_argv(overrides),
             *_argv(run.point.items()), "--seed", str(run.seed)]
-    offline = get_objective(run.algorithm).feedback_kind == "offline"
-    if offline:  # its dataset: the pairs the budget buys (compare_offline.py), outside the run folder
-        if not train_annotator(cfg_path, overrides):
-            raise ConfigError(f"{run.algorithm} in compare: its pairs are labelled by the config's annotator, and there is none")
-        argv += ["--dataset", str(pairs_path(run))]
+    if get_objective(run.algorithm).feedback_kind == "offline":
+        return _resolve_offline(run, argv, budget, eval_requests)
     train, algo = parse_train_args(argv)
-    if offline:
-        annotator_for(train.annotator, "compare", f"{run.algorithm} (pair labels)", needs_score=False)
-        run.prompts = parse_train_args(argv[:-2])[0].dataset
     objective = get_objective(run.algorithm)(algo, train)
     run.K = objective.num_generations()
-    if offline:  # one pair per prompt, as OAIF labels them; one epoch is OAIF's number of steps
-        run.per_step = train.prompts_per_step * nominal_requests_per_label(train.annotator, "compare")
-        run.algo = algo
-        run.train = dataclasses.replace(train, annotation_budget=0, max_steps=max(1, budget // run.per_step),
-                                        eval_steps=eval_requests // run.per_step if eval_requests else train.eval_steps,
-                                        output_dir=str(run.out), report=False)
-        return
     run.per_step = requests_per_step(train, objective, train.annotator)  # parse_train_args fitted the annotators
     nominal = math.ceil(budget / run.per_step)
     # Cache hits are free, so a run may need more steps than nominal: leave room unless the
     # learning-rate schedule's length depends on max_steps. The loop stops at the budget either way.
     max_steps = 2 * nominal if train.lr_scheduler_type.startswith("constant") else nominal
-    eval_steps = train.eval_steps
-    if eval_requests:
-        if eval_requests % run.per_step:
-            raise ConfigError(f"--eval_requests {eval_requests} is not a multiple of {run.algorithm}'s {run.per_step} "
-                              f"requests per step; choose a common multiple of every method's")
-        eval_steps = eval_requests // run.per_step
-    run.train = dataclasses.replace(train, annotation_budget=budget, eval_steps=eval_steps,
+    run.train = dataclasses.replace(train, annotation_budget=budget, eval_steps=_eval_steps(run, train, eval_requests),
                                     max_steps=max_steps, output_dir=str(run.out), report=False)
     run.algo = algo
 
 
+def _resolve_offline(run: Run, argv: list[str], budget: int, eval_requests: int) -> None:
+    """Offline dpo: its dataset is the pairs the budget buys (``compare_offline.py``, a file
+    outside the run folder), sampled on the config's prompts and labelled by its annotator; one
+    pair per prompt as OAIF labels them, and one epoch over them is OAIF's number of steps."""
+    from daralign.annotators import annotator_for
+
+    on_prompts, _ = parse_train_args(argv)
+    if on_prompts.annotator is None:
+        raise ConfigError(f"{run.algorithm} in compare: its pairs are labelled by the config's annotator, and there is none")
+    annotator_for(on_prompts.annotator, "compare", f"{run.algorithm} (pair labels)", needs_score=False)
+    run.prompts = on_prompts.dataset
+    train, run.algo = parse_train_args(argv + ["--dataset", str(pairs_path(run))])
+    run.K = 2
+    run.per_step = train.prompts_per_step * nominal_requests_per_label(train.annotator, "compare")
+    run.train = dataclasses.replace(train, annotation_budget=0, max_steps=max(1, budget // run.per_step),
+                                    eval_steps=_eval_steps(run, train, eval_requests), output_dir=str(run.out), report=False)
+
+
+def _eval_steps(run: Run, train: TrainConfig, eval_requests: int) -> int:
+    """``eval_steps`` that puts held-out evaluations every ``eval_requests`` requests (0: the config's)."""
+    if not eval_requests:
+        return train.eval_steps
+    if eval_requests % run.per_step:
+        raise ConfigError(f"--eval_requests {eval_requests} is not a multiple of {run.algorithm}'s {run.per_step} "
+                          f"requests per step; choose a common multiple of every method's")
+    return eval_requests // run.per_step
+
+
 def pairs_path(run: Run) -> Path:
     return run.out.parent / "pairs" / f"seed{run.seed}.jsonl"
-
-
-def train_annotator(cfg_path: Path, overrides: list) -> bool:
-    return "annotator" in read_yaml(cfg_path) or any(name == "annotator" for name, _ in overrides)
 
 
 # ---------------------------------------------------------------- running
