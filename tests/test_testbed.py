@@ -232,6 +232,14 @@ def test_testbed_config_parses_for_every_method():
                         "ppo": 32, "bon-sft": 32, "dpo": 16}
     assert {r.algorithm: r.train.eval_steps for r in plan.runs}["online-dpo"] == 4
     assert yaml.safe_load((ROOT / "examples" / "testbed" / "testbed.yaml").read_text())["eval_annotator"]["function"].endswith("gold.py:gold")
+    ensemble, _ = build_plan(["--config", str(ROOT / "examples" / "testbed" / "testbed.yaml"), "--annotation_budget", "960",
+                              "--annotator", str(ROOT / "examples" / "testbed" / "ensemble_uwo.yaml"), "--algorithms", "dar,rloo",
+                              "--eval_requests", "192", "--output_dir", "/tmp/never-written"])
+    assert {r.per_step for r in ensemble.runs} == {96} and {r.train.eval_steps for r in ensemble.runs} == {2}
+    for member in ensemble.runs[0].train.annotator["members"]:  # the templates exist and fit score mode
+        from daralign.annotators.judge import load_template
+
+        load_template(member["template"] if "/" not in member["template"] else str(ROOT / member["template"]), "score")
     assert not Path("/tmp/never-written").exists()
 
 
