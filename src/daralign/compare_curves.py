@@ -6,8 +6,8 @@ Per run, from its folder: the held-out gold score, proxy score and KL(π‖π_re
 Per method: the mean over seeds at each request count with a 95% confidence interval
 (Student t over seeds), and
 
-- ``gold_at_budget``: the final gold, mean and CI; ``gold_change``: after − before, mean over seeds
-  with its standard error (``gold_change_z`` = change ÷ SE);
+- ``gold_at_budget``: the final gold, mean and CI; ``gold_change`` and ``proxy_change``: after −
+  before, mean over seeds with its standard error (``_z`` = change ÷ SE);
 - ``requests_to_reach``: the first request count where the mean gold reaches a target (the
   OAIF-DPO final gold; linear between evaluations) — ``p1`` = DAR's ÷ OAIF-DPO's;
 - ``peak_requests``/``turn_down``: where the mean gold peaks, and whether it then falls by more
@@ -121,6 +121,15 @@ def peak(curve: list[dict]) -> dict:
             "turn_down": bool(end is not best and best["gold"] - end["gold"] > margin and proxy_rises)}
 
 
+def change_over_seeds(runs: list[dict], key: str) -> dict:
+    """``<key>_change`` (after − before, mean over seeds), its standard error and their ratio ``_z``."""
+    diffs = [r[f"{key}_after"] - r[f"{key}_before"] for r in runs
+             if r.get(f"{key}_after") is not None and r.get(f"{key}_before") is not None]
+    change, ci = mean_ci(diffs)
+    se = ci / t95(len(diffs) - 1) if ci is not None else None
+    return {f"{key}_change": change, f"{key}_change_se": se, f"{key}_change_z": change / se if se else None}
+
+
 def gold_section(summary: dict, root: Path) -> dict:
     """Per-group gold curves and statistics for ``summary.json`` (needs per-run ``curve``)."""
     groups = {}
@@ -128,12 +137,8 @@ def gold_section(summary: dict, root: Path) -> dict:
         runs = [r for r in summary["runs"] if r["group"] == g["group"] and r.get("curve")]
         curve = group_curve([r["curve"] for r in runs])
         final = curve[-1] if curve else {}
-        change, change_ci = mean_ci([r["gold_after"] - r["gold_before"] for r in runs
-                                     if r.get("gold_after") is not None and r.get("gold_before") is not None])
-        se = change_ci / t95(len(runs) - 1) if change_ci is not None else None
         groups[g["group"]] = {"curve": curve, "gold_at_budget": final.get("gold"), "gold_at_budget_ci": final.get("gold_ci"),
-                              "gold_change": change, "gold_change_se": se,  # over seeds: after − before
-                              "gold_change_z": change / se if se else None,
+                              **change_over_seeds(runs, "gold"), **change_over_seeds(runs, "proxy"),
                               "proxy_at_budget": final.get("proxy"), "kl_at_budget": final.get("kl"), **peak(curve),
                               "wall_time_s": g["mean"].get("wall_time_s")}
     target = (groups.get("online-dpo") or {}).get("gold_at_budget")

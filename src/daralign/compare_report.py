@@ -316,15 +316,17 @@ def gold_rows(summary: dict) -> list[list[str]]:
     rows = []
     for name, g in summary["gold"]["groups"].items():
         ci = f" ± {g['gold_at_budget_ci']:.3f}" if g.get("gold_at_budget_ci") is not None else ""
-        change = "—" if g.get("gold_change") is None else f"{g['gold_change']:+.3f}" + (
-            f" ± {g['gold_change_se']:.3f}" if g.get("gold_change_se") is not None else "")
-        rows.append([name, num(g["gold_at_budget"]) + ci, change, num(g["proxy_at_budget"]), num(g["kl_at_budget"], 2),
+        def change(key):
+            return "—" if g.get(f"{key}_change") is None else f"{g[f'{key}_change']:+.3f}" + (
+                f" ± {g[f'{key}_change_se']:.3f}" if g.get(f"{key}_change_se") is not None else "")
+        rows.append([name, num(g["gold_at_budget"]) + ci, change("gold"), num(g["proxy_at_budget"]), change("proxy"),
+                     num(g["kl_at_budget"], 2),
                      num(g["requests_to_reach_oaif_dpo"], 0), f"{num(g['peak_gold'])} @ {num(g['peak_requests'], 0)}",
                      {True: "yes", False: "no", None: "—"}[g["turn_down"]], num(g["wall_time_s"], 0)])
     return rows
 
 
-GOLD_HEAD = ["method", "gold at budget (95% CI)", "gold Δ (± SE over seeds)", "proxy at budget", "KL at budget", "requests to OAIF-DPO's final gold",
+GOLD_HEAD = ["method", "gold at budget (95% CI)", "gold Δ (± SE over seeds)", "proxy at budget", "proxy Δ (± SE)", "KL at budget", "requests to OAIF-DPO's final gold",
              "gold peak @ requests", "turns down while proxy rises", "wall time (s)"]
 
 
