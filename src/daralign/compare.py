@@ -325,8 +325,7 @@ def _fingerprint(run: Run) -> dict:
     return {k: v for k, v in to_dict(run.train, run.algo).items() if k not in NOT_COMPARED}
 
 
-def _heldout_key(run: Run) -> str:
-    t = run.train
+def _heldout_key(t: TrainConfig) -> str:
     scorer = t.eval_annotator or t.annotator
     scorer = {**scorer, "mode": "score"} if scorer.get("type") == "judge" else scorer
     proxy = t.annotator if t.eval_annotator is not None and t.eval_proxy_score else None
@@ -367,7 +366,7 @@ def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool
     run.train = dataclasses.replace(run.train, resume=checkpoint.latest(run.out) is not None, overwrite_output_dir=True)
     # The pre-training held-out score depends only on the base model, eval set, sampling and judge:
     # reuse it across runs (it runs in its own RNG stream, so skipping it changes no training).
-    cached = root / ".heldout_before" / f"{_heldout_key(run)}.json"
+    cached = root / ".heldout_before" / f"{_heldout_key(run.train)}.json"
     before = run.out / "heldout_before.json"
     if run.train.eval_dataset and cached.is_file() and not before.exists():
         shutil.copyfile(cached, before)
@@ -399,7 +398,7 @@ def best_of_n_reference(train: TrainConfig, n_max: int, root: Path) -> None:
     from daralign.evaluation.best_of_n import measure_best_of_n
 
     path = root / "best_of_n.json"
-    key = {"heldout": _heldout_key(Run("", {}, train.seed, root, train=train)), "n_max": n_max}
+    key = {"heldout": _heldout_key(train), "n_max": n_max}
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return
     console.rule(f"[bold]best-of-n reference[/bold] (n ≤ {n_max}, starting policy, proxy picks, evaluator scores)")
