@@ -56,7 +56,9 @@ class TrainConfig:
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
     generation_batch_size: int = field(default=32, metadata={"help": "sequences per generate() call"})
     use_vllm: bool = field(default=False, metadata={"help": "sample with vLLM instead of transformers generate (weights pushed after every step; docs/performance.md)"})
-    vllm_mode: str = field(default="colocate", metadata={"help": "colocate: the engine in the training process (TRL's naming); server: not built yet"})
+    vllm_mode: str = field(default="colocate", metadata={"help": "colocate: the engine in the training process (TRL's naming) | server: a `daralign vllm-serve` process at vllm_server_url"})
+    vllm_server_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "vllm_mode server: where `daralign vllm-serve` listens"})
+    vllm_sync_dir: str | None = field(default=None, metadata={"help": "vllm_mode server: a folder the server can read, for the weights pushed after each step (default /dev/shm: one host; a shared filesystem across nodes)"})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU memory share of a colocated vLLM engine (CPU: VLLM_CPU_KVCACHE_SPACE sets its KV cache, in GiB)"})
     vllm_enforce_eager: bool = field(default=True, metadata={"help": "no graph compilation (starts in seconds; compile mode took minutes on CPU)"})
     # --- annotation
@@ -130,8 +132,8 @@ class TrainConfig:
 
         if self.annotator is None and get_objective(self.algorithm).feedback_kind != "offline":
             raise ConfigError(f"annotator: no annotator given (a mapping or a path to its YAML); {self.algorithm} learns from one")
-        if self.use_vllm and self.vllm_mode != "colocate":
-            raise ConfigError(f"vllm_mode: {self.vllm_mode!r} is not built yet; use colocate (the server design: docs/performance.md)")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ConfigError(f"vllm_mode: {self.vllm_mode!r} is not one of colocate, server")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1] (got {self.vllm_gpu_memory_utilization})")
         bad = set(self.report_to) - {"tensorboard", "wandb"}

@@ -136,12 +136,25 @@ class OnlineTrainer(HeldoutEvaluation):
         from daralign.rollout.vllm import VLLMColocate
 
         cfg = self.cfg
+        if cfg.vllm_mode == "server":
+            from daralign.rollout.vllm_server import VLLMServer
+
+            server = VLLMServer(cfg.vllm_server_url, self.tokenizer, seed=cfg.seed, sync_dir=cfg.vllm_sync_dir,
+                                is_main=self.accelerator.is_main_process)
+            # the server holds whatever it was last given (another run's weights, maybe): start it at this policy
+            server.sync_weights(self.accelerator.unwrap_model(self.policy))
+            self.accelerator.wait_for_everyone()
+            return server
         if str(cfg.model_name_or_path).endswith(".gguf"):
             raise ConfigError("use_vllm: give the policy as a model folder or Hub id (vLLM does not train-sync GGUF files)")
         path = bundled.resolve(cfg.model_name_or_path) if bundled.is_bundled(cfg.model_name_or_path) else cfg.model_name_or_path
         return VLLMColocate(path, self.tokenizer, dtype=cfg.dtype, max_model_len=cfg.max_prompt_length + cfg.max_completion_length + 16,
                             seed=cfg.seed, enforce_eager=cfg.vllm_enforce_eager,
                             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+
+    def _sync_vllm(self) -> None:
+        self.vllm.sync_weights(self.unwrapped)
+        self.accelerator.wait_for_everyone()  # a server is pushed to by the main process: the others wait for it
 
     @property
     def unwrapped(self):
@@ -274,7 +287,7 @@ class OnlineTrainer(HeldoutEvaluation):
         upd = self.update(rollout, prepared, signal)
         t4 = time.perf_counter()
         if self.vllm is not None and signal:
-            self.vllm.sync_weights(self.unwrapped)  # the engine samples the next batch from the updated policy
+            self._sync_vllm()  # the engine samples the next batch from the updated policy
             upd["timing/weight_sync"] = time.perf_counter() - t4
             t4 = time.perf_counter()
         upd |= getattr(self, "_rollout_metrics", {})
@@ -375,7 +388,7 @@ class OnlineTrainer(HeldoutEvaluation):
             self._check_resume_config(resume_from)
             state = checkpoint.load(acc, resume_from, self.extra)
             if self.vllm is not None:
-                self.vllm.sync_weights(self.unwrapped)  # the engine loaded the starting weights
+                self._sync_vllm()  # the engine loaded the starting weights
             start = state["step"]
             spent |= {k: state[k] for k in spent if k in state}
             console.print(f"resumed from {resume_from} (step {start}, {spent['annotation_requests']} requests, "

@@ -10,13 +10,16 @@ training process and holds a copy of the current policy.
   log_softmax(logits / T), what the trainer computes) are compared with it and the mean absolute
   per-token difference is logged as ``rollout/logp_abs_diff`` — a mismatch is visible, never silent.
 - After every optimizer step ``sync_weights`` pushes the policy's weights into the engine
-  (``collective_rpc("reload_weights")`` then ``reset_prefix_cache()``); a LoRA policy pushes its
+  (``collective_rpc("daralign_load_weights")``: ``rollout/vllm_worker.py``, then
+  ``reset_prefix_cache()``); a LoRA policy pushes its
   merged weights.
 - Each prompt's K samples are seeded from (seed, step, prompt position), so a resumed run samples
   what the straight run would have.
 
 In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): weights pass as tensors, no copy through a file.
-On the CPU, vLLM's linear layers are repacked at load, which ``reload_weights`` redoes.
+On the CPU, vLLM's linear layers are repacked at load, which the reload redoes (and, for a tied LM
+head, the worker extension: see ``rollout/vllm_worker.py``). ``rollout/vllm_server.py`` is the
+same engine behind HTTP (``vllm_mode: server``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ import torch
 from daralign.errors import ConfigError
 from daralign.rollout.hf import _eos_ids, _tokenize_prompts
 from daralign.types import Rollout
+
+
+WORKER_EXTENSION = "daralign.rollout.vllm_worker.DaralignWorkerExtension"  # loads pushed weights (why: that file)
 
 
 def vllm_available() -> bool:
@@ -51,7 +57,8 @@ class VLLMColocate:
         self.tokenizer, self.seed = tokenizer, seed
         self.llm = LLM(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                       logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True)
+                       logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True,
+                       worker_extension_cls=WORKER_EXTENSION)
 
     def sample(self, model, rows: list[dict], *, step: int, num_generations: int, max_completion_length: int,
                temperature: float, top_p: float = 1.0, top_k: int = 0, max_prompt_length: int = 256) -> tuple[Rollout, torch.Tensor]:
@@ -63,45 +70,66 @@ class VLLMColocate:
         enc = _tokenize_prompts(self.tokenizer, [r["prompt"] for r in rows], max_prompt_length, device)
         eos_ids = _eos_ids(model, self.tokenizer)
         prompts, params = [], []
-        for p, (ids, mask) in enumerate(zip(enc["input_ids"], enc["attention_mask"])):
-            prompts.append(TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist()))
+        for p, ids in enumerate(prompt_token_ids(enc)):
+            prompts.append(TokensPrompt(prompt_token_ids=ids))
             params.append(SamplingParams(
                 n=K, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1, max_tokens=max_completion_length,
-                stop_token_ids=eos_ids, logprobs=0, seed=(self.seed * 1_000_003 + step) * 4099 + p,
+                stop_token_ids=eos_ids, logprobs=0, seed=sample_seed(self.seed, step, p),
             ))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        pad = self.tokenizer.pad_token_id
-        N, Lp, T = len(rows) * K, enc["input_ids"].shape[1], max_completion_length
-        gen = torch.full((N, T), pad, dtype=torch.long, device=device)
-        gen_mask = torch.zeros((N, T), dtype=torch.long, device=device)
-        vllm_logps = torch.zeros((N, T), dtype=torch.float32, device=device)
-        is_eos = torch.zeros(N, dtype=torch.bool, device=device)
-        for p, out in enumerate(outputs):
-            for k, c in enumerate(out.outputs):
-                i, ids = p * K + k, list(c.token_ids)[:T]
-                gen[i, :len(ids)] = torch.tensor(ids, device=device)
-                gen_mask[i, :len(ids)] = 1
-                is_eos[i] = bool(ids) and ids[-1] in eos_ids
-                vllm_logps[i, :len(ids)] = torch.tensor([next(iter(d.values())).logprob for d in c.logprobs[:len(ids)]])
-        prompt_ids, prompt_mask = enc["input_ids"].repeat_interleave(K, 0), enc["attention_mask"].repeat_interleave(K, 0)
-        completions = [self.tokenizer.decode(gen[i, :int(gen_mask[i].sum())], skip_special_tokens=True) for i in range(N)]
-        rollout = Rollout(
-            rows=rows, prompts=[r["prompt"] for r in rows], completions=completions,
-            input_ids=torch.cat([prompt_ids, gen], 1), attention_mask=torch.cat([prompt_mask, gen_mask], 1),
-            completion_mask=torch.cat([torch.zeros_like(prompt_mask), gen_mask], 1),
-            behaviour_token_logps=torch.zeros((N, Lp + T - 1), device=device),  # filled by the trainer's forward
-            is_eos=is_eos, num_generations=K,
-        )
-        return rollout, vllm_logps
+        samples = [[(list(c.token_ids), [next(iter(d.values())).logprob for d in c.logprobs]) for c in out.outputs]
+                   for out in outputs]
+        return assemble_rollout(self.tokenizer, rows, enc, samples, eos_ids, max_completion_length)
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
         """Push the policy's current weights (merged, for LoRA) into the engine."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(policy_weights(model)))})
+        self.llm.collective_rpc("daralign_load_weights", kwargs={"weights_iterator": iter(list(policy_weights(model)))})
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
         self.llm = None
+
+
+def prompt_token_ids(enc) -> list[list[int]]:
+    """Each prompt's tokens without the left padding: what the engine is given."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+
+
+def sample_seed(seed: int, step: int, prompt: int) -> int:
+    """The seed of one prompt's K samples at one step: a resumed run samples what the straight run would have."""
+    return (seed * 1_000_003 + step) * 4099 + prompt
+
+
+def assemble_rollout(tokenizer, rows: list[dict], enc, samples: list[list[tuple[list[int], list[float]]]],
+                     eos_ids: list[int], max_completion_length: int) -> tuple[Rollout, torch.Tensor]:
+    """A ``Rollout`` (π_t left to the trainer) and the engine's per-token log-probs (N, T), from each
+    prompt's K (completion token ids, log-probs); prompts as ``_tokenize_prompts`` padded them."""
+    device = enc["input_ids"].device
+    K = len(samples[0])
+    pad = tokenizer.pad_token_id
+    N, Lp, T = len(rows) * K, enc["input_ids"].shape[1], max_completion_length
+    gen = torch.full((N, T), pad, dtype=torch.long, device=device)
+    gen_mask = torch.zeros((N, T), dtype=torch.long, device=device)
+    engine_logps = torch.zeros((N, T), dtype=torch.float32, device=device)
+    is_eos = torch.zeros(N, dtype=torch.bool, device=device)
+    for p, group in enumerate(samples):
+        for k, (ids, logps) in enumerate(group):
+            i, ids = p * K + k, ids[:T]
+            gen[i, :len(ids)] = torch.tensor(ids, device=device)
+            gen_mask[i, :len(ids)] = 1
+            is_eos[i] = bool(ids) and ids[-1] in eos_ids
+            engine_logps[i, :len(ids)] = torch.tensor(logps[:len(ids)], device=device)
+    prompt_ids, prompt_mask = enc["input_ids"].repeat_interleave(K, 0), enc["attention_mask"].repeat_interleave(K, 0)
+    completions = [tokenizer.decode(gen[i, :int(gen_mask[i].sum())], skip_special_tokens=True) for i in range(N)]
+    rollout = Rollout(
+        rows=rows, prompts=[r["prompt"] for r in rows], completions=completions,
+        input_ids=torch.cat([prompt_ids, gen], 1), attention_mask=torch.cat([prompt_mask, gen_mask], 1),
+        completion_mask=torch.cat([torch.zeros_like(prompt_mask), gen_mask], 1),
+        behaviour_token_logps=torch.zeros((N, Lp + T - 1), device=device),  # filled by the trainer's forward
+        is_eos=is_eos, num_generations=K,
+    )
+    return rollout, engine_logps
 
 
 def policy_weights(model) -> list[tuple[str, torch.Tensor]]:

