@@ -19,10 +19,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vll
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
-def test_vllm_colocate_samples_the_current_policy(tmp_path, peft, monkeypatch):
+@pytest.mark.parametrize("algorithm, peft", [("dar", False), ("dar", True), ("rloo", False)], ids=["dar-full", "dar-lora", "rloo-full"])
+def test_vllm_colocate_samples_the_current_policy(tmp_path, algorithm, peft, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for 4 sequences of 12 tokens
-    cfg = {"algorithm": "dar", "model_name_or_path": "bundled:smollm2-135m-instruct",
+    cfg = {"algorithm": algorithm, "model_name_or_path": "bundled:smollm2-135m-instruct",
            "dataset": str(ROOT / "examples" / "data" / "quickstart_train.jsonl"),
            "annotator": {"type": "function", "function": f"{ROOT / 'tests' / 'tiny.py'}:length_reward"},
            "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 12, "max_steps": 2,
@@ -33,6 +33,8 @@ def test_vllm_colocate_samples_the_current_policy(tmp_path, peft, monkeypatch):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for m in metrics:
         assert m["rollout/logp_abs_diff"] < 1e-3 and m["rollout/logp_abs_diff_max"] < 1e-2, m
+        # DAR takes π_t from its update's forward; RLOO needs it before (its KL penalty): one forward
+        assert ("timing/behaviour_forward" in m) == (algorithm == "rloo"), m
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-3)  # π_t = π_ref before the first update
     assert metrics[0]["update/skipped"] == 0.0 and "timing/weight_sync" in metrics[0]
     assert abs(metrics[1]["kl"]) > 1e-4  # step 2 sampled from the updated, pushed weights (and agreed, above)

@@ -122,7 +122,7 @@ def test_train_samples_from_the_server(vllm_server, tmp_path):
     for m in metrics:
         assert m["rollout/logp_abs_diff"] < 1e-3 and m["rollout/logp_abs_diff_max"] < 1e-2, m
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-3)  # the server was reset to the starting policy
-    assert "timing/weight_sync" in metrics[0]
+    assert "timing/weight_sync" in metrics[0] and "timing/behaviour_forward" not in metrics[0]  # π_t: the update's
     assert abs(metrics[1]["kl"]) > 1e-4  # step 2 sampled the pushed, updated weights (and agreed, above)
     assert list((tmp_path / "sync").iterdir()) == []  # the run removed its weights file, kept the folder
 

@@ -42,6 +42,7 @@ from daralign.feedback import compare_feedback, labels_per_prompt, offline_feedb
 from daralign.loop_heldout import HeldoutEvaluation
 from daralign.models import disable_dropout, load_causal_lm, load_tokenizer, token_logps
 from daralign.objectives import get_objective
+from daralign.objectives.base import RECORDED_TOKEN_LOGPS
 from daralign.provenance import provenance
 from daralign.rollout.hf import sample_rollout
 from daralign.rollout.offline import pair_rollout
@@ -100,6 +101,10 @@ class OnlineTrainer(HeldoutEvaluation):
         self.schedule = PromptSchedule(self.rows, train.prompts_per_step * world, train.seed)
         self.rank, self.world = rank, world
         self.vllm = self._start_vllm() if train.use_vllm and self.kind != "offline" else None
+        # vLLM gives no trainer log-probs: with one update per batch (and no dropout) DAR's and GRPO's
+        # π_t is the detached value of the update's own forward, so no extra pass (objectives/base.py)
+        self.pi_t_from_update = (self.vllm is not None and self.objective.behaviour_in_loss
+                                 and train.num_updates_per_batch == 1 and train.disable_dropout)
         if world > 1:  # statistics of the global batch (advantage normalisation, means over valid samples)
             device = self.accelerator.device
             self.objective.reduce_sum = lambda t: self.accelerator.reduce(t.to(device), "sum").to(t.device)
@@ -202,7 +207,12 @@ class OnlineTrainer(HeldoutEvaluation):
                 temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
                 max_prompt_length=self.cfg.max_prompt_length)
             # π_t is the trainer's own log-prob of the sampled tokens; vLLM's is checked against it
-            self._rollout_metrics = attach_trainer_logps(rollout, self._forward_token_logps(self.unwrapped, rollout), vllm_logps)
+            if self.pi_t_from_update:
+                rollout.behaviour_token_logps, self._vllm_logps = None, vllm_logps  # filled after the update
+            else:
+                t = time.perf_counter()
+                self._rollout_metrics = attach_trainer_logps(rollout, self._forward_token_logps(self.unwrapped, rollout), vllm_logps)
+                self._rollout_metrics["timing/behaviour_forward"] = time.perf_counter() - t
             return rollout
         with self.accelerator.autocast():
             return sample_rollout(
@@ -237,7 +247,7 @@ class OnlineTrainer(HeldoutEvaluation):
         batch = {k: getattr(rollout, k) for k in MB_KEYS} | prepared
         rows_per_mb = self.rows_per_micro_batch(rollout)  # whole prompt groups per micro-batch
         self.policy.train()
-        losses, extra_metrics, grad_norms = [], {}, []
+        losses, extra_metrics, grad_norms, recorded = [], {}, [], []
         for _ in range(cfg.num_updates_per_batch if signal else 0):
             starts = list(range(0, N, rows_per_mb))
             for i, s in enumerate(starts):
@@ -248,6 +258,8 @@ class OnlineTrainer(HeldoutEvaluation):
                     loss = loss * (mb["input_ids"].shape[0] / N)  # mean over the whole online batch
                 self.accelerator.backward(loss)
                 losses.append(loss.item())
+                if RECORDED_TOKEN_LOGPS in m:  # π_t from this forward (objectives/base.py)
+                    recorded.append(m.pop(RECORDED_TOKEN_LOGPS))
                 for k, v in m.items():
                     extra_metrics.setdefault(k, []).append(float(v))
             if self.world > 1:
@@ -268,7 +280,24 @@ class OnlineTrainer(HeldoutEvaluation):
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out.update({k: sum(v) / len(v) for k, v in extra_metrics.items()})
+        if recorded:
+            out[RECORDED_TOKEN_LOGPS] = torch.cat(recorded)
         return out
+
+    def _behaviour_from_update(self, rollout, recorded, feedback, ref) -> dict:
+        """Fill π_t with the update forward's log-probs (one forward now if no update ran), check vLLM's
+        against them, and recompute the objective's metrics with it (``prepare`` is cheap: no forward)."""
+        if recorded is None:
+            t = time.perf_counter()
+            recorded = self._forward_token_logps(self.unwrapped, rollout)
+            self._rollout_metrics = {"timing/behaviour_forward": time.perf_counter() - t}
+        else:
+            self._rollout_metrics = {}
+        from daralign.rollout.vllm import attach_trainer_logps
+
+        self._rollout_metrics |= attach_trainer_logps(rollout, recorded.float(), self._vllm_logps)
+        with torch.no_grad():
+            return self.objective.prepare(rollout, feedback, ref, self.unwrapped)[1]
 
     def _sum(self, x: float) -> float:
         return float(self.accelerator.reduce(torch.tensor(float(x), device=self.accelerator.device), "sum").item())
@@ -285,6 +314,9 @@ class OnlineTrainer(HeldoutEvaluation):
             prepared, obj_metrics = self.objective.prepare(rollout, feedback, ref, self.unwrapped)
         signal = self._sum(self.objective.has_signal(feedback, prepared)) > 0  # the same decision on every process
         upd = self.update(rollout, prepared, signal)
+        recorded = upd.pop(RECORDED_TOKEN_LOGPS, None)
+        if rollout.behaviour_token_logps is None:  # π_t was left to the update (see __init__)
+            obj_metrics = self._behaviour_from_update(rollout, recorded, feedback, ref)
         t4 = time.perf_counter()
         if self.vllm is not None and signal:
             self._sync_vllm()  # the engine samples the next batch from the updated policy

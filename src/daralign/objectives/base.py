@@ -9,6 +9,13 @@ The loop calls, per online batch:
      prompt groups (all K samples of a prompt), so pairwise losses see both members of a pair.
 Objectives never call annotators and never step the optimizer.
 
+π_t without an extra forward (``behaviour_in_loss``): when the rollout backend gives no log-probs
+(vLLM) and the batch gets one update, the loop may hand ``prepare`` a rollout whose
+``behaviour_token_logps`` is None. An objective that allows it then uses the detached log-prob of
+its own update forward as π_t (exact: θ = θ_t at that forward) and returns those per-token
+log-probs under ``RECORDED_TOKEN_LOGPS`` in its loss metrics; the loop fills the rollout with them
+afterwards and calls ``prepare`` again, for the metrics only.
+
 Under DDP each process holds its share of the prompts. Statistics that span the batch (DAR's
 advantage normalisation, PPO's whitening, "mean over valid samples") must span the *global*
 batch: the loop sets ``reduce_sum`` to an all-reduce, and objectives compute such statistics from
@@ -25,8 +32,12 @@ from daralign.models import sequence_logps
 from daralign.types import Feedback, Rollout
 
 
+RECORDED_TOKEN_LOGPS = "recorded_token_logps"  # loss-metrics key: the update forward's detached (n, L-1) log-probs
+
+
 class Objective:
     Config: ClassVar[type | None] = None  # the objective's own dataclass config (fields join the CLI)
+    behaviour_in_loss: ClassVar[bool] = False  # may take π_t from its update's own forward (module docstring)
     feedback_kind: ClassVar[str] = "score"  # "score" | "compare" | "offline"
     needs_reference: ClassVar[bool] = True  # the loop computes frozen-reference log-probs
 

@@ -18,7 +18,8 @@ from typing import ClassVar
 import torch
 
 from daralign.errors import ConfigError
-from daralign.objectives.base import Objective, register_objective
+from daralign.models import token_logps
+from daralign.objectives.base import RECORDED_TOKEN_LOGPS, Objective, register_objective
 
 NORMALIZATIONS = ("batch", "group", "none")
 
@@ -180,12 +181,22 @@ class DAR(Objective):
     Config = DARConfig
     feedback_kind = "score"
 
+    # π_t may be left to the loss: w depends only on the sample's own log π_t(y|x), which with one
+    # update per batch is the detached log-prob of the update's own forward (no extra pass).
+    behaviour_in_loss = True
+
     def prepare(self, rollout, feedback, ref_token_logps, model):
         cfg = self.config
         P, K = rollout.num_prompts, rollout.num_generations
         rewards, valid = self.rewards_and_valid(rollout, feedback)
-        behaviour = rollout.behaviour_logps.view(P, K)
         ref = ref_token_logps.sum(-1).view(P, K)
+        scale = self.global_mean_scale(int(valid.sum()), P * K)
+        if rollout.behaviour_token_logps is None:  # π_t comes from the update's forward: see ``loss``
+            adv = advantages(rewards, cfg.advantage_normalization, valid=valid, reduce_sum=self.reduce_sum)
+            # log w = (α/(α+β))·log π_ref + A/(α+β)  −  (α/(α+β))·log π_t   (the last term in ``loss``)
+            log_w_part = (cfg.dar_alpha / cfg.dar_total) * ref.double() + adv / cfg.dar_total
+            return {"log_w_without_behaviour": log_w_part.reshape(-1), "row_scale": (valid.double() * scale).reshape(-1)}, {}
+        behaviour = rollout.behaviour_logps.view(P, K)
         log_w = dar_log_weights(
             rewards, ref, behaviour, alpha=cfg.dar_alpha, beta=cfg.dar_beta, weight_clip=cfg.weight_clip,
             advantage_normalization=cfg.advantage_normalization, valid=valid, reduce_sum=self.reduce_sum,
@@ -202,10 +213,26 @@ class DAR(Objective):
             "dar/log_ratio_ref_behaviour": (ref - behaviour)[valid].mean().item() if n_valid else 0.0,
         }
         # L = −Σ_valid w·log π / #valid (global batch): the loop computes Σ_rows(·)/N per process
-        scale = self.global_mean_scale(n_valid, P * K)
         return {"weights": (weights * scale).reshape(-1)}, metrics
 
     def loss(self, policy_logps, batch):
+        weights = batch["weights"] if "weights" in batch else self.weights_from_update(policy_logps.detach(), batch)
         # L = −mean_i w_i · log π_θ(y_i|x_i) over valid samples (w is a constant: no gradient flows through it)
-        loss = -(batch["weights"].to(policy_logps.dtype) * policy_logps).mean()
+        loss = -(weights.to(policy_logps.dtype) * policy_logps).mean()
         return loss, {}
+
+    def weights_from_update(self, behaviour_logps: torch.Tensor, batch) -> torch.Tensor:
+        """w with log π_t = the update's own (detached) log-prob: the same clip as ``dar_log_weights``."""
+        cfg = self.config
+        log_w = batch["log_w_without_behaviour"] - (cfg.dar_alpha / cfg.dar_total) * behaviour_logps.double()
+        log_w = log_w.clamp(max=math.log(cfg.weight_clip))
+        return (log_w.exp().float() * batch["row_scale"]).float()
+
+    def compute_loss(self, model, batch):
+        if "weights" in batch:
+            return super().compute_loss(model, batch)
+        per_token = token_logps(model, batch["input_ids"], batch["attention_mask"], self.train.temperature,
+                                batch["completion_mask"])
+        logps = (per_token * batch["completion_mask"][:, 1:].to(per_token.dtype)).sum(-1)
+        loss, metrics = self.loss(logps, batch)
+        return loss, metrics | {RECORDED_TOKEN_LOGPS: per_token.detach()}

@@ -18,7 +18,7 @@ import torch
 
 from daralign.errors import ConfigError
 from daralign.models import token_logps
-from daralign.objectives.base import Objective, register_objective
+from daralign.objectives.base import RECORDED_TOKEN_LOGPS, Objective, register_objective
 
 
 def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e-4) -> torch.Tensor:
@@ -72,6 +72,7 @@ class GRPOConfig:
 class GRPO(Objective):
     Config = GRPOConfig
     feedback_kind = "score"
+    behaviour_in_loss = True  # the ratio's denominator may be the update's own detached forward
 
     def __init__(self, config, train) -> None:
         super().__init__(config if config is not None else GRPOConfig(), train)
@@ -91,12 +92,9 @@ class GRPO(Objective):
         # token-level average over the whole batch: Σ ℓ_t / #tokens. The loop weights a micro-batch of
         # n rows by n/N, so each row carries N / #tokens and a micro-batch returns Σ ℓ_t·(N/#tokens) / n.
         token_scale = torch.full((N,), self.global_mean_scale(float(mask.sum()), N), device=device)
-        prepared = {
-            "advantages": adv.reshape(-1).float(),
-            "old_token_logps": rollout.behaviour_token_logps.float(),
-            "loss_mask": mask,
-            "token_scale": token_scale,
-        }
+        prepared = {"advantages": adv.reshape(-1).float(), "loss_mask": mask, "token_scale": token_scale}
+        if rollout.behaviour_token_logps is not None:  # else π_t is the update's own forward (compute_loss)
+            prepared["old_token_logps"] = rollout.behaviour_token_logps.float()
         if self.config.beta > 0:
             prepared["ref_token_logps"] = ref_token_logps.float()
         r = rewards.double()
@@ -108,11 +106,14 @@ class GRPO(Objective):
     def compute_loss(self, model, batch):
         logps = token_logps(model, batch["input_ids"], batch["attention_mask"], self.train.temperature,
                             batch["completion_mask"])  # (n, L-1), computed on completion positions only
+        recorded = logps.detach()  # every completion token's, before the loss mask
         mask = batch["loss_mask"].to(logps.dtype)
         off = mask == 0  # zero every log-prob off the loss tokens so exp() there cannot overflow into 0·inf
         logps = logps.masked_fill(off, 0.0)
         adv = batch["advantages"].to(logps.dtype)[:, None]
-        old = batch["old_token_logps"].to(logps.dtype).masked_fill(off, 0.0)
+        # one update per batch and no recorded π_t: θ = θ_t at this forward, so π_t is its detached value
+        old = batch["old_token_logps"].to(logps.dtype) if "old_token_logps" in batch else recorded
+        old = old.masked_fill(off, 0.0)
         per_token, is_clipped = clipped_surrogate(logps, old, adv, self.config.epsilon)
         if self.config.beta > 0:
             kl = k3_kl(logps, batch["ref_token_logps"].to(logps.dtype).masked_fill(off, 0.0))
@@ -121,6 +122,8 @@ class GRPO(Objective):
         loss = (batch["token_scale"].to(logps.dtype) * row_sums).sum() / logps.shape[0]  # L = Σ ℓ_t / #tokens
         n_tokens = mask.sum().clamp(min=1)
         metrics = {"clip_ratio/region_mean": ((is_clipped.float() * mask).sum() / n_tokens).item()}
+        if "old_token_logps" not in batch:
+            metrics[RECORDED_TOKEN_LOGPS] = recorded
         if self.config.beta > 0:
             metrics["grpo/kl"] = ((kl.detach() * mask).sum() / n_tokens).item()
         return loss, metrics
