@@ -276,3 +276,13 @@ def test_a_string_from_a_reward_function_is_not_a_list_of_digits(tmp_path, run_c
     rc, err, out = run_cli({"annotator": {"type": "function", "function": f"{fn}:reward"}, "num_generations": 2,
                             "per_device_train_batch_size": 2})
     assert_one_clear_line(rc, err, out, "returned str '1234'", "expected a list of 4 numbers", only_line=False)
+
+
+def test_bf16_auto_resolves_to_what_the_hardware_computes_in(tmp_path):
+    from daralign.models import resolve_dtype
+
+    native = resolve_dtype("auto", "cpu") == "bfloat16"  # this machine: read from /proc/cpuinfo
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"dataset": "x.jsonl", "annotator": {"type": "function"}, "bf16": "auto"}))
+    assert parse_train_args(["--config", str(tmp_path / "c.yaml")])[0].bf16 is native  # a bool, as config.yaml saves it
+    assert parse_train_args(["--config", str(tmp_path / "c.yaml"), "--bf16", "auto"])[0].bf16 is native
+    assert parse_train_args(["--config", str(tmp_path / "c.yaml"), "--bf16", "false"])[0].bf16 is False

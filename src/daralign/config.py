@@ -34,7 +34,7 @@ class TrainConfig:
     ref_model_name_or_path: str | None = field(default=None, metadata={"help": "frozen reference; default: the policy's starting weights"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model repos to run their own code (off by default)"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 | bfloat16"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward passes (fp32 master weights)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward passes (fp32 master weights); auto: where the hardware computes in bf16 (CUDA with bf16, CPUs with AVX512-BF16/AMX; emulated bf16 is several times slower), resolved when the config is read"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
     use_peft: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of full weights"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
@@ -153,12 +153,22 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"command line: {message}")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _parse_bool_or_auto(text: str) -> bool | str:
+    return "auto" if text.lower() == "auto" else _parse_bool(text)
 
 
 def _base_type(tp):
@@ -179,6 +189,10 @@ def _coerce(name: str, value: Any, tp, source: str) -> Any:
     base, is_list = _base_type(tp)
     if value is None or base is Any:
         return value
+    if name == "bf16" and str(value).lower() == "auto":  # saved configs record what it resolved to
+        from daralign.models import resolve_dtype
+
+        return resolve_dtype("auto", "cuda" if _cuda_available() else "cpu") == "bfloat16"
     if is_list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -269,7 +283,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
         base, is_list = _base_type(tp)
         kwargs: dict[str, Any] = {"help": _help(f), "default": argparse.SUPPRESS}
         if base is bool:
-            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+            kwargs.update(type=_parse_bool_or_auto if name == "bf16" else _parse_bool, nargs="?", const=True, metavar="BOOL")
         elif is_list:
             kwargs.update(type=str)  # comma-separated
         elif base in (int, float, str):

@@ -18,7 +18,6 @@ import concurrent.futures as cf
 import math
 import os
 import random
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -87,24 +86,6 @@ class Client:
 # transformers (in-process)
 
 
-def resolve_dtype(dtype: str, device: str = "cpu") -> str:
-    """``auto``: bf16 where the hardware computes in bf16 (CUDA with bf16, CPUs with AVX512-BF16 or
-    AMX), else fp32 (fp16 on older GPUs). On a CPU without bf16 units, bf16 matmuls are emulated:
-    measured 2x slower per judged response than fp32 here, for scores within 0.02."""
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        flags = ""
-    return "bfloat16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "float32"
-
-
 MIN_SHARED_PREFIX = 16  # tokens; below this a prefix pass costs more than it saves
 
 
@@ -129,7 +110,7 @@ class TransformersClient(Client):
                  device: str = "auto", reuse_prefix: bool = True):
         import torch
 
-        from daralign.models import load_causal_lm, load_tokenizer
+        from daralign.models import load_causal_lm, load_tokenizer, resolve_dtype
 
         self.torch = torch
         self.name = model
