@@ -275,3 +275,29 @@ def test_a_field_added_later_at_its_default_is_not_another_config(gold_compare):
             check_existing(run)
     finally:
         path.write_text(original)
+
+
+def test_ablation_page_from_real_compare_folders(gold_compare, tmp_path):
+    """examples/testbed/ablations.py on a real core study and a real ``--sweep`` folder."""
+    out, argv = gold_compare
+    sweep = tmp_path / "sweep"
+    sweep_argv = [a for a in argv]
+    sweep_argv[sweep_argv.index("--algorithms") + 1] = "dar"
+    sweep_argv[sweep_argv.index("--output_dir") + 1] = str(sweep)
+    cut = sweep_argv.index("--best_of_n")
+    del sweep_argv[cut:cut + 2]
+    assert daralign_main(sweep_argv + ["--sweep", "dar_ratio=0.5"]) == 0
+    sys.path.insert(0, str(ROOT / "examples" / "testbed"))
+    try:
+        import ablations
+    finally:
+        sys.path.pop(0)
+    page = tmp_path / "page"
+    assert ablations.main(["--core", str(out), "--sweeps", str(sweep), "--ensemble", str(out), "--out", str(page)]) == 0
+    table = json.loads((page / "ablations.json").read_text())
+    assert [r["curve"] for r in table["dar_ratio"]] == ["0.1 (default)", "0.5"]  # ordered by value, default from the core
+    swept = json.loads((sweep / "summary.json").read_text())["gold"]["groups"]["dar[dar_ratio=0.5]"]
+    assert table["dar_ratio"][1]["gold_change"] == pytest.approx(swept["gold_change"])
+    assert [r["curve"] for r in table["ensemble"]] == ["dar, single proxy", "dar, ensemble"]
+    assert (page / "ablations.png").is_file() and (page / "ensembles.png").is_file()
+    assert "| 0.5 |" in (page / "ablations.md").read_text()
