@@ -19,23 +19,30 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vll
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("algorithm, peft", [("dar", False), ("dar", True), ("rloo", False)], ids=["dar-full", "dar-lora", "rloo-full"])
-def test_vllm_colocate_samples_the_current_policy(tmp_path, algorithm, peft, monkeypatch):
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for 4 sequences of 12 tokens
-    cfg = {"algorithm": algorithm, "model_name_or_path": "bundled:smollm2-135m-instruct",
+def train_with_vllm(tmp_path, **overrides) -> list[dict]:
+    """A 2-step run of SmolLM2 sampling through vLLM; its metrics, each step's vLLM log-probs checked."""
+    cfg = {"algorithm": "dar", "model_name_or_path": "bundled:smollm2-135m-instruct",
            "dataset": str(ROOT / "examples" / "data" / "quickstart_train.jsonl"),
            "annotator": {"type": "function", "function": f"{ROOT / 'tests' / 'tiny.py'}:length_reward"},
            "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 12, "max_steps": 2,
-           "learning_rate": 1e-3 if peft else 1e-5, "use_peft": peft, "report": False, "use_vllm": True}
+           "learning_rate": 1e-5, "report": False, "use_vllm": True, **overrides}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
     assert daralign_main(["train", "--config", str(tmp_path / "cfg.yaml"), "--output_dir", str(out)]) == 0
+    assert (out / "final" / "model.safetensors").is_file()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for m in metrics:
         assert m["rollout/logp_abs_diff"] < 1e-3 and m["rollout/logp_abs_diff_max"] < 1e-2, m
+    assert abs(metrics[1]["kl"]) > 1e-4  # step 2 sampled from the updated, pushed weights (and agreed, above)
+    return metrics
+
+
+@pytest.mark.parametrize("algorithm, peft", [("dar", False), ("dar", True), ("rloo", False)], ids=["dar-full", "dar-lora", "rloo-full"])
+def test_vllm_colocate_samples_the_current_policy(tmp_path, algorithm, peft, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for 4 sequences of 12 tokens
+    metrics = train_with_vllm(tmp_path, algorithm=algorithm, use_peft=peft, learning_rate=1e-3 if peft else 1e-5)
+    for m in metrics:
         # DAR takes π_t from its update's forward; RLOO needs it before (its KL penalty): one forward
         assert ("timing/behaviour_forward" in m) == (algorithm == "rloo"), m
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-3)  # π_t = π_ref before the first update
     assert metrics[0]["update/skipped"] == 0.0 and "timing/weight_sync" in metrics[0]
-    assert abs(metrics[1]["kl"]) > 1e-4  # step 2 sampled from the updated, pushed weights (and agreed, above)
-    assert (out / "final" / "model.safetensors").is_file()
