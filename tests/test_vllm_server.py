@@ -7,8 +7,10 @@ gets wrong on the CPU (its packed LM head stays stale, 0.02–0.06 nats off): pu
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +40,7 @@ def vllm_server():
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: plenty for a few short sequences
     proc = subprocess.Popen([sys.executable, "-m", "daralign.cli", "vllm-serve", "--model", POLICY, "--port", str(port),
                              "--dtype", "float32", "--max_model_len", "512"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -49,11 +51,15 @@ def vllm_server():
         except httpx.HTTPError:
             time.sleep(1)
     else:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("daralign vllm-serve did not answer /health within 300 s")
     yield url
-    proc.terminate()
-    proc.wait(timeout=60)
+    proc.terminate()  # the server itself (vllm-serve execs it): it stops its engine processes
+    try:
+        proc.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # and anything of its session left behind
 
 
 def _push_and_compare(engine, sync, tmp_path=None) -> tuple[float, float]:

