@@ -156,12 +156,14 @@ def test_repeating_the_command_skips_finished_runs(compare_run):
     assert daralign_main(changed) == 1  # one clear line, nothing run
 
 
-def test_sweep_runs_the_grid_with_a_plot_per_knob(tmp_path, tiny_policy_dir, tiny_prompts_file):
+def test_sweep_runs_the_grid_with_a_plot_per_knob(tmp_path, tiny_policy_dir, tiny_prompts_file, capsys):
     cfg = write_config(tmp_path, tiny_policy_dir, tiny_prompts_file)
     out = tmp_path / "out"
     argv = ["compare", "--config", str(cfg), "--algorithms", "dar,rloo", "--annotation_budget", "4", "--seeds", "3",
             "--output_dir", str(out), "--sweep", "weight_clip=5,20", "num_generations=1,2"]
     assert daralign_main(argv) == 0
+    shown = capsys.readouterr().err
+    assert "[1/5] dar[weight_clip=5,num_generations=1] · seed 3" in shown  # names, not swallowed as rich markup
     summary = json.loads((out / "summary.json").read_text())
     assert [g["group"] for g in summary["groups"]] == [
         "dar[weight_clip=5,num_generations=1]", "dar[weight_clip=5,num_generations=2]",

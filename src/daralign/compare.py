@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 
 from daralign import checkpoint
 from daralign.config import TrainConfig, _ArgumentParser, _parse_bool, parse_train_args, read_yaml, to_dict
@@ -355,7 +356,7 @@ def check_existing(run: Run) -> None:
 def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool, budget: int) -> None:
     from daralign.train import run as train_run
 
-    title = f"[{index}/{total}] {run.group} · seed {run.seed}"
+    title = escape(f"[{index}/{total}] {run.group} · seed {run.seed}")  # a sweep group is `dar[knob=value]`, not markup
     if finished(run):
         console.print(f"[dim]{title}: finished earlier, skipped[/dim]")
         return

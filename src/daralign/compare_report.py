@@ -295,6 +295,7 @@ def table_rows(summary: dict) -> list[list[str]]:
 
 
 def print_table(summary: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     keys = ["annotation_requests", "annotations", "train_reward_final", "heldout_after", "heldout_diff", "kl_final", "wall_time_s"]
@@ -303,7 +304,7 @@ def print_table(summary: dict) -> None:
         t.add_column(name, overflow="fold")
     cols = [0, 1] + [2 + i for i, (k, _, _) in enumerate(TABLE) if k in keys]
     for row in table_rows(summary):
-        t.add_row(*[row[i] for i in cols])
+        t.add_row(*[escape(row[i]) for i in cols])  # `dar[dar_ratio=0]` is a name, not rich markup
     console.print(t)
 
 
