@@ -83,12 +83,14 @@ def main(argv=None) -> int:
         bon = core["gold"].get("bon_reference")
         fig, axes = plt.subplots(1, len(knobs), figsize=(4.2 * len(knobs), 3.6), squeeze=False)
         for ax, (knob, values) in zip(axes[0], sorted(knobs.items())):
+            others = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
             for value, g in sorted(values.items(), key=lambda kv: float(kv[0].split()[0])):
                 c = [p for p in g["curve"] if p["gold"] is not None and p["kl"] is not None]
-                ax.plot([math.sqrt(max(p["kl"], 0.0)) for p in c], [p["gold"] for p in c], marker="o", ms=3, label=value)
+                style = dict(color="k", lw=2) if "default" in value else dict(color=next(others))  # the default: black in every panel
+                ax.plot([math.sqrt(max(p["kl"], 0.0)) for p in c], [p["gold"] for p in c], marker="o", ms=3, label=value, **style)
                 table.setdefault(knob, []).append(row(value, g))
             if bon:
-                ax.plot([math.sqrt(p["kl"]) for p in bon["curve"]], [p["gold"] for p in bon["curve"]], "k--", lw=1,
+                ax.plot([math.sqrt(p["kl"]) for p in bon["curve"]], [p["gold"] for p in bon["curve"]], "--", color="grey", lw=1,
                         label="best-of-n")
             ax.set(title=knob, xlabel="√KL(π‖π_ref)", ylabel="held-out gold")
             ax.grid(alpha=0.3)
