@@ -122,20 +122,26 @@ def main(argv=None) -> int:
         fig.savefig(args.out / "ensembles.png", dpi=110)
         plt.close(fig)
 
-    (args.out / "ablations.json").write_text(json.dumps(table, indent=1))
     lines = []
     for section, rows in table.items():
-        lines += [f"### {section}", "", "| curve | gold change ± SE (z) | proxy change ± SE | KL at budget | gold peak (requests) | turn-down |",
-                  "|---|---|---|---|---|---|"]
+        base = next((r for r in rows if "default" in r["curve"]), None)
+        for r in rows:  # the gold change against the default's, independent seeds: SE = √(SE₁² + SE₂²)
+            ok = base is not None and r is not base and None not in (r["gold_change"], r["gold_change_se"], base["gold_change_se"])
+            r["gold_vs_default"] = r["gold_change"] - base["gold_change"] if ok else None
+            r["gold_vs_default_se"] = math.hypot(r["gold_change_se"], base["gold_change_se"]) if ok else None
+        lines += [f"### {section}", "", "| curve | gold change ± SE (z) | vs default ± SE | proxy change ± SE | KL at budget | "
+                  "gold peak (requests) | turn-down |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             z = f" ({r['gold_change_z']:.1f})" if r["gold_change_z"] is not None else ""
             gold = f"{fmt(r['gold_change'])} ± {r['gold_change_se']:.3f}{z}" if r["gold_change_se"] else fmt(r["gold_change"])
             proxy = f"{fmt(r['proxy_change'])} ± {r['proxy_change_se']:.3f}" if r["proxy_change_se"] else fmt(r["proxy_change"])
             kl = f"{r['kl_at_budget']:.1f}" if r["kl_at_budget"] is not None else "—"
             peak = f"{r['peak_gold']:.3f} ({r['peak_requests']:.0f})" if r["peak_gold"] is not None else "—"
-            lines.append(f"| {r['curve']} | {gold} | {proxy} | {kl} | {peak} | {'yes' if r['turn_down'] else 'no'} |")
+            vs = f"{fmt(r['gold_vs_default'])} ± {r['gold_vs_default_se']:.3f}" if r["gold_vs_default_se"] else "—"
+            lines.append(f"| {r['curve']} | {gold} | {vs} | {proxy} | {kl} | {peak} | {'yes' if r['turn_down'] else 'no'} |")
         lines.append("")
     (args.out / "ablations.md").write_text("\n".join(lines))
+    (args.out / "ablations.json").write_text(json.dumps(table, indent=1))
     print("\n".join(lines))
     return 0
 
