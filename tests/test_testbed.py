@@ -301,3 +301,7 @@ def test_ablation_page_from_real_compare_folders(gold_compare, tmp_path):
     assert [r["curve"] for r in table["ensemble"]] == ["dar, single proxy", "dar, ensemble"]
     assert (page / "ablations.png").is_file() and (page / "ensembles.png").is_file()
     assert "| 0.5 |" in (page / "ablations.md").read_text()
+    # --default: the default point from a folder run under the sweeps' conditions (here, the 0.5 one)
+    assert ablations.main(["--core", str(out), "--default", str(sweep), "--sweeps", str(sweep), "--out", str(page)]) == 0
+    rows = json.loads((page / "ablations.json").read_text())["dar_ratio"]
+    assert rows[0]["gold_change"] == pytest.approx(swept["gold_change"]) and rows[0]["curve"] == "0.1 (default)"

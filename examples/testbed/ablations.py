@@ -48,8 +48,8 @@ def row(label: str, g: dict) -> dict:
     return {"curve": label, **{k: g.get(k) for k in keys}}
 
 
-def ablations(core: dict, sweeps: list[dict], default_config: dict) -> dict[str, dict[str, dict]]:
-    """{knob: {value: gold group}} with the core study's dar as the default value of every knob."""
+def ablations(default: dict, sweeps: list[dict], default_config: dict) -> dict[str, dict[str, dict]]:
+    """{knob: {value: gold group}}, ``default`` (a gold group) at the default value of every knob."""
     out: dict[str, dict[str, dict]] = {}
     for s in sweeps:
         for name, g in s["gold"]["groups"].items():
@@ -57,7 +57,7 @@ def ablations(core: dict, sweeps: list[dict], default_config: dict) -> dict[str,
             if m and m[1] in KNOBS:
                 out.setdefault(m[1], {})[m[2]] = g
     for knob, values in out.items():
-        values.setdefault(f"{default_config[knob]:g} (default)", core["gold"]["groups"]["dar"])
+        values.setdefault(f"{default_config[knob]:g} (default)", default)
     return out
 
 
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--core", type=Path, required=True, help="the core study's folder (its dar runs are the default point)")
     ap.add_argument("--sweeps", type=Path, nargs="*", default=[], help="folders of `--sweep` runs of dar")
+    ap.add_argument("--default", type=Path, help="a folder whose one dar group ran the default config under the sweeps' "
+                                                 "conditions (e.g. `--sweep dar_ratio=0.1`); else the core study's dar")
     ap.add_argument("--ensemble", type=Path, help="the folder of dar/rloo trained on the ensemble annotator")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -78,7 +80,10 @@ def main(argv=None) -> int:
     default_config = yaml.safe_load((args.core / first_dar["dir"] / "config.yaml").read_text())  # every field, resolved
     table: dict[str, list[dict]] = {}
 
-    knobs = ablations(core, [load(f) for f in args.sweeps], default_config)
+    default = core["gold"]["groups"]["dar"]
+    if args.default:
+        (default,) = load(args.default)["gold"]["groups"].values()
+    knobs = ablations(default, [load(f) for f in args.sweeps], default_config)
     if knobs:
         bon = core["gold"].get("bon_reference")
         fig, axes = plt.subplots(1, len(knobs), figsize=(4.2 * len(knobs), 3.6), squeeze=False)
