@@ -109,10 +109,14 @@ def main(argv=None) -> int:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
         for algo, color in (("dar", "tab:blue"), ("rloo", "tab:green")):
             for summary, style, tag in ((core, "--", "single proxy"), (ens, "-", "ensemble")):
-                g = summary["gold"]["groups"].get(algo)
+                name = algo
+                if algo == "dar" and summary is core and args.default:  # the rerun: the ensemble's conditions
+                    summary = load(args.default)
+                    (name,) = summary["gold"]["groups"]
+                g = summary["gold"]["groups"].get(name)
                 if g is None:
                     continue
-                per = steps_per_request(summary, algo)
+                per = steps_per_request(summary, name)
                 c = [p for p in g["curve"] if p["gold"] is not None]
                 steps = [p["requests"] * per for p in c]
                 axes[0].plot(steps, [p["gold"] for p in c], style, color=color, marker="o", ms=3, label=f"{algo}, {tag}")
