@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                 axes[1].plot(steps, [p["proxy"] for p in c], style, color=color, marker="o", ms=3, label=f"{algo}, {tag}")
                 table.setdefault("ensemble", []).append(row(f"{algo}, {tag}", g))
         axes[0].set(xlabel="training step", ylabel="held-out gold", title="gold")
-        axes[1].set(xlabel="training step", ylabel="held-out proxy", title="proxy: each run's training annotator (ensemble: its uwo score)")
+        axes[1].set(xlabel="training step", ylabel="held-out proxy", title="proxy: each run's own annotator (ensemble: uwo)")
         for ax in axes:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
