@@ -40,6 +40,7 @@ from daralign.data import PromptSchedule, load_pairs, load_prompts
 from daralign.errors import AnnotationError, ConfigError
 from daralign.feedback import compare_feedback, labels_per_prompt, offline_feedback, score_feedback, shuffle_rewards
 from daralign.loop_heldout import HeldoutEvaluation
+from daralign.loop_vllm import VLLMRollouts
 from daralign.models import disable_dropout, load_causal_lm, load_tokenizer, token_logps
 from daralign.objectives import get_objective
 from daralign.objectives.base import RECORDED_TOKEN_LOGPS
@@ -55,7 +56,7 @@ RESUME_MAY_CHANGE = {"max_steps", "annotation_budget", "save_steps", "save_total
                      "report", "report_to", "log_completions", "resume", "overwrite_output_dir"}
 
 
-class OnlineTrainer(HeldoutEvaluation):
+class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
     def __init__(self, train: TrainConfig, algo_config) -> None:
         self.cfg, self.algo_config = train, algo_config
         self.out = Path(train.output_dir)
@@ -136,31 +137,6 @@ class OnlineTrainer(HeldoutEvaluation):
         ref.eval().requires_grad_(False)
         return ref.to(self.accelerator.device)
 
-    def _start_vllm(self):
-        from daralign import bundled
-        from daralign.rollout.vllm import VLLMColocate
-
-        cfg = self.cfg
-        if cfg.vllm_mode == "server":
-            from daralign.rollout.vllm_server import VLLMServer
-
-            server = VLLMServer(cfg.vllm_server_url, self.tokenizer, seed=cfg.seed, sync_dir=cfg.vllm_sync_dir,
-                                is_main=self.accelerator.is_main_process)
-            # the server holds whatever it was last given (another run's weights, maybe): start it at this policy
-            server.sync_weights(self.accelerator.unwrap_model(self.policy))
-            self.accelerator.wait_for_everyone()
-            return server
-        if str(cfg.model_name_or_path).endswith(".gguf"):
-            raise ConfigError("use_vllm: give the policy as a model folder or Hub id (vLLM does not train-sync GGUF files)")
-        path = bundled.resolve(cfg.model_name_or_path) if bundled.is_bundled(cfg.model_name_or_path) else cfg.model_name_or_path
-        return VLLMColocate(path, self.tokenizer, dtype=cfg.dtype, max_model_len=cfg.max_prompt_length + cfg.max_completion_length + 16,
-                            seed=cfg.seed, enforce_eager=cfg.vllm_enforce_eager,
-                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-
-    def _sync_vllm(self) -> None:
-        self.vllm.sync_weights(self.unwrapped)
-        self.accelerator.wait_for_everyone()  # a server is pushed to by the main process: the others wait for it
-
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.policy)
@@ -200,20 +176,7 @@ class OnlineTrainer(HeldoutEvaluation):
             return pair_rollout(self.tokenizer, rows, max_prompt_length=self.cfg.max_prompt_length,
                                 max_completion_length=self.cfg.max_completion_length, device=self.accelerator.device)
         if self.vllm is not None:
-            from daralign.rollout.vllm import attach_trainer_logps
-
-            rollout, vllm_logps = self.vllm.sample(
-                self.unwrapped, rows, step=step, num_generations=self.K, max_completion_length=self.cfg.max_completion_length,
-                temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-                max_prompt_length=self.cfg.max_prompt_length)
-            # π_t is the trainer's own log-prob of the sampled tokens; vLLM's is checked against it
-            if self.pi_t_from_update:
-                rollout.behaviour_token_logps, self._vllm_logps = None, vllm_logps  # filled after the update
-            else:
-                t = time.perf_counter()
-                self._rollout_metrics = attach_trainer_logps(rollout, self._forward_token_logps(self.unwrapped, rollout), vllm_logps)
-                self._rollout_metrics["timing/behaviour_forward"] = time.perf_counter() - t
-            return rollout
+            return self._vllm_rollout(rows, step)
         with self.accelerator.autocast():
             return sample_rollout(
                 self.unwrapped, self.tokenizer, rows, num_generations=self.K,
@@ -283,21 +246,6 @@ class OnlineTrainer(HeldoutEvaluation):
         if recorded:
             out[RECORDED_TOKEN_LOGPS] = torch.cat(recorded)
         return out
-
-    def _behaviour_from_update(self, rollout, recorded, feedback, ref) -> dict:
-        """Fill π_t with the update forward's log-probs (one forward now if no update ran), check vLLM's
-        against them, and recompute the objective's metrics with it (``prepare`` is cheap: no forward)."""
-        if recorded is None:
-            t = time.perf_counter()
-            recorded = self._forward_token_logps(self.unwrapped, rollout)
-            self._rollout_metrics = {"timing/behaviour_forward": time.perf_counter() - t}
-        else:
-            self._rollout_metrics = {}
-        from daralign.rollout.vllm import attach_trainer_logps
-
-        self._rollout_metrics |= attach_trainer_logps(rollout, recorded.float(), self._vllm_logps)
-        with torch.no_grad():
-            return self.objective.prepare(rollout, feedback, ref, self.unwrapped)[1]
 
     def _sum(self, x: float) -> float:
         return float(self.accelerator.reduce(torch.tensor(float(x), device=self.accelerator.device), "sum").item())
