@@ -1,7 +1,9 @@
-"""2 iterations of the real quickstart stack: examples/quickstart.yaml as shipped (real SmolLM2-135M
-policy, real Qwen2.5-Coder-0.5B LLM judge read from next-token probabilities), only the sizes made
-small on the command line. Checks the metrics, the held-out files, and that the saved model loads
-with plain transformers and generates."""
+"""2 iterations of the real quickstart stack, as `make quickstart` runs it: examples/quickstart.yaml
+as shipped (real SmolLM2-135M policy, real Qwen2.5-Coder-0.5B LLM judge read from next-token
+probabilities, the gold reward grading the held-out answers) with `--with_control true`, only the
+sizes made small on the command line. Checks the metrics, the held-out files and the report for
+the run and its shuffled-reward control, and that the saved model loads with plain transformers
+and generates."""
 
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ def quickstart_run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(REPO)  # the config's dataset paths are relative to the repository root
     try:
-        rc = daralign_main(["train", "--config", "examples/quickstart.yaml", *SMALL, "--output_dir", str(out)])
+        rc = daralign_main(["train", "--config", "examples/quickstart.yaml", *SMALL, "--output_dir", str(out),
+                            "--with_control", "true"])
     finally:
         os.chdir(cwd)
     assert rc == 0
@@ -51,16 +54,29 @@ def test_quickstart_metrics(quickstart_run):
         assert 0.0 <= m["reward"] <= 1.0  # judge P(Yes) / (P(Yes) + P(No))
         assert 1 <= m["completions/mean_length"] <= 8
         assert m["timing/annotate"] > 0 and m["timing/rollout"] > 0
-    assert abs(metrics[0]["kl"]) < 1e-3  # π_t = π_ref at the first step
     cfg = (quickstart_run / "config.yaml").read_text()
+    # π_t = π_ref at the first step; under bf16 (`bf16: auto` on AMX) generate's cached decoding and
+    # the reference's full forward round differently, by ~1e-3 nats a token
+    assert abs(metrics[0]["kl"]) < (0.05 if "bf16: true" in cfg else 1e-3)
     assert "bundled:qwen2.5-coder-0.5b-instruct" in cfg and "max_steps: 2" in cfg
 
 
 def test_quickstart_heldout_and_report(quickstart_run):
-    for tag in ("before", "after"):
-        res = json.loads((quickstart_run / f"heldout_{tag}.json").read_text())
-        assert len(res["per_prompt"]) == 2 and all(0 <= s <= 1 for s in res["per_prompt"])
-    assert (quickstart_run / "report.md").is_file()
+    control = quickstart_run / "control"
+    for run in (quickstart_run, control):
+        for tag in ("before", "after"):
+            res = json.loads((run / f"heldout_{tag}.json").read_text())
+            assert len(res["per_prompt"]) == 2 and all(0 <= s <= 1 for s in res["per_prompt"])  # gold in [0, 1]
+            assert res["evaluator_is_training_annotator"] is False and "gold" in res["evaluator"]
+            assert all(0 <= s <= 1 for s in res["proxy_per_prompt"])  # the judge's P(Yes) beside it
+    # the control starts from the same model with the same held-out seed: its before is the run's, copied
+    assert (control / "heldout_before.json").read_bytes() == (quickstart_run / "heldout_before.json").read_bytes()
+    assert "shuffle_rewards: true" in (control / "config.yaml").read_text()
+    assert len((control / "metrics.jsonl").read_text().splitlines()) == 2
+    report = (quickstart_run / "report.md").read_text()
+    assert "| shuffled-reward control |" in report and "training annotator: before → after" in report
+    assert "(not the training annotator; the training annotator's own score" in report
+    assert "Trained − control after training, paired over the held-out prompts" in report
 
 
 def test_quickstart_saved_model_loads_and_generates(quickstart_run):

@@ -45,11 +45,18 @@ def _score_per_prompt(annotator, prompts, completions, rows, K) -> list[float | 
 
 def judge_heldout(model, tokenizer, annotator, rows: list[dict], *, max_new_tokens: int, temperature: float,
                   seed: int, samples_per_prompt: int = 2, bf16: bool = False, batch_size: int = 32,
-                  ref_token_logps: Callable | None = None, proxy=None) -> dict:
+                  ref_token_logps: Callable | None = None, proxy=None,
+                  progress: Callable[[str, int, int], None] | None = None) -> dict:
     """``annotator`` may be None (nothing scores: ``score`` is None); ``ref_token_logps(rollout)``
     gives the reference's per-token log-probs for the KL (None: not measured); ``proxy``, a second
     scorer of the same answers (the training annotator beside an independent evaluator), gives
-    ``proxy_score``. Neither is held to the training budget's request limit."""
+    ``proxy_score``. Neither is held to the training budget's request limit. ``progress(what,
+    done, total)`` is told before each phase (sampling, each scorer, the KL) and at the end."""
+    phases = ["sampling"] + [name for name, on in [("scoring", annotator is not None),
+                                                   ("scoring by the training annotator", proxy is not None),
+                                                   ("KL to the reference", ref_token_logps is not None)] if on]
+    tell = (lambda i: progress(phases[i] if i < len(phases) else "done", i, len(phases))) if progress else (lambda i: None)
+    tell(0)
     with fork_rng():
         torch.manual_seed(seed)
         rollout = sample_rollout(model, tokenizer, rows, num_generations=samples_per_prompt,
@@ -57,11 +64,16 @@ def judge_heldout(model, tokenizer, annotator, rows: list[dict], *, max_new_toke
                                  generation_batch_size=batch_size, bf16=bf16)
     K = samples_per_prompt
     prompts = [rollout.prompt_of(i) for i in range(len(rollout.completions))]
-    per_prompt, proxy_per_prompt = (_score_per_prompt(a, prompts, rollout.completions, rows, K) for a in (annotator, proxy))
+    tell(1)
+    per_prompt = _score_per_prompt(annotator, prompts, rollout.completions, rows, K)
+    tell(1 + (annotator is not None))
+    proxy_per_prompt = _score_per_prompt(proxy, prompts, rollout.completions, rows, K)
+    tell(len(phases) - (ref_token_logps is not None))
     kl_per_prompt: list[float | None] = [None] * len(rows)
     if ref_token_logps is not None:
         kl = (rollout.behaviour_logps - ref_token_logps(rollout).sum(-1)).view(len(rows), K).mean(1)
         kl_per_prompt = kl.tolist()
+    tell(len(phases))
     lengths = rollout.completion_lengths.float()
     return {
         "score": _mean(per_prompt),

@@ -56,6 +56,11 @@ RESUME_MAY_CHANGE = {"max_steps", "annotation_budget", "save_steps", "save_total
                      "report", "report_to", "log_completions", "resume", "overwrite_output_dir"}
 
 
+def _progress_bar(*columns, disable: bool = False) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), *columns, console=console, disable=disable)
+
+
 class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
     def __init__(self, train: TrainConfig, algo_config) -> None:
         self.cfg, self.algo_config = train, algo_config
@@ -387,8 +392,7 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
         log = MetricsLog(self.out, acc, resume_step=start if resume_from is not None else None) if acc.is_main_process else None
         if start == 0 and not (self.out / "heldout_before.json").exists():
             self._heldout_showing("before", "before training")
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not acc.is_main_process)
+        progress = _progress_bar(TimeRemainingColumn(), disable=not acc.is_main_process)
         step, saved, unlabelled = start, start if resume_from is not None else -1, 0
         with progress:
             task = progress.add_task(f"{cfg.algorithm} steps", total=cfg.max_steps, completed=start)
@@ -434,11 +438,14 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
         return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"], "heldout_after": after}
 
     def _heldout_showing(self, tag: str, when: str) -> dict | None:
-        """``heldout(tag)`` with a spinner (it takes a while: sampling, then every scorer)."""
+        """``heldout(tag)`` with a progress bar over its phases (sampling, then each scorer, the KL)."""
         if not (self.eval_rows and self.accelerator.is_main_process):
             return self.heldout(tag)
-        with console.status(f"held-out evaluation {when} ({len(self.eval_rows)} prompts)…"):
-            return self.heldout(tag)
+        title = f"held-out {when} ({len(self.eval_rows)} prompts)"
+        with _progress_bar() as bar:
+            task = bar.add_task(title, total=None)
+            return self.heldout(tag, progress=lambda what, done, total: bar.update(
+                task, description=f"{title}: {what}", completed=done, total=total))
 
     def save_final(self) -> None:
         acc = self.accelerator

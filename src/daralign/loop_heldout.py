@@ -97,7 +97,7 @@ class HeldoutEvaluation:
             return JudgeAnnotator(JudgeConfig(**{**cfg, "mode": "score"}), client=self.annotator.client)  # one loaded model
         return self.annotator if type(self.annotator).score is not Annotator.score else None
 
-    def heldout(self, tag: str) -> dict | None:
+    def heldout(self, tag: str, progress=None) -> dict | None:
         if not self.eval_rows:
             return None
         T = self.cfg.eval_temperature
@@ -106,7 +106,7 @@ class HeldoutEvaluation:
                                 max_new_tokens=self.cfg.max_completion_length, temperature=T,
                                 seed=self.cfg.seed + 7919, batch_size=self.cfg.generation_batch_size,
                                 ref_token_logps=lambda rollout: self.reference_token_logps(rollout, T),
-                                proxy=self.proxy_scorer)
+                                proxy=self.proxy_scorer, progress=progress)
         res["evaluator"] = self.evaluator_name
         res["evaluator_is_training_annotator"] = self.evaluator_is_training
         if self.cfg.eval_win_rate:

@@ -4,7 +4,7 @@ before the new run has produced its replacement.
 A run marks its folder with ``.daralign-run`` when it starts. A fresh run (no ``--resume``):
 
 - in a missing or empty folder (or one holding only the ``heldout_before.json`` that ``daralign
-  compare`` places) starts;
+  compare`` and ``train --with_control`` place) starts;
 - in a folder of an earlier daralign run is refused unless ``--overwrite_output_dir true``; then
   that run's files are moved aside into ``.replaced/`` and deleted only when the new run has
   finished, so a failed run leaves the earlier one recoverable there;
@@ -27,7 +27,7 @@ REPLACED = ".replaced"
 # names a daralign run writes in its output_dir (tensorboard logs go in a folder named after it)
 OWN = re.compile(r"^(metrics\.jsonl|completions\.jsonl|config\.yaml|provenance\.json|report\.md|[\w-]+\.png|"
                  r"heldout_[\w]+\.json|final|checkpoint-\d+|control|compare_run\.json|\.[\w.-]+\.tmp)$")
-PLACED_BY_COMPARE = {"heldout_before.json"}
+PLACED_BEFORE_RUN = {"heldout_before.json"}
 
 
 def own_files(out: Path) -> list[Path]:
@@ -42,11 +42,11 @@ def prepare(out: Path, *, resume: bool, overwrite: bool, is_main: bool = True) -
     if ours:
         foreign = [p.name for p in entries if p not in own_files(out)]
     else:
-        foreign = [p.name for p in entries if p.name not in PLACED_BY_COMPARE]
+        foreign = [p.name for p in entries if p.name not in PLACED_BEFORE_RUN]
     if foreign and not ours:
         raise ConfigError(f"output_dir {out} holds files daralign did not write ({', '.join(sorted(foreign)[:5])}"
                           f"{', ...' if len(foreign) > 5 else ''}); choose an empty or new output_dir")
-    if ours and not resume and any(p.name not in PLACED_BY_COMPARE for p in own_files(out)):
+    if ours and not resume and any(p.name not in PLACED_BEFORE_RUN for p in own_files(out)):
         if not overwrite:
             raise ConfigError(f"output_dir {out} holds an earlier daralign run; continue it with --resume, or replace it "
                               f"with --overwrite_output_dir true (its files are kept until the new run finishes)")

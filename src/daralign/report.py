@@ -33,12 +33,24 @@ def heldout_summary(run_dir: str | Path) -> dict | None:
     if not before or not after:
         return None
     diff, se = paired_difference(before["per_prompt"], after["per_prompt"])
+    proxy_diff, proxy_se = paired_difference(before.get("proxy_per_prompt") or [], after.get("proxy_per_prompt") or [])
     return {"before": before["score"], "after": after["score"], "diff": diff, "se": se,
             "length_before": before["mean_length"], "length_after": after["mean_length"],
             "kl_before": before.get("kl"), "kl_after": after.get("kl"),
             "proxy_before": before.get("proxy_score"), "proxy_after": after.get("proxy_score"),
+            "proxy_diff": proxy_diff, "proxy_se": proxy_se,
             "evaluator": after.get("evaluator"), "evaluator_is_training_annotator": after.get("evaluator_is_training_annotator"),
             "n_prompts": len(before["per_prompt"])}
+
+
+def control_gap(run_dir: str | Path, control_dir: str | Path) -> dict | None:
+    """Trained after − control after, per prompt (both start from the same before), ± s.e."""
+    trained, control = _heldout(Path(run_dir), "after"), _heldout(Path(control_dir), "after")
+    if not trained or not control or len(trained["per_prompt"]) != len(control["per_prompt"]):
+        return None
+    diff, se = paired_difference(control["per_prompt"], trained["per_prompt"])
+    proxy_diff, proxy_se = paired_difference(control.get("proxy_per_prompt") or [], trained.get("proxy_per_prompt") or [])
+    return {"diff": diff, "se": se, "proxy_diff": proxy_diff, "proxy_se": proxy_se}
 
 
 def fmt(x, spec: str = ".4f") -> str:
@@ -82,21 +94,32 @@ def write_report(run_dir: str | Path, control_dir: str | Path | None = None, n_s
         lines.append(f"- daralign {prov.get('daralign')} (commit {prov.get('git_commit') or 'unknown'}), "
                      + ", ".join(f"{k} {v}" for k, v in prov.get("libraries", {}).items() if v))
     lines.append("")
+    summaries = {label: heldout_summary(path) for label, path in runs.items()}
+    summaries = {label: s for label, s in summaries.items() if s}
+    with_proxy = any(s["proxy_before"] is not None for s in summaries.values())
     lines += ["## Held-out score (fixed prompts, fixed sampling seed)", "",
-              "| run | before | after | after − before (± s.e. over prompts) | KL(π‖π_ref) after (nats/seq) | length before → after |",
-              "|---|---|---|---|---|---|"]
-    evaluator = None
-    for label, path in runs.items():
-        s = heldout_summary(path)
-        if s:
-            evaluator = evaluator or s
-            lines.append(f"| {label} | {fmt(s['before'])} | {fmt(s['after'])} | {fmt(s['diff'], '+.4f')} ± {fmt(s['se'])} "
-                         f"| {fmt(s['kl_after'], '.2f')} | {s['length_before']:.1f} → {s['length_after']:.1f} |")
+              "| run | before | after | after − before (± s.e. over prompts) | "
+              + ("training annotator: before → after (Δ ± s.e.) | " if with_proxy else "")
+              + "KL(π‖π_ref) after (nats/seq) | length before → after |",
+              "|---|---|---|---|" + ("---|" if with_proxy else "") + "---|---|"]
+    evaluator = next(iter(summaries.values()), None)
+    for label, s in summaries.items():
+        proxy = (f"{fmt(s['proxy_before'], '.4f')} → {fmt(s['proxy_after'], '.4f')} "
+                 f"({fmt(s['proxy_diff'], '+.4f')} ± {fmt(s['proxy_se'])}) | ") if with_proxy else ""
+        lines.append(f"| {label} | {fmt(s['before'])} | {fmt(s['after'])} | {fmt(s['diff'], '+.4f')} ± {fmt(s['se'])} | "
+                     f"{proxy}{fmt(s['kl_after'], '.2f')} | {s['length_before']:.1f} → {s['length_after']:.1f} |")
+    gap = control_gap(run_dir, control_dir) if control_dir else None
+    if gap:
+        lines += ["", f"Trained − control after training, paired over the held-out prompts: "
+                  f"**{fmt(gap['diff'], '+.4f')} ± {fmt(gap['se'])}**"
+                  + (f" (training annotator: {fmt(gap['proxy_diff'], '+.4f')} ± {fmt(gap['proxy_se'])})"
+                     if gap["proxy_diff"] is not None else "") + "."]
     if evaluator and evaluator.get("evaluator"):
         same = evaluator.get("evaluator_is_training_annotator")
         lines += ["", f"Scored by: {evaluator['evaluator']}" + (
             " — **the same annotator the run trained on**, so this score is the signal it optimised, not an "
-            "independent yardstick (set `eval_annotator` for one)." if same else " (not the training annotator).")]
+            "independent yardstick (set `eval_annotator` for one)." if same else " (not the training annotator"
+            + ("; the training annotator's own score of the same answers is beside it" if with_proxy else "") + ").")]
     lines += ["", "A gain counts only if it clearly exceeds the control's: the control trains on rewards "
               "shuffled across the batch, so whatever it gains is drift, not learning from the annotator.", ""]
     lines += [f"![{p}]({p})" for p in plots] + [""]
