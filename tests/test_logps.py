@@ -203,3 +203,47 @@ def test_completion_only_logps_equal_the_full_forward(model_tok):
     assert torch.allclose(only[mask], full[mask], atol=1e-5)
     start = int(comp.any(0).nonzero()[0])
     assert (only[:, : start - 1] == 0).all() and only.shape == full.shape
+
+
+def _grouped(tok, K: int = 3):
+    """K different completions to each prompt, rows prompt-major as a rollout lays them out."""
+    seqs = _sequences(tok)
+    answers = [c for _, c in seqs]
+    return [(p, answers[(i + j) % len(answers)]) for i, (p, _) in enumerate(seqs) for j in range(K)]
+
+
+def test_shared_prompt_forward_equals_every_sequence_in_full(tiny_policy_dir):
+    """``share_prompts``: each distinct prompt block runs once and its KV cache is gathered per row;
+    the log-probs and the gradient equal running every sequence in full (float rounding only)."""
+    model, tok = load_causal_lm(str(tiny_policy_dir)), load_tokenizer(str(tiny_policy_dir))
+    model.train()
+    ids, att, comp = layout(_grouped(tok), tok.pad_token_id)
+    mask = comp[:, 1:].bool()
+    results = {}
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        lp = token_logps(model, ids, att, 0.7, comp, share_prompts=share)
+        (lp * mask).sum().backward()
+        results[share] = lp.detach(), [p.grad.clone() for p in model.parameters()]
+    (full, g_full), (shared, g_shared) = results[False], results[True]
+    assert torch.allclose(shared[mask], full[mask], atol=1e-5)
+    start = int(comp.any(0).nonzero()[0])
+    assert (shared[:, : start - 1] == 0).all() and shared.shape == full.shape
+    for a, b in zip(g_full, g_shared):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    # and a batch of distinct prompts (nothing to share) takes the full forward
+    single = layout(_sequences(tok), tok.pad_token_id)
+    assert torch.equal(token_logps(model, *single[:2], 0.7, single[2]),
+                       token_logps(model, *single[:2], 0.7, single[2], share_prompts=False))
+
+
+def test_shared_prompt_forward_falls_back_under_gradient_checkpointing(tiny_policy_dir):
+    """Gradient checkpointing turns the model's cache off: the full forward is used, same numbers."""
+    model, tok = load_causal_lm(str(tiny_policy_dir)), load_tokenizer(str(tiny_policy_dir))
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids, att, comp = layout(_grouped(tok), tok.pad_token_id)
+    mask = comp[:, 1:].bool()
+    a = token_logps(model, ids, att, 1.0, comp)
+    b = token_logps(model, ids, att, 1.0, comp, share_prompts=False)
+    assert torch.allclose(a[mask], b[mask], atol=1e-5)

@@ -68,6 +68,7 @@ class TrainConfig:
     # --- optimisation
     per_device_train_batch_size: int = field(default=8, metadata={"help": "prompts per micro-batch (each with its K responses)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per online step"})
+    share_prompt_forward: bool = field(default=True, metadata={"help": "in the update and every log-prob forward, run each prompt shared by K samples through the model once and its completions on its KV cache (same log-probs and gradients to float rounding; ~1.5-2x fewer tokens); false: every sequence in full"})
     max_micro_batch_tokens: int = field(default=0, metadata={"help": "size micro-batches by tokens instead: as many whole prompt groups (K padded sequences each) as fit in this many tokens, for the update and every log-prob forward; one group at least; 0 = per_device_train_batch_size prompts"})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})

@@ -91,7 +91,9 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
         self.extra = self.objective.trainable_modules()
         params = [p for p in self.policy.parameters() if p.requires_grad]
         params += [p for m in self.extra.values() for p in m.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+        # fused: one kernel over all parameters, no per-step temporaries (135M on CPU: 0.17 s a step, foreach 0.8 s)
+        optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
+                                      fused=all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params))
         from transformers import get_scheduler
 
         scheduler = get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=train.warmup_steps,
@@ -169,7 +171,8 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
         with ctx or nullcontext(), self.accelerator.autocast():
             for s in range(0, rollout.input_ids.shape[0], mb):
                 out.append(token_logps(model, rollout.input_ids[s:s + mb], rollout.attention_mask[s:s + mb],
-                                       temperature or self.cfg.temperature, rollout.completion_mask[s:s + mb]).float())
+                                       temperature or self.cfg.temperature, rollout.completion_mask[s:s + mb],
+                                       share_prompts=self.cfg.share_prompt_forward).float())
         model.train(was_training)
         return torch.cat(out) * rollout.completion_mask[:, 1:]
 

@@ -93,19 +93,27 @@ def first_completion_position(completion_mask: torch.Tensor) -> int:
 
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                completion_mask: torch.Tensor | None = None) -> torch.Tensor:
+                completion_mask: torch.Tensor | None = None, share_prompts: bool = True) -> torch.Tensor:
     """log π(x_t | x_<t) for t = 1..L-1, shape (B, L-1). Position ids follow the attention mask, so
     left padding does not shift positions.
 
     With ``completion_mask``, logits and the log-softmax are computed only from the first
     completion position on (``logits_to_keep``): the prompt's positions, most of a long prompt's
-    cost in a full-vocabulary log-softmax, are never used. Entries before it are 0."""
+    cost in a full-vocabulary log-softmax, are never used. Entries before it are 0.
+
+    With ``share_prompts`` too, rows whose prompt block (every column before the first completion)
+    is identical — the K samples of one prompt — run that block through the model once
+    (``_prompt_shared_logits``): a forward, and the backward through it, cost about the unique
+    prompts' tokens plus the completions' instead of K × (prompt + completion)."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     L = input_ids.shape[1]
     start = first_completion_position(completion_mask) if completion_mask is not None else 1
-    keep = L - start + 1  # logits at positions start-1 .. L-1 predict tokens start .. L (the last is unused)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=keep).logits[:, :-1]
+    logits = _prompt_shared_logits(model, input_ids, attention_mask, position_ids, start) \
+        if completion_mask is not None and share_prompts else None
+    if logits is None:
+        keep = L - start + 1  # logits at positions start-1 .. L-1 predict tokens start .. L (the last is unused)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=keep).logits[:, :-1]
     if temperature != 1.0:
         logits = logits / temperature
     # log_softmax then gather, in fp32: bf16 log-probs of a 49k vocabulary lose ~2 digits.
@@ -113,10 +121,37 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, te
     return F.pad(kept, (start - 1, 0))
 
 
-def sequence_logps(model, input_ids, attention_mask, completion_mask, temperature: float = 1.0) -> torch.Tensor:
+def _prompt_shared_logits(model, input_ids, attention_mask, position_ids, start: int) -> torch.Tensor | None:
+    """Logits at positions start-1 .. L-2 (as the full forward's), with each distinct prompt block
+    (columns < ``start``) computed once: its KV cache and its last position's logits are gathered
+    for every row that has it, then only the completion columns run, attending to the gathered
+    cache. Gradients flow back through the gather into the shared prompt forward. None (use the
+    full forward) when no prompt repeats, or the model keeps no ``DynamicCache`` (e.g. gradient
+    checkpointing turns the cache off)."""
+    from transformers import DynamicCache
+
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        return None  # checkpointed layers run without a cache
+    prompt = torch.cat([input_ids[:, :start], attention_mask[:, :start].to(input_ids.dtype)], 1)
+    unique, row_of = torch.unique(prompt, dim=0, return_inverse=True)
+    if unique.shape[0] == input_ids.shape[0]:
+        return None
+    out = model(input_ids=unique[:, :start], attention_mask=unique[:, start:], use_cache=True, logits_to_keep=1,
+                position_ids=(unique[:, start:].cumsum(-1) - 1).clamp(min=0))
+    cache = out.past_key_values
+    if not isinstance(cache, DynamicCache):
+        return None
+    cache.batch_select_indices(row_of)  # one copy of the prompt's keys/values per row, differentiable
+    suffix = model(input_ids=input_ids[:, start:], attention_mask=attention_mask, position_ids=position_ids[:, start:],
+                   past_key_values=cache, use_cache=True).logits[:, :-1]  # the last column predicts nothing
+    return torch.cat([out.logits[row_of, -1:], suffix], 1)
+
+
+def sequence_logps(model, input_ids, attention_mask, completion_mask, temperature: float = 1.0,
+                   share_prompts: bool = True) -> torch.Tensor:
     """log π(y|x) = Σ_t over completion tokens of log π(y_t | x, y_<t), shape (B,).
     Prompt and padding tokens are masked out by ``completion_mask``."""
-    per_token = token_logps(model, input_ids, attention_mask, temperature, completion_mask)
+    per_token = token_logps(model, input_ids, attention_mask, temperature, completion_mask, share_prompts)
     return (per_token * completion_mask[:, 1:].to(per_token.dtype)).sum(-1)
 
 

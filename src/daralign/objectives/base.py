@@ -101,9 +101,8 @@ class Objective:
 
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """Default: sequence log-probs of the completion tokens, then ``loss``. PPO overrides."""
-        logps = sequence_logps(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], self.train.temperature
-        )
+        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                               self.train.temperature, share_prompts=self.train.share_prompt_forward)
         return self.loss(logps, batch)
 
 

@@ -232,7 +232,7 @@ class DAR(Objective):
         if "weights" in batch:
             return super().compute_loss(model, batch)
         per_token = token_logps(model, batch["input_ids"], batch["attention_mask"], self.train.temperature,
-                                batch["completion_mask"])
+                                batch["completion_mask"], self.train.share_prompt_forward)
         logps = (per_token * batch["completion_mask"][:, 1:].to(per_token.dtype)).sum(-1)
         loss, metrics = self.loss(logps, batch)
         return loss, metrics | {RECORDED_TOKEN_LOGPS: per_token.detach()}

@@ -105,7 +105,7 @@ class GRPO(Objective):
 
     def compute_loss(self, model, batch):
         logps = token_logps(model, batch["input_ids"], batch["attention_mask"], self.train.temperature,
-                            batch["completion_mask"])  # (n, L-1), computed on completion positions only
+                            batch["completion_mask"], self.train.share_prompt_forward)  # (n, L-1), completion positions only
         recorded = logps.detach()  # every completion token's, before the loss mask
         mask = batch["loss_mask"].to(logps.dtype)
         off = mask == 0  # zero every log-prob off the loss tokens so exp() there cannot overflow into 0·inf
