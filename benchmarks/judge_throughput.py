@@ -8,6 +8,14 @@ the ratio is the median over ``--repeats`` adjacent pairs. Scores must agree (th
 checks 1e-4 in fp32).
 
     OMP_NUM_THREADS=1 python benchmarks/judge_throughput.py [--dtype auto] [--threads 1] [--repeats 3]
+
+``--vllm_url`` adds a third side: the same requests to the same judge served by vLLM with prefix
+caching (an OpenAI-compatible server, read through daralign's ``openai`` backend from its top-20
+log-probs), timed the same way and compared with the in-process reuse:
+
+    python -m vllm.entrypoints.openai.api_server --model ~/.cache/daralign/models/qwen2.5-coder-0.5b-instruct \
+        --served-model-name judge --enable-prefix-caching --enforce-eager --dtype bfloat16 --port 8011 &
+    python benchmarks/judge_throughput.py --threads 2 --vllm_url http://127.0.0.1:8011/v1 --vllm_model judge
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--vllm_url", help="also time the judge served here by vLLM (OpenAI API, prefix caching on)")
+    p.add_argument("--vllm_model", default="judge", help="the served model name at --vllm_url")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import torch
@@ -63,8 +73,27 @@ def main(argv=None) -> int:
     out = {"responses_per_s_full": statistics.median(off[0] for off, _ in pairs),
            "responses_per_s_prefix_reuse": statistics.median(on[0] for _, on in pairs), "speedup": ratio,
            "max_score_difference": diff, "dtype": client.dtype, "threads": args.threads, "responses": len(answers)}
+    if args.vllm_url:
+        served = JudgeAnnotator(JudgeConfig(template="tone", backend="openai", base_url=args.vllm_url,
+                                            model=args.vllm_model, batch_size=args.batch_size))
+
+        def run_served() -> tuple[float, list]:
+            t = time.perf_counter()
+            scores = served.score(prompts, answers).scores
+            return len(answers) / (time.perf_counter() - t), scores
+
+        run_served()  # warm-up (the server's prefix cache starts filled, as it is in a run)
+        timed = [run_served() for _ in range(args.repeats)]
+        ours = pairs[-1][1][1]
+        out |= {"responses_per_s_vllm_server": statistics.median(r for r, _ in timed),
+                "vllm_server_max_score_difference": max(abs(a - b) for a, b in zip(ours, timed[-1][1]))}
+        out["vllm_server_over_prefix_reuse"] = out["responses_per_s_vllm_server"] / out["responses_per_s_prefix_reuse"]
+        served.close()
     print(json.dumps(out, indent=1))
     print(f"judge responses/s with prefix reuse ÷ without: {ratio:.2f} (max score difference {diff:.1e}, {client.dtype})")
+    if args.vllm_url:
+        print(f"judge responses/s served by vLLM (prefix caching) ÷ in-process prefix reuse: "
+              f"{out['vllm_server_over_prefix_reuse']:.2f} (max score difference {out['vllm_server_max_score_difference']:.1e})")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -130,7 +130,10 @@ def _prompt_shared_logits(model, input_ids, attention_mask, position_ids, start:
     checkpointing turns the cache off)."""
     from transformers import DynamicCache
 
-    if model.training and getattr(model, "is_gradient_checkpointing", False):
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers ≥ 5.2x's name
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if model.training and checkpointing:
         return None  # checkpointed layers run without a cache
     prompt = torch.cat([input_ids[:, :start], attention_mask[:, :start].to(input_ids.dtype)], 1)
     unique, row_of = torch.unique(prompt, dim=0, return_inverse=True)
