@@ -143,4 +143,7 @@ def test_vllm_serve_prints_the_server_and_the_trainer_config(capsys):
     for flag in ("--logprobs-mode processed_logprobs", "--worker-extension-cls daralign.rollout.vllm_worker.DaralignWorkerExtension",
                  "--return-tokens-as-token-ids", "--enforce-eager", "--tensor-parallel-size 2"):
         assert flag in out
+    import torch  # on a CPU vLLM reads it as the share of RAM, which the trainer needs too
+
+    assert f"--gpu-memory-utilization {0.9 if torch.cuda.is_available() else 0.3}" in out
     assert "vllm_mode: server\nvllm_server_url: http://127.0.0.1:8123" in out

@@ -129,7 +129,9 @@ def serve_main(argv: list[str]) -> int:
     ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (match the trainer's)")
     ap.add_argument("--max_model_len", type=int, default=2048, help="prompt + completion tokens")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gpu_memory_utilization", type=float, default=0.9)
+    ap.add_argument("--gpu_memory_utilization", type=float, default=None,
+                    help="share of GPU memory for weights + KV cache; on a CPU vLLM reads it as the share of RAM, "
+                         "which the trainer needs too (default: 0.9 with CUDA, 0.3 on a CPU)")
     ap.add_argument("--no_enforce_eager", action="store_true", help="let vLLM compile graphs (slow start, faster on GPU)")
     ap.add_argument("--print_command", action="store_true", help="print the command, do not start")
     argv = list(argv)
@@ -137,6 +139,10 @@ def serve_main(argv: list[str]) -> int:
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if not (0 < args.port < 65536):
         raise ConfigError(f"vllm-serve --port: {args.port} is not a TCP port")
+    if args.gpu_memory_utilization is None:  # vLLM's own 0.9 on a CPU took 22 of this 23 GB machine's RAM
+        import torch
+
+        args.gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.3
     model = bundled.resolve(args.model) if bundled.is_bundled(args.model) else args.model
     cmd = serve_command(str(model), host=args.host, port=args.port, dtype=args.dtype, max_model_len=args.max_model_len,
                         seed=args.seed, enforce_eager=not args.no_enforce_eager,
