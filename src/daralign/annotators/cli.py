@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -215,9 +214,6 @@ def serve_main(argv: list[str]) -> int:
     print("judge config:\n" + snippet, flush=True)
     if args.print_command:
         return 0
-    proc = subprocess.Popen(cmd)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
+    # this process *becomes* the server (as `vllm-serve` does): a signal to it reaches the server,
+    # and no server is left running when whoever started `serve-judge` stops it
+    os.execv(cmd[0], cmd)
