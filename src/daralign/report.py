@@ -27,13 +27,18 @@ def _heldout(run_dir: Path, tag: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _paired(first: dict, second: dict) -> tuple[tuple, tuple]:
+    """(mean, s.e.) of second − first per prompt, for the evaluator's score and the proxy's."""
+    return (paired_difference(first["per_prompt"], second["per_prompt"]),
+            paired_difference(first.get("proxy_per_prompt") or [], second.get("proxy_per_prompt") or []))
+
+
 def heldout_summary(run_dir: str | Path) -> dict | None:
     run_dir = Path(run_dir)
     before, after = _heldout(run_dir, "before"), _heldout(run_dir, "after")
     if not before or not after:
         return None
-    diff, se = paired_difference(before["per_prompt"], after["per_prompt"])
-    proxy_diff, proxy_se = paired_difference(before.get("proxy_per_prompt") or [], after.get("proxy_per_prompt") or [])
+    (diff, se), (proxy_diff, proxy_se) = _paired(before, after)
     return {"before": before["score"], "after": after["score"], "diff": diff, "se": se,
             "length_before": before["mean_length"], "length_after": after["mean_length"],
             "kl_before": before.get("kl"), "kl_after": after.get("kl"),
@@ -48,8 +53,7 @@ def control_gap(run_dir: str | Path, control_dir: str | Path) -> dict | None:
     trained, control = _heldout(Path(run_dir), "after"), _heldout(Path(control_dir), "after")
     if not trained or not control or len(trained["per_prompt"]) != len(control["per_prompt"]):
         return None
-    diff, se = paired_difference(control["per_prompt"], trained["per_prompt"])
-    proxy_diff, proxy_se = paired_difference(control.get("proxy_per_prompt") or [], trained.get("proxy_per_prompt") or [])
+    (diff, se), (proxy_diff, proxy_se) = _paired(control, trained)
     return {"diff": diff, "se": se, "proxy_diff": proxy_diff, "proxy_se": proxy_se}
 
 
