@@ -69,12 +69,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from daralign.config import TrainConfig
-    from daralign.loop import OnlineTrainer
+    from daralign.core.config import TrainConfig
+    from daralign.train.loop import OnlineTrainer
     from daralign.objectives.base import Objective
     from daralign.objectives.dar import DARConfig
     from daralign.rollout.hf import _eos_ids, _tokenize_prompts, neutral_generation_config, sample_rollout
-    from daralign.types import Feedback
+    from daralign.core.types import Feedback
 
     class SFT(Objective):
         """Plain SFT on the same tokens: mean sequence NLL, no weights, no reference."""

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from daralign.annotators.clients import TransformersClient
     from daralign.annotators.judge import JudgeAnnotator, JudgeConfig
-    from daralign.data import read_rows
+    from daralign.core.data import read_rows
 
     rows = read_rows(Path(__file__).resolve().parents[1] / "examples" / "data" / "quickstart_heldout.jsonl")[: args.num_prompts]
     prompts = [r["prompt"] for r in rows for _ in ANSWERS]

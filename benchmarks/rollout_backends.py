@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from daralign import bundled
-    from daralign.models import load_causal_lm, load_tokenizer, token_logps
+    from daralign.core import bundled
+    from daralign.core.models import load_causal_lm, load_tokenizer, token_logps
     from daralign.rollout.hf import sample_rollout
     from daralign.rollout.vllm import VLLMColocate
 

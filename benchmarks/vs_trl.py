@@ -96,8 +96,8 @@ def prompts(n: int) -> list[str]:
 
 # ---------------------------------------------------------------- daralign
 def run_daralign(algorithm: str, model: str, texts: list[str], K: int, length: int, iterations: int, lr: float) -> list[float]:
-    from daralign.config import TrainConfig
-    from daralign.loop import OnlineTrainer
+    from daralign.core.config import TrainConfig
+    from daralign.train.loop import OnlineTrainer
     from daralign.objectives import get_objective
 
     tmp = Path(tempfile.mkdtemp(prefix="vs_trl_"))
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import trl
 
-    from daralign.bundled import resolve
+    from daralign.core.bundled import resolve
 
     torch.set_num_threads(a.threads)
     a.model = resolve(a.model) if a.model.startswith("bundled:") else a.model

@@ -24,7 +24,7 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_policy(tiny_policy_dir):
     """(model, tokenizer) loaded from ``tiny_policy_dir`` through daralign's own loaders."""
-    from daralign.models import load_causal_lm, load_tokenizer
+    from daralign.core.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(str(tiny_policy_dir)), load_tokenizer(str(tiny_policy_dir))
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from daralign.config import TrainConfig
-from daralign.models import token_logps
-from daralign.types import Feedback, Rollout
+from daralign.core.config import TrainConfig
+from daralign.core.models import token_logps
+from daralign.core.types import Feedback, Rollout
 
 VOCAB = 300
 PAD = 0

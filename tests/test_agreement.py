@@ -11,7 +11,7 @@ import pytest
 
 from daralign.annotators.base import Annotator, CompareResult, ScoreResult
 from daralign.cli import main as daralign_main
-from daralign.errors import DataError
+from daralign.core.errors import DataError
 from daralign.evaluation.agreement import (agreement_summary, annotate_pairs, load_preference_pairs, split_hh_pair,
                                            transcript_to_messages)
 from daralign.evaluation.plots import plot_agreement

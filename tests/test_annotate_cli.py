@@ -10,7 +10,7 @@ from conftest import chat_reply
 
 from daralign.annotators.cli import annotate_main, serve_main
 from daralign.cli import main
-from daralign.errors import ConfigError, DataError
+from daralign.core.errors import ConfigError, DataError
 
 
 def write(path, rows):

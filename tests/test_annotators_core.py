@@ -10,9 +10,9 @@ import torch
 
 import tiny
 from daralign.annotators import build_annotator
-from daralign.errors import AnnotationError, ConfigError
-from daralign.feedback import score_feedback, shuffle_rewards
-from daralign.types import Rollout
+from daralign.core.errors import AnnotationError, ConfigError
+from daralign.train.annotate import score_feedback, shuffle_rewards
+from daralign.core.types import Rollout
 
 FN = f"{tiny.TINY_PY}:"
 

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 import tiny
 from daralign.cli import main as daralign_main
-from daralign.compare import build_plan
-from daralign.config import parse_train_args
-from daralign.errors import ConfigError
+from daralign.compare.run import build_plan
+from daralign.train.args import parse_train_args
+from daralign.core.errors import ConfigError
 
 FN = f"{tiny.TINY_PY}:"
 
@@ -91,7 +91,7 @@ def test_sampling_ignores_the_checkpoints_generation_processors(tmp_path, tiny_p
     """A checkpoint whose generation_config suppresses EOS (and adds a repetition penalty): π_t is
     recorded from the raw distribution, so sampling must not apply them — EOS still ends answers,
     and the recorded log-probs equal a fresh forward's."""
-    from daralign.models import load_causal_lm, load_tokenizer, token_logps
+    from daralign.core.models import load_causal_lm, load_tokenizer, token_logps
     from daralign.rollout.hf import sample_rollout
 
     folder = tiny.save_policy(tmp_path / "policy")
@@ -108,7 +108,7 @@ def test_sampling_ignores_the_checkpoints_generation_processors(tmp_path, tiny_p
 
 
 def test_dropout_is_off_in_the_update_forward(tiny_policy_dir):
-    from daralign.models import disable_dropout, load_causal_lm
+    from daralign.core.models import disable_dropout, load_causal_lm
 
     model = load_causal_lm(str(tiny_policy_dir))
     model.config.attention_dropout = 0.5

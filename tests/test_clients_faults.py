@@ -12,7 +12,7 @@ from conftest import chat_reply, free_port
 
 from daralign.annotators.clients import OpenAIClient, Request
 from daralign.annotators.judge import JudgeAnnotator
-from daralign.errors import AnnotationError, ConfigError
+from daralign.core.errors import AnnotationError, ConfigError
 
 FAST = {"type": "judge", "backend": "openai", "model": "m", "backoff_s": 0.01, "timeout_s": 5, "use_logprobs": False}
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import serve_judge
 
 from daralign.annotators.judge import JudgeAnnotator, JudgeConfig
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python not installed (pip install 'daralign[llama-cpp]', compiles ~8 min)")

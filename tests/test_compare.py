@@ -15,9 +15,9 @@ import tiny
 from daralign.annotators.base import Annotator, CompareResult, ScoreResult, register_annotator
 from daralign.cli import main as daralign_main
 from daralign.annotators import annotator_for
-from daralign.compare import build_plan, check_existing, expand_sweep
-from daralign.compare_report import prompt_stream
-from daralign.errors import ConfigError
+from daralign.compare.run import build_plan, check_existing, expand_sweep
+from daralign.compare.report import prompt_stream
+from daralign.core.errors import ConfigError
 
 BUDGET = 8  # requests. P=2 prompts: dar/rloo (K=2) spend 4 per step (2 steps), online-dpo (one pair) 2 (4 steps)
 

@@ -12,9 +12,9 @@ import yaml
 
 import tiny
 from daralign.cli import main as daralign_main
-from daralign.config import parse_train_args
-from daralign.data import load_prompts, read_rows
-from daralign.errors import ConfigError, DataError
+from daralign.train.args import parse_train_args
+from daralign.core.data import load_prompts, read_rows
+from daralign.core.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -279,7 +279,7 @@ def test_a_string_from_a_reward_function_is_not_a_list_of_digits(tmp_path, run_c
 
 
 def test_bf16_auto_resolves_to_what_the_hardware_computes_in(tmp_path):
-    from daralign.models import resolve_dtype
+    from daralign.core.models import resolve_dtype
 
     native = resolve_dtype("auto", "cpu") == "bfloat16"  # this machine: read from /proc/cpuinfo
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"dataset": "x.jsonl", "annotator": {"type": "function"}, "bf16": "auto"}))

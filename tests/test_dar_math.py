@@ -10,10 +10,10 @@ import statistics
 import pytest
 import torch
 
-from daralign.config import parse_train_args
-from daralign.errors import ConfigError
+from daralign.train.args import parse_train_args
+from daralign.core.errors import ConfigError
 from daralign.objectives.dar import DAR, DARConfig, advantages, dar_weights
-from daralign.types import Feedback, Rollout
+from daralign.core.types import Feedback, Rollout
 
 EPS = 1e-6  # the eps of (A − mean) / (std + eps)
 
@@ -299,8 +299,8 @@ def test_loss_gradient_on_a_toy_categorical():
 def test_loss_gradient_on_tiny_model(tiny_policy):
     """Through the real model path (compute_loss → sequence_logps): the gradient of the DAR loss
     equals −Σ_i w_i ∇ log π(y_i|x_i) / N with each ∇ log π computed alone by autograd."""
-    from daralign.config import TrainConfig
-    from daralign.models import sequence_logps
+    from daralign.core.config import TrainConfig
+    from daralign.core.models import sequence_logps
     from daralign.rollout.hf import sample_rollout
 
     model, tok = tiny_policy

@@ -84,7 +84,7 @@ def test_other_algorithms_keys_are_ignored_with_a_note(tmp_path, tiny_policy_dir
 
 
 def test_a_score_judge_is_switched_for_online_dpo_before_any_model_loads(tmp_path, tiny_policy_dir, tiny_prompts_file):
-    from daralign.config import parse_train_args
+    from daralign.train.args import parse_train_args
 
     judge = {"type": "judge", "mode": "score", "template": "tone", "model": "bundled:qwen2.5-coder-0.5b-instruct"}
     train_cfg, _ = parse_train_args(["--config", str(config(tmp_path, tiny_policy_dir, tiny_prompts_file, annotator=judge)),

@@ -21,7 +21,7 @@ from daralign.annotators.judge import (
     render,
     template_names,
 )
-from daralign.errors import AnnotationError, ConfigError
+from daralign.core.errors import AnnotationError, ConfigError
 
 
 def judge(server, **over) -> JudgeAnnotator:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tiny
-from daralign.models import load_causal_lm, load_tokenizer, sequence_logps, token_logps
+from daralign.core.models import load_causal_lm, load_tokenizer, sequence_logps, token_logps
 from daralign.rollout.hf import sample_rollout
 
 ROWS = [{"prompt": p} for p in tiny.PROMPTS]

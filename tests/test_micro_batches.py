@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from daralign.config import parse_train_args
-from daralign.train import run
+from daralign.train.args import parse_train_args
+from daralign.train.command import run
 
 
 def train(tmp, policy, prompts, name, **over):
@@ -33,7 +33,7 @@ def test_token_sized_micro_batches_train_the_same_model(tmp_path, tiny_policy_di
 
 
 def test_micro_batch_tokens_is_validated(tmp_path, tiny_policy_dir, tiny_prompts_file):
-    from daralign.errors import ConfigError
+    from daralign.core.errors import ConfigError
 
     cfg = tiny.run_config(tmp_path, tiny_policy_dir, tiny_prompts_file, max_micro_batch_tokens=-5)
     with pytest.raises(ConfigError, match="max_micro_batch_tokens"):
@@ -43,7 +43,7 @@ def test_micro_batch_tokens_is_validated(tmp_path, tiny_policy_dir, tiny_prompts
 def test_rows_per_micro_batch():
     from types import SimpleNamespace
 
-    from daralign.loop import OnlineTrainer
+    from daralign.train.loop import OnlineTrainer
 
     rollout = SimpleNamespace(num_generations=4, input_ids=torch.zeros(32, 100))
     def rows(**cfg):

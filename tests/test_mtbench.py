@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from daralign.errors import DataError
+from daralign.core.errors import DataError
 from daralign.evaluation import mtbench
 
 pytestmark = pytest.mark.skipif(

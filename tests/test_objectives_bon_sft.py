@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 from daralign.objectives import get_objective
 from daralign.objectives.bon_sft import best_of_n
 from helpers_tiny import grads, run_step, score_feedback, shell_rollout, tiny_model, tiny_rollout, tiny_train, zero_grads

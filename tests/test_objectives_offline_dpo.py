@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from daralign.objectives import get_objective
 from daralign.objectives.offline_dpo import DPOConfig
-from daralign.types import Feedback
+from daralign.core.types import Feedback
 from helpers_tiny import grads, reference_token_logps, run_step, shell_rollout, tiny_model, tiny_rollout, tiny_train
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 from daralign.objectives import get_objective
 from daralign.objectives.online_dpo import OnlineDPOConfig, preference_loss
 from helpers_tiny import (compare_feedback, grads, reference_token_logps, run_step, shell_rollout, tiny_model,

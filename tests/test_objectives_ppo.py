@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 from daralign.objectives import get_objective
 from daralign.objectives.ppo import PPOConfig, clipped_value_loss, gae, masked_whiten
 from helpers_tiny import (grads, reference_token_logps, run_step, score_feedback, tiny_model, tiny_rollout,

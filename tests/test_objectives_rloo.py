@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 from daralign.objectives import get_objective
 from daralign.objectives.rloo import RLOOConfig, leave_one_out_advantages
 from helpers_tiny import (grads, reference_token_logps, run_step, score_feedback, shell_rollout, tiny_model,

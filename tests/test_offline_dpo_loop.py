@@ -12,8 +12,8 @@ import pytest
 
 import tiny
 from daralign.cli import main as daralign_main
-from daralign.data import load_pairs
-from daralign.errors import DataError
+from daralign.core.data import load_pairs
+from daralign.core.errors import DataError
 
 SHARED_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 

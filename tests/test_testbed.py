@@ -17,8 +17,8 @@ import tiny
 from conftest import undocumented_metrics
 from daralign.annotators import build_annotator
 from daralign.cli import main as daralign_main
-from daralign.compare_curves import group_curve, mean_ci, peak, requests_to_reach
-from daralign.errors import ConfigError
+from daralign.compare.curves import group_curve, mean_ci, peak, requests_to_reach
+from daralign.core.errors import ConfigError
 from daralign.evaluation.best_of_n import best_of_n_curve, best_of_n_expectation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,8 +130,8 @@ def test_ensemble_judges_share_one_model(judge_http):
 def test_proxy_score_beside_an_independent_evaluator(tmp_path, tiny_policy_dir, tiny_prompts_file):
     """The evaluator scores held-out answers, the training annotator (ensemble here) too as
     ``proxy_score``; neither is starved by the exhausted training budget."""
-    from daralign.config import parse_train_args
-    from daralign.train import run
+    from daralign.train.args import parse_train_args
+    from daralign.train.command import run
 
     heldout = tiny.write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:3]])
     ensemble = {"type": "ensemble", "aggregate": "uwo", "members": [fn("length_reward"), fn("constant_reward")]}
@@ -149,8 +149,8 @@ def test_proxy_score_beside_an_independent_evaluator(tmp_path, tiny_policy_dir, 
 
 
 def test_function_evaluator_is_not_starved_by_the_budget(tmp_path, tiny_policy_dir, tiny_prompts_file):
-    from daralign.config import parse_train_args
-    from daralign.train import run
+    from daralign.train.args import parse_train_args
+    from daralign.train.command import run
 
     heldout = tiny.write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:3]])
     cfg = tiny.run_config(tmp_path, tiny_policy_dir, tiny_prompts_file, eval_dataset=str(heldout), annotation_budget=4)
@@ -222,7 +222,7 @@ def test_offline_dpo_buys_its_pairs_from_the_budget(gold_compare):
 
 
 def test_testbed_config_parses_for_every_method():
-    from daralign.compare import build_plan
+    from daralign.compare.run import build_plan
 
     plan, _ = build_plan(["--config", str(ROOT / "examples" / "testbed" / "testbed.yaml"), "--annotation_budget", "320",
                           "--algorithms", "dar,online-dpo,online-ipo,online-slic,rloo,grpo,ppo,bon-sft,dpo",
@@ -257,7 +257,7 @@ def test_proxy_gold_agreement():
 
 
 def test_a_field_added_later_at_its_default_is_not_another_config(gold_compare):
-    from daralign.compare import build_plan, check_existing
+    from daralign.compare.run import build_plan, check_existing
 
     out, argv = gold_compare
     plan, _ = build_plan(argv[1:])

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import tiny
 from daralign.cli import main as daralign_main
-from daralign.config import parse_train_args
+from daralign.train.args import parse_train_args
 
 REQUIRED_KEYS = {
     "step", "annotations", "reward", "reward_std", "kl", "completions/mean_length", "completions/clipped_ratio",
@@ -175,7 +175,7 @@ def test_bf16_autocast_run_with_reward_model(tmp_path, tiny_policy_dir, tiny_pro
 
 
 def test_shuffle_rewards_permutes_in_the_loop(tmp_path, tiny_policy_dir, tiny_prompts_file):
-    from daralign.loop import OnlineTrainer
+    from daralign.train.loop import OnlineTrainer
 
     cfg = base_config(tmp_path, tiny_policy_dir, tiny_prompts_file, shuffle_rewards=True, num_generations=3,
                       per_device_train_batch_size=3, output_dir=str(tmp_path / "o"))
@@ -267,9 +267,9 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_policy_dir, tiny_prompts_file):
 def test_heldout_progress_names_each_phase(tiny_policy_dir, tiny_prompts_file):
     """The held-out check tells its progress bar each phase before it starts, then that it is done."""
     from daralign.annotators import build_annotator
-    from daralign.data import read_rows
-    from daralign.heldout import judge_heldout
-    from daralign.models import load_causal_lm, load_tokenizer, token_logps
+    from daralign.core.data import read_rows
+    from daralign.train.heldout import judge_heldout
+    from daralign.core.models import load_causal_lm, load_tokenizer, token_logps
 
     model, tok = load_causal_lm(str(tiny_policy_dir)), load_tokenizer(str(tiny_policy_dir))
     scorer = build_annotator({"type": "function", "function": f"{tiny.TINY_PY}:length_reward"})

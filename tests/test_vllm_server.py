@@ -23,7 +23,7 @@ import yaml
 
 from conftest import free_port
 from test_vllm_rollout import train_with_vllm
-from daralign import bundled
+from daralign.core import bundled
 from daralign.cli import main as daralign_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def vllm_server():
 
 def _push_and_compare(engine, sync, tmp_path=None) -> tuple[float, float]:
     """Scale the policy's tied embedding, push it, sample; (mean, max) |trainer − engine| per token."""
-    from daralign.models import load_causal_lm, load_tokenizer, token_logps
+    from daralign.core.models import load_causal_lm, load_tokenizer, token_logps
     from daralign.rollout.vllm import attach_trainer_logps
 
     path = bundled.resolve(POLICY)
@@ -83,7 +83,7 @@ def _push_and_compare(engine, sync, tmp_path=None) -> tuple[float, float]:
 @pytest.mark.slow
 @needs_vllm
 def test_server_agrees_with_the_trainer_after_a_push(vllm_server, tmp_path):
-    from daralign.models import load_tokenizer
+    from daralign.core.models import load_tokenizer
     from daralign.rollout.vllm_server import VLLMServer
 
     server = VLLMServer(vllm_server, load_tokenizer(str(bundled.resolve(POLICY)), False), seed=0, sync_dir=str(tmp_path))
@@ -98,7 +98,7 @@ def test_server_agrees_with_the_trainer_after_a_push(vllm_server, tmp_path):
 @pytest.mark.slow
 @needs_vllm
 def test_colocate_agrees_with_the_trainer_after_a_push(monkeypatch):
-    from daralign.models import load_tokenizer
+    from daralign.core.models import load_tokenizer
     from daralign.rollout.vllm import VLLMColocate
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")

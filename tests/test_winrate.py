@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from daralign.annotators.base import Annotator, CompareResult
-from daralign.errors import AnnotationError
+from daralign.core.errors import AnnotationError
 from daralign.evaluation.winrate import (bootstrap_ci, combine_orders, judge_both_orders, length_buckets, outcomes,
                                          win_rate_summary)
 

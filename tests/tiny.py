@@ -6,7 +6,7 @@
 - ``build_causal_lm`` / ``build_reward_model``: random 2-layer Llamas as offline-models.md says.
   ``eos_boost`` makes EOS likely (≈ a few tokens per answer) so EOS handling is exercised.
 - ``save_policy`` / ``save_reward_model``: ``save_pretrained`` folders that
-  ``daralign.models.load_causal_lm(folder)`` / the ``reward_model`` annotator load directly.
+  ``daralign.core.models.load_causal_lm(folder)`` / the ``reward_model`` annotator load directly.
 - Reward functions (``module:function`` style, TRL convention) used by the training tests through
   ``f"{TINY_PY}:<name>"``.
 """

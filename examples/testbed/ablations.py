@@ -7,7 +7,7 @@
 - ``ensembles.png``: gold and proxy against training steps for DAR and RLOO trained on the single
   proxy and on the ensemble, so a delayed or absent gold turn-down is visible;
 - ``ablations.md`` / ``ablations.json``: per curve, gold and proxy change ± SE over seeds, KL at the
-  budget, the gold peak and whether it turned down (``daralign.compare_curves.peak``).
+  budget, the gold peak and whether it turned down (``daralign.compare.curves.peak``).
 
     python examples/testbed/ablations.py --core runs/testbed --ensemble runs/testbed-uwo \\
         --sweeps runs/testbed-ratio0 runs/testbed-ratio runs/testbed-total runs/testbed-clip runs/testbed-k --out docs/img/testbed

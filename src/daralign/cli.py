@@ -6,12 +6,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-from daralign.errors import DaralignError
+from daralign.core.errors import DaralignError
 
 # command -> "module:function(argv) -> int"; imported lazily so `daralign --help` is instant.
 COMMANDS = {
-    "train": ("daralign.train:main", "train a policy online (DAR or a baseline: --algorithm)"),
-    "compare": ("daralign.compare:main", "run several algorithms on one annotation budget and report"),
+    "train": ("daralign.train.command:main", "train a policy online (DAR or a baseline: --algorithm)"),
+    "compare": ("daralign.compare.run:main", "run several algorithms on one annotation budget and report"),
     "eval": ("daralign.evaluation.cli:eval_main", "win rate vs a reference, or MT-bench"),
     "agreement": ("daralign.evaluation.cli:agreement_main", "AI reward vs AI preference agreement with humans"),
     "annotate": ("daralign.annotators.cli:annotate_main", "score or compare rows of a jsonl file with an annotator"),
@@ -24,7 +24,7 @@ COMMANDS = {
 def env_main(argv: list[str]) -> int:
     import torch
 
-    from daralign.provenance import provenance
+    from daralign.core.provenance import provenance
 
     info = provenance()
     print(f"daralign {info['daralign']} (commit {info['git_commit'] or 'unknown'})\npython {info['python']} ({info['platform']})")

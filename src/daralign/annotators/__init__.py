@@ -8,21 +8,15 @@ uncertainty-weighted aggregate of several, against over-optimisation: ensemble.p
 
 from __future__ import annotations
 
-from daralign.annotators.base import ANNOTATORS, Annotator, CompareResult, ScoreResult, register_annotator
-from daralign.errors import ConfigError
-from daralign.annotators import ensemble, functions, reward_model  # noqa: F401  (register)
-
-try:  # the LLM judge (its own module, optional extras inside)
-    from daralign.annotators import judge  # noqa: F401
-except ModuleNotFoundError as e:
-    if e.name != "daralign.annotators.judge":
-        raise
+from daralign.annotators.base import ANNOTATORS, Annotator, CompareResult, Meter, ScoreResult, register_annotator
+from daralign.core.errors import ConfigError
+from daralign.annotators import ensemble, functions, judge, reward_model  # noqa: F401  (register)
 
 
 def build_annotator(cfg: dict | str) -> Annotator:
     """Build from a mapping (or a path to a YAML file holding one)."""
     if isinstance(cfg, str):
-        from daralign.config import read_yaml
+        from daralign.core.parsing import read_yaml
 
         cfg = read_yaml(cfg)
     if not isinstance(cfg, dict) or "type" not in cfg:
@@ -32,22 +26,29 @@ def build_annotator(cfg: dict | str) -> Annotator:
     return ANNOTATORS[cfg["type"]](cfg)
 
 
+def requests_per_label(cfg: dict, kind: str) -> int:
+    """Requests one label of ``kind`` (score | compare) costs with this annotator config when
+    nothing is invalid or cached: the one cost model of the loop's budget and of ``compare``."""
+    if cfg.get("type") not in ANNOTATORS:
+        raise ConfigError(f"annotator.type: unknown {cfg.get('type')!r}; choose one of {sorted(ANNOTATORS)}")
+    return ANNOTATORS[cfg["type"]].__self__.cost_per_label(cfg, kind)
+
+
 def annotator_for(annotator: dict, feedback_kind: str, algorithm: str, needs_score: bool) -> dict:
     """The annotator config a run of ``algorithm`` gets: a judge in the mode the method needs,
     anything else as it is (checked to implement what the method asks)."""
     if not isinstance(annotator, dict):
         raise ConfigError(f"{algorithm}: the annotator must be a mapping (or a path to a YAML file of one), got {annotator!r}")
     kind = "compare" if feedback_kind == "compare" else "score"
-    if annotator.get("type") == "judge":
+    if annotator.get("type") == "judge":  # a file template fits one mode only: check the modes this run asks for
         from daralign.annotators.judge import load_template
 
-        load_template(annotator.get("template", "helpfulness"), kind)  # a file template fits one mode only
-        if needs_score:
-            load_template(annotator.get("template", "helpfulness"), "score")
+        for mode in {kind} | ({"score"} if needs_score else set()):
+            load_template(annotator.get("template", "helpfulness"), mode)
         return {**annotator, "mode": kind}
     cls = getattr(ANNOTATORS.get(annotator.get("type")), "__self__", None)
     for method in {kind} | ({"score"} if needs_score else set()):
-        if cls is not None and getattr(cls, method) is getattr(Annotator, method):
+        if cls is not None and getattr(cls, f"_{method}") is getattr(Annotator, f"_{method}"):
             why = "its training feedback" if method == kind else "the held-out score (eval_dataset)"
             raise ConfigError(f"{algorithm}: annotator type {annotator['type']!r} cannot {method}, which {why} needs; "
                               f"use a judge (type: judge), which does both")
@@ -80,5 +81,5 @@ def same_annotator(a: dict | None, b: dict | None) -> bool:
     return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
 
 
-__all__ = ["Annotator", "ScoreResult", "CompareResult", "build_annotator", "describe_annotator", "register_annotator",
-           "same_annotator", "annotator_for"]
+__all__ = ["Annotator", "Meter", "ScoreResult", "CompareResult", "build_annotator", "describe_annotator", "register_annotator",
+           "same_annotator", "annotator_for", "requests_per_label"]

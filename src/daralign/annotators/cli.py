@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from daralign.errors import ConfigError, DataError
+from daralign.core.errors import ConfigError, DataError
 
 def load_annotator_yaml(path: str) -> dict:
     import yaml
@@ -160,7 +160,7 @@ def _engines() -> list[str]:
 
 def serve_command(model: str, port: int, engine: str = "auto", n_ctx: int = 4096, dtype: str = "auto") -> tuple[list[str], str]:
     """(argv of the server process, the ``model`` name clients must send)."""
-    from daralign import bundled
+    from daralign.core import bundled
 
     available = _engines()
     if engine == "auto":

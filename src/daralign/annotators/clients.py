@@ -18,15 +18,19 @@ import concurrent.futures as cf
 import math
 import os
 import random
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from daralign.errors import AnnotationError, ConfigError
-from daralign.rng import fork_rng
+from daralign.core.errors import AnnotationError, ConfigError
+from daralign.core.rng import fork_rng
 
 OnReply = Callable[[int, "Reply"], None]
+Reserve = Callable[[], bool]  # asked before every request (and every retry) is sent: may it go? (annotators/base.py Meter)
+
+
+def _always() -> bool:
+    return True
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,22 @@ def match_top_logprobs(top: dict[str, float], candidates: tuple[str, ...]) -> di
 
 class Client:
     """Backend interface. ``complete`` answers requests in order, calling ``on_reply(i, reply)``
-    as each finishes (from the calling thread), so callers can persist partial progress."""
+    as each finishes (from the calling thread), so callers can persist partial progress. Before
+    sending each request — and each retry of it — a backend calls ``reserve()``; when that says
+    no, the request is not sent and its reply is ``None`` (the budget is spent).
+
+    A new backend is a subclass registered with ``@register_backend("name")`` and built by
+    ``from_config(judge_config)`` (docs/architecture.md)."""
 
     supports_logprobs: bool = True
     supports_prefix: bool = True
-    requests_sent: int = 0  # every request the backend received (HTTP retries included): the budget's unit
 
-    def complete(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Reply]:
+    @classmethod
+    def from_config(cls, config) -> "Client":
+        raise NotImplementedError
+
+    def complete(self, requests: list[Request], on_reply: OnReply | None = None,
+                 reserve: Reserve = _always) -> list[Reply | None]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -98,6 +111,21 @@ def _common_prefix_length(rows: list[list[int]]) -> int:
     return max(n, 0)
 
 
+BACKENDS: dict[str, type[Client]] = {}
+
+
+def register_backend(name: str):
+    """Decorator: ``@register_backend("openai")`` makes ``backend: openai`` build the class."""
+
+    def wrap(cls):
+        BACKENDS[name] = cls
+        cls.backend_name = name
+        return cls
+
+    return wrap
+
+
+@register_backend("transformers")
 class TransformersClient(Client):
     """Batched, left-padded forward passes of a local causal LM.
 
@@ -110,7 +138,7 @@ class TransformersClient(Client):
                  device: str = "auto", reuse_prefix: bool = True):
         import torch
 
-        from daralign.models import load_causal_lm, load_tokenizer, resolve_dtype
+        from daralign.core.models import load_causal_lm, load_tokenizer, resolve_dtype
 
         self.torch = torch
         self.name = model
@@ -125,6 +153,10 @@ class TransformersClient(Client):
         self._ids: dict[str, list[int]] = {}
         self.reuse_prefix = reuse_prefix
         self._prefix = None  # (token ids, KV cache) of the last shared request prefix
+
+    @classmethod
+    def from_config(cls, c) -> "TransformersClient":
+        return cls(c.model, c.dtype, c.batch_size, c.trust_remote_code, c.device, c.reuse_prefix)
 
     def __repr__(self) -> str:
         return f"TransformersClient(model={self.name!r}, dtype={self.dtype!r}, device={self.device!r})"
@@ -148,13 +180,14 @@ class TransformersClient(Client):
             text = "".join(f"{r.capitalize()}: {c}\n\n" for r, c in req.messages) + "Assistant:"
         return text + req.prefix
 
-    def complete(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Reply]:
+    def complete(self, requests: list[Request], on_reply: OnReply | None = None,
+                 reserve: Reserve = _always) -> list[Reply | None]:
         torch = self.torch
         texts = [self.render(r) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: len(texts[i]))  # less padding per batch
         replies: list[Reply | None] = [None] * len(requests)
         for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+            idx = [i for i in order[start : start + self.batch_size] if reserve()]  # the rest: not sent
             # Group identical decoding settings so one batch is one call.
             groups: dict[tuple, list[int]] = {}
             for i in idx:
@@ -180,10 +213,9 @@ class TransformersClient(Client):
                     if gen is not None:
                         text, n_new = gen[j]
                     replies[i] = Reply(text=text, probs=probs, tokens=int(n_prompt[j]) + n_new, latency_s=latency)
-                    self.requests_sent += 1
                     if on_reply:
                         on_reply(i, replies[i])
-        return replies  # type: ignore[return-value]
+        return replies
 
     def _next_token_probs(self, enc):
         torch = self.torch
@@ -246,6 +278,10 @@ class TransformersClient(Client):
 # OpenAI-compatible HTTP server (vLLM, llama.cpp server, `transformers serve`, hosted APIs)
 
 
+class _NotReserved(Exception):
+    """The budget says no: this attempt is not sent."""
+
+
 class _Retryable(Exception):
     """A response worth retrying (5xx, 429, unreadable body)."""
 
@@ -254,6 +290,7 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+@register_backend("openai")
 class OpenAIClient(Client):
     """``/v1/chat/completions`` (default) or ``/v1/completions`` with retries and a concurrency
     limit. ``top_logprobs`` asks the server for the first token's distribution; servers that do
@@ -293,13 +330,17 @@ class OpenAIClient(Client):
             headers["Authorization"] = f"Bearer {key}"
         self._scrub = (lambda s: s.replace(key, "***")) if key else (lambda s: s)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s), headers=headers)
-        self._count_lock = threading.Lock()  # requests_sent is bumped from the worker threads
         self._httpx = httpx
         self._tokenizer = None
         if endpoint == "completions" and tokenizer:
-            from daralign.models import load_tokenizer
+            from daralign.core.models import load_tokenizer
 
             self._tokenizer = load_tokenizer(tokenizer)
+
+    @classmethod
+    def from_config(cls, c) -> "OpenAIClient":
+        return cls(c.base_url, c.model, c.api_key_env, c.endpoint, c.timeout_s, c.max_retries, c.max_concurrency,
+                   c.top_logprobs, c.backoff_s, c.tokenizer)
 
     def __repr__(self) -> str:  # never the headers: they hold the key
         return f"OpenAIClient(base_url={self.base_url!r}, model={self.model!r}, endpoint={self.endpoint!r})"
@@ -323,10 +364,10 @@ class OpenAIClient(Client):
             body["logprobs"] = self.top_logprobs
         return "/completions", body
 
-    def _post(self, req: Request) -> Reply:
+    def _post(self, req: Request, reserve: Reserve) -> Reply:
         path, body = self._payload(req)
-        with self._count_lock:
-            self.requests_sent += 1
+        if not reserve():  # every attempt is a paid request: none is sent past the budget
+            raise _NotReserved
         t0 = time.perf_counter()
         resp = self._http.post(self.base_url + path, json=body)
         if resp.status_code == 429 or resp.status_code >= 500:
@@ -350,7 +391,7 @@ class OpenAIClient(Client):
         tokens = int(usage.get("total_tokens") or (usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)))
         return Reply(text=text or "", probs=probs, tokens=tokens, latency_s=time.perf_counter() - t0)
 
-    def _post_with_retries(self, req: Request) -> Reply:
+    def _post_with_retries(self, req: Request, reserve: Reserve) -> Reply | None:
         from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt
 
         httpx = self._httpx
@@ -366,7 +407,9 @@ class OpenAIClient(Client):
             retry=retry_if_exception(lambda e: isinstance(e, (_Retryable, httpx.TransportError))),
         )
         try:
-            return retrying(self._post, req)
+            return retrying(self._post, req, reserve)
+        except _NotReserved:
+            return None
         except RetryError as e:
             last = e.last_attempt.exception()
             kind = type(last).__name__ if isinstance(last, httpx.TransportError) else "server error"
@@ -377,21 +420,22 @@ class OpenAIClient(Client):
                 )
             ) from None
 
-    def complete(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Reply]:
+    def complete(self, requests: list[Request], on_reply: OnReply | None = None,
+                 reserve: Reserve = _always) -> list[Reply | None]:
         replies: list[Reply | None] = [None] * len(requests)
         with cf.ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            futures = {pool.submit(self._post_with_retries, r): i for i, r in enumerate(requests)}
+            futures = {pool.submit(self._post_with_retries, r, reserve): i for i, r in enumerate(requests)}
             try:
                 for fut in cf.as_completed(futures):
                     i = futures[fut]
                     replies[i] = fut.result()
-                    if on_reply:
+                    if on_reply and replies[i] is not None:
                         on_reply(i, replies[i])
             except BaseException:
                 for f in futures:
                     f.cancel()
                 raise
-        return replies  # type: ignore[return-value]
+        return replies
 
     def close(self) -> None:
         self._http.close()

@@ -26,10 +26,9 @@ import statistics
 
 from daralign.annotators.base import ScoreResult, register_annotator
 from daralign.annotators.functions import CombinedAnnotator, _check_keys
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 
 AGGREGATES = ("mean", "min", "uwo")
-CLIENT_KEYS = ("backend", "model", "dtype", "device", "base_url", "batch_size", "reuse_prefix", "trust_remote_code")
 
 
 @register_annotator("ensemble")
@@ -55,20 +54,14 @@ class EnsembleAnnotator(CombinedAnnotator):
         penalty = cfg.get("uwo_penalty", "std")
         if penalty not in ("std", "variance"):
             raise ConfigError(f"annotator (ensemble): uwo_penalty must be std or variance, got {penalty!r}")
-        built, clients = [], {}
-        for i, member in enumerate(members):
-            if member.get("type") == "judge":
-                from daralign.annotators.judge import JudgeAnnotator, JudgeConfig
-
-                member = {**member, "mode": "score"}
-                key = tuple(str(member.get(k)) for k in CLIENT_KEYS)
-                judge = build_annotator(member) if key not in clients else \
-                    JudgeAnnotator(JudgeConfig(**member), client=clients[key].client)
-                clients.setdefault(key, judge)
-                built.append(judge)
-            else:
-                built.append(build_annotator(member))
+        built = [build_annotator(member) for member in members]  # judges on one model share it (judge.py)
         return cls(built, aggregate, float(lam), penalty)
+
+    @classmethod
+    def cost_per_label(cls, cfg: dict, kind: str) -> int:
+        from daralign.annotators import requests_per_label
+
+        return sum(requests_per_label(m, kind) for m in cfg.get("members", []))
 
     def _aggregate(self, values: list[float]) -> float:
         if self.aggregate == "min":
@@ -79,7 +72,7 @@ class EnsembleAnnotator(CombinedAnnotator):
         spread = statistics.pstdev(values) if self.uwo_penalty == "std" else statistics.pvariance(values)
         return mean - self.uwo_lambda * spread
 
-    def score(self, prompts, completions, rows):
+    def _score(self, prompts, completions, rows):
         per_member, metrics = self.member_scores(prompts, completions, rows)
         out: list[float | None] = []
         spreads = []
@@ -89,6 +82,5 @@ class EnsembleAnnotator(CombinedAnnotator):
                 continue
             out.append(self._aggregate(list(values)))
             spreads.append(statistics.pstdev(values))
-        self.num_annotations += sum(v is not None for v in out)
         metrics["rewards/ensemble_std"] = statistics.fmean(spreads) if spreads else float("nan")
         return ScoreResult(out, metrics)

@@ -14,8 +14,8 @@ import math
 import traceback
 from pathlib import Path
 
-from daralign.annotators.base import Annotator, ScoreResult, register_annotator
-from daralign.errors import AnnotationError, ConfigError
+from daralign.annotators.base import Annotator, ScoreResult, checked_values, register_annotator
+from daralign.core.errors import AnnotationError, ConfigError
 
 
 def _check_keys(cfg: dict, allowed: set[str], kind: str) -> None:
@@ -49,27 +49,7 @@ def load_callable(spec: str):
 
 def validate_scores(scores, expected: int, who: str) -> list[float | None]:
     """A list of ``expected`` finite floats or None; anything else is an ``AnnotationError``."""
-    if isinstance(scores, (str, bytes, dict)):  # list("1234") would be four "scores"
-        raise AnnotationError(f"{who} returned {type(scores).__name__} {str(scores)[:40]!r}, expected a list of {expected} numbers")
-    try:
-        scores = list(scores)
-    except TypeError:
-        raise AnnotationError(f"{who} returned {type(scores).__name__}, expected a list of {expected} numbers") from None
-    if len(scores) != expected:
-        raise AnnotationError(f"{who} returned {len(scores)} scores for {expected} completions")
-    out = []
-    for i, s in enumerate(scores):
-        if s is None:
-            out.append(None)
-            continue
-        try:
-            value = float(s)
-        except (TypeError, ValueError):
-            raise AnnotationError(f"{who}: score {i} is {s!r}, not a number") from None
-        if not math.isfinite(value):
-            raise AnnotationError(f"{who}: score {i} is {value} (non-finite rewards are never trained on)")
-        out.append(value)
-    return out
+    return checked_values(scores, expected, who)
 
 
 @register_annotator("function")
@@ -87,20 +67,15 @@ class FunctionAnnotator(Annotator):
             raise ConfigError("annotator (function): missing key 'function' ('module:function')")
         return cls(load_callable(cfg["function"]), dict(cfg.get("kwargs") or {}), cfg["function"])
 
-    def score(self, prompts, completions, rows):
-        n = self.affordable(len(completions))  # items past the request limit are not asked (invalid)
-        rows = rows[:n]
+    def _score(self, prompts, completions, rows):
         columns = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {}) if k not in ("prompt", "completion")}
         try:
-            raw = self.fn(prompts=list(prompts[:n]), completions=list(completions[:n]), **columns, **self.kwargs) if n else []
+            raw = self.fn(prompts=list(prompts), completions=list(completions), **columns, **self.kwargs)
         except Exception as e:  # the user's bug: show where in *their* code, not a traceback through ours
             frame = traceback.extract_tb(e.__traceback__)[-1]
             raise AnnotationError(f"reward function {self.spec} raised {type(e).__name__}: {e} "
                                   f"(at {frame.filename}:{frame.lineno}, in {frame.name})") from None
-        self.num_requests += n  # one per batch item handed to the function
-        scores = validate_scores(raw, n, f"reward function {self.spec}") + [None] * (len(completions) - n)
-        self.num_annotations += sum(s is not None for s in scores)
-        return ScoreResult(scores)
+        return ScoreResult(validate_scores(raw, len(completions), f"reward function {self.spec}"))
 
 
 @register_annotator("combined")
@@ -109,11 +84,18 @@ class CombinedAnnotator(Annotator):
 
     The score is Σ weight·score; a response invalid for any source is invalid. Each source's mean
     is logged as ``rewards/<i>_<type>/mean``. One annotation is counted per response labelled by
-    all sources; the requests are every source's requests added up."""
+    all sources; the requests are every source's, on the one meter they share (a cap reached by
+    the first source leaves the next nothing to ask)."""
+
+    meters_items = False  # the sources reserve their own requests on the shared meter
 
     def __init__(self, sources: list[tuple[float, Annotator]]) -> None:
         super().__init__()
         self.sources = sources
+        self.use_meter(self.meter)
+
+    def members(self) -> list[Annotator]:
+        return [source for _, source in self.sources]
 
     @classmethod
     def from_config(cls, cfg: dict) -> "CombinedAnnotator":
@@ -134,32 +116,28 @@ class CombinedAnnotator(Annotator):
             built.append((float(weight), build_annotator(src)))
         return cls(built)
 
-    def requests_per_label(self, kind: str) -> int:
-        return sum(source.requests_per_label(kind) for _, source in self.sources)
+    @classmethod
+    def cost_per_label(cls, cfg: dict, kind: str) -> int:
+        from daralign.annotators import requests_per_label
+
+        return sum(requests_per_label({k: v for k, v in s.items() if k != "weight"}, kind) for s in cfg.get("sources", []))
 
     def member_scores(self, prompts, completions, rows) -> tuple[list[list[float | None]], dict[str, float]]:
-        """Every source's scores, each source spending what is left of the shared request limit."""
+        """Every source's scores (each reserving its requests on the shared meter)."""
         per_source, metrics = [], {}
         for i, (_, source) in enumerate(self.sources):
-            requests, hits = source.num_requests, source.num_cache_hits
-            # each source may spend what is left of the combined limit
-            source.request_limit = None if self.request_limit is None else \
-                source.num_requests + max(self.request_limit - self.num_requests, 0)
             result = source.score(prompts, completions, rows)
-            self.num_requests += source.num_requests - requests
-            self.num_cache_hits += source.num_cache_hits - hits
             valid = [s for s in result.scores if s is not None]
             metrics[f"rewards/{i}_{source.name}/mean"] = sum(valid) / len(valid) if valid else float("nan")
             metrics.update(result.metrics)
             per_source.append(result.scores)
         return per_source, metrics
 
-    def score(self, prompts, completions, rows):
+    def _score(self, prompts, completions, rows):
         per_source, metrics = self.member_scores(prompts, completions, rows)
         total: list[float | None] = [0.0] * len(completions)
         for (weight, _), scores in zip(self.sources, per_source):
             total = [None if t is None or s is None else t + weight * s for t, s in zip(total, scores)]
-        self.num_annotations += sum(t is not None for t in total)
         return ScoreResult(total, metrics)
 
     def close(self):

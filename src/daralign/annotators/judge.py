@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from daralign.annotators.base import Annotator, CompareResult, ScoreResult, register_annotator
 from daralign.annotators.cache import ResponseCache, cache_key
-from daralign.annotators.clients import Client, Reply, Request
+from daralign.annotators import llama_cpp_client  # noqa: F401  (registers backend llama_cpp; imports llama_cpp only when used)
+from daralign.annotators.clients import BACKENDS, Client, Reply, Request
 from daralign.annotators.judge_text import (  # noqa: F401  (re-exported: the judge's public text helpers)
     Scale, fit_prompt, format_prompt, load_template, neutralise, parse_label, parse_scale, render, template_names,
 )
-from daralign.errors import AnnotationError, ConfigError
+from daralign.core.errors import AnnotationError, ConfigError
 
 MODES = ("score", "compare")
-BACKENDS = ("transformers", "openai", "llama_cpp")
 POLICIES = ("retry", "drop", "fail")
 DEBIAS = ("both_orders", "none")
 
@@ -44,7 +44,7 @@ class JudgeConfig:
     """Every key of a ``type: judge`` annotator config (unknown keys are an error)."""
 
     type: str = "judge"
-    mode: str = "score"  # score | compare
+    mode: str = "score"  # score | compare: what the run asks of it by default (every judge does both)
     template: str = "helpfulness"  # a name in templates/ or a path to a .txt file
     scale: Any = "yes_no"  # yes_no | "LO-HI" (e.g. "1-10") | {label: value}
     backend: str = "transformers"  # transformers | openai | llama_cpp
@@ -84,7 +84,7 @@ class JudgeConfig:
 
         need(self.type == "judge", "type", "must be 'judge'")
         need(self.mode in MODES, "mode", f"must be one of {MODES}")
-        need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
+        need(self.backend in BACKENDS, "backend", f"must be one of {tuple(BACKENDS)}")
         need(self.invalid_policy in POLICIES, "invalid_policy", f"must be one of {POLICIES}")
         need(self.debias in DEBIAS, "debias", f"must be one of {DEBIAS}")
         need(self.endpoint in ("chat", "completions"), "endpoint", "must be 'chat' or 'completions'")
@@ -120,6 +120,34 @@ class JudgeConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# loaded backends, shared
+
+# The fields a backend is built from: two judges agreeing on all of them are one loaded model (or
+# one HTTP client) — whatever their template, scale, mode or cache.
+CLIENT_KEYS = ("backend", "model", "dtype", "device", "batch_size", "reuse_prefix", "trust_remote_code", "base_url",
+               "api_key_env", "endpoint", "timeout_s", "max_retries", "max_concurrency", "top_logprobs", "backoff_s",
+               "tokenizer", "n_ctx", "n_threads")
+_SHARED: dict[tuple, list] = {}  # key -> [client, number of judges using it]
+
+
+def _acquire_client(config: JudgeConfig) -> tuple[tuple, Client]:
+    key = tuple(str(getattr(config, k)) for k in CLIENT_KEYS)
+    if key not in _SHARED:
+        _SHARED[key] = [BACKENDS[config.backend].from_config(config), 0]
+    _SHARED[key][1] += 1
+    return key, _SHARED[key][0]
+
+
+def _release_client(key: tuple) -> None:
+    entry = _SHARED.get(key)
+    if entry is not None:
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _SHARED[key]
+            entry[0].close()
+
+
+# ---------------------------------------------------------------------------------------------
 # the annotator
 
 
@@ -128,27 +156,39 @@ class _Ask:
     """One request to the judge, with what makes it unique for the cache."""
 
     request: Request
-    responses: tuple[str, ...]
+    responses: tuple[str, ...]  # one: a score ask; two: a comparison
     prompt: str
     reply: Reply | None = None
+
+    @property
+    def mode(self) -> str:
+        return _mode(self.responses)
+
+
+def _mode(responses: tuple[str, ...]) -> str:
+    return "score" if len(responses) == 1 else "compare"
 
 
 @register_annotator("judge")
 class JudgeAnnotator(Annotator):
-    """LLM judge. ``score`` returns one reward per response; ``compare`` returns P(a better).
+    """LLM judge. ``score`` returns one reward per response; ``compare`` returns P(a better) —
+    one object does both, whatever ``mode`` the config names (it is the default the run asks for).
+    Every request (each order, second digit, retry, HTTP attempt) is reserved on the meter first.
 
     ``metrics`` of each result: judge/requests, judge/cache_hits, judge/latency_s (mean over
     paid requests), judge/tokens, judge/invalid_rate and, for compare, judge/position_flip_rate.
     ``totals`` accumulates the same counts over the annotator's life.
     """
 
+    meters_items = False  # every backend request is reserved as it is sent (``_run``)
+
     def __init__(self, config: JudgeConfig, client: Client | None = None):
         super().__init__()
         self.config = config
         self.scale = parse_scale(config.scale)
-        self.template_text = load_template(config.template, config.mode)
-        self._client = client
-        self._owns_client = client is None  # a shared client is closed by whoever made it
+        self._templates = {config.mode: load_template(config.template, config.mode)}
+        self._client = client  # given: its maker closes it; else a shared one, acquired on first use
+        self._client_key: tuple | None = None
         self._cache = ResponseCache(config.cache) if config.cache else None
         self.last_answers: list[str | None] = []
         self.totals: dict[str, float] = {"labels": 0, "invalid": 0, "requests": 0, "cache_hits": 0, "tokens": 0, "latency_s": 0.0}
@@ -169,52 +209,50 @@ class JudgeAnnotator(Annotator):
 
     @property
     def client(self) -> Client:
-        """The backend, created on first use (loading a model takes seconds)."""
+        """The backend, loaded on first use (seconds) and shared by every judge on the same one."""
         if self._client is None:
-            c = self.config
-            if c.backend == "transformers":
-                from daralign.annotators.clients import TransformersClient
-
-                self._client = TransformersClient(c.model, c.dtype, c.batch_size, c.trust_remote_code, c.device, c.reuse_prefix)
-            elif c.backend == "openai":
-                from daralign.annotators.clients import OpenAIClient
-
-                self._client = OpenAIClient(c.base_url, c.model, c.api_key_env, c.endpoint, c.timeout_s, c.max_retries,
-                                            c.max_concurrency, c.top_logprobs, c.backoff_s, c.tokenizer)
-            else:
-                from daralign.annotators.llama_cpp_client import LlamaCppClient
-
-                self._client = LlamaCppClient(c.model, c.n_ctx, c.n_threads)
+            self._client_key, self._client = _acquire_client(self.config)
         return self._client
 
+    def template(self, mode: str) -> str:
+        if mode not in self._templates:
+            self._templates[mode] = load_template(self.config.template, mode)
+        return self._templates[mode]
+
+    def single_order(self) -> "JudgeAnnotator":
+        """This judge comparing in the order given only (no both-orders debiasing): for evaluations
+        that swap orders themselves so each order's verdict stays visible. Same backend, cache and meter."""
+        if self.config.debias == "none":
+            return self
+        twin = JudgeAnnotator(replace(self.config, debias="none", cache=None), client=self.client)
+        twin._cache = self._cache
+        return twin.use_meter(self.meter)
+
     # -- requests, cache, metrics ------------------------------------------------------------
-    def requests_per_label(self, kind: str) -> int:
+    @classmethod
+    def cost_per_label(cls, cfg: dict, kind: str) -> int:
         """A compare label asked in both orders is 2 requests; a two-digit score read from
         log-probs adds one second-digit request per leading digit ("1" of "10")."""
-        if self.config.mode == "compare":
-            return 2 if self.config.debias == "both_orders" else 1
-        if self.scale.multi_digit and self._use_probs():
-            return 1 + len({lab[0] for lab in self.scale.labels if len(lab) > 1})
+        c = JudgeConfig(**cfg)
+        if kind == "compare":
+            return 2 if c.debias == "both_orders" else 1
+        scale = parse_scale(c.scale)
+        if scale.multi_digit and _reads_probs(c, scale, supports_logprobs=True,
+                                              supports_prefix=c.backend != "openai" or c.endpoint == "completions"):
+            return 1 + len({lab[0] for lab in scale.labels if len(lab) > 1})
         return 1
 
     def _use_probs(self) -> bool:
-        c = self.config
-        if c.use_logprobs is False or not self.client.supports_logprobs:
-            return False
-        if self.scale.multi_digit and (not self.client.supports_prefix or (c.backend == "openai" and c.use_logprobs == "auto")):
-            # "10" needs P("0" | "1"): chat endpoints cannot continue a prefix, and a server that
-            # may not return log-probs would leave a one-token answer that cannot tell 1 from 10.
-            return False
-        return True
+        return _reads_probs(self.config, self.scale, self.client.supports_logprobs, self.client.supports_prefix)
 
     def _request(self, prompt: str, responses: tuple[str, ...], *, probs: bool, prefix: str = "",
                  candidates: tuple[str, ...] = (), attempt: int = 0) -> _Ask:
         c = self.config
-        if self.config.mode == "score":
+        if _mode(responses) == "score":
             values = {"response": neutralise(responses[0])}
         else:
             values = {"response_a": neutralise(responses[0]), "response_b": neutralise(responses[1])}
-        text = render(self.template_text, prompt=neutralise(prompt), answer_format=self.scale.answer_format, **values)
+        text = render(self.template(_mode(responses)), prompt=neutralise(prompt), answer_format=self.scale.answer_format, **values)
         msgs = ((("system", c.system_prompt),) if c.system_prompt else ()) + (("user", text),)
         sampled = attempt > 0
         req = Request(
@@ -230,7 +268,7 @@ class JudgeAnnotator(Annotator):
     def _key(self, ask: _Ask) -> str:
         c, r = self.config, ask.request
         return cache_key(
-            template=self.template_text, backend=c.backend, model=c.model, prompt=ask.prompt, responses=ask.responses,
+            template=self.template(ask.mode), backend=c.backend, model=c.model, prompt=ask.prompt, responses=ask.responses,
             scale=self.scale.spec(), system=c.system_prompt, endpoint=c.endpoint if c.backend == "openai" else None,
             decoding={"prefix": r.prefix, "candidates": r.candidates, "max_tokens": r.max_tokens,
                       "temperature": r.temperature, "seed": r.seed, "top_logprobs": c.top_logprobs},
@@ -247,12 +285,9 @@ class JudgeAnnotator(Annotator):
                 if hit is not None:
                     a.reply = Reply(text=hit["text"], probs=hit["probs"], tokens=0, latency_s=0.0, cached=True)
                     stats["cache_hits"] += 1
-                    self.num_cache_hits += 1
+                    self.meter.cache_hit()
                     continue
             todo.append(a)
-        allowed = self.affordable(len(todo))
-        stats["budget_cut"] += len(todo) - allowed  # not sent: their labels stay invalid
-        todo = todo[:allowed]
         if not todo:
             return
 
@@ -266,21 +301,21 @@ class JudgeAnnotator(Annotator):
             if self._cache is not None:
                 self._cache.put(keys[id(a)], {"text": reply.text, "probs": reply.probs, "tokens": reply.tokens})
 
-        sent = self.client.requests_sent
+        before = self.meter.requests[self.meter.phase]
         try:
-            self.client.complete([a.request for a in todo], on_reply)
-        finally:  # what reached the backend is paid for, even when the call fails
-            n = self.client.requests_sent - sent
-            stats["requests"] += n
-            self.num_requests += n
+            self.client.complete([a.request for a in todo], on_reply, reserve=self.meter.reserve_one)
+        finally:  # what was reserved was (or may have been) sent: paid for, even when the call fails
+            stats["requests"] += self.meter.requests[self.meter.phase] - before
+        stats["budget_cut"] += sum(a.reply is None for a in todo)  # not sent: their labels stay invalid
 
     def _label_value(self, asks: list[_Ask], stats: dict) -> list[float | None]:
         """Value of each first-step ask on the scale (score) or P("A") (compare); None if invalid.
         Numeric two-digit scales get their second step here."""
-        labels = ("A", "B") if self.config.mode == "compare" else self.scale.labels
-        values = (1.0, 0.0) if self.config.mode == "compare" else self.scale.values
+        mode = asks[0].mode if asks else "score"
+        labels = ("A", "B") if mode == "compare" else self.scale.labels
+        values = (1.0, 0.0) if mode == "compare" else self.scale.values
         out: list[float | None] = []
-        two_step = self.config.mode == "score" and self.scale.multi_digit
+        two_step = mode == "score" and self.scale.multi_digit
         seconds: dict[tuple[int, str], _Ask] = {}
         if two_step:
             prefixes = sorted({lab[0] for lab in labels if len(lab) > 1})
@@ -324,7 +359,7 @@ class JudgeAnnotator(Annotator):
         """One value per (prompt, responses) group, applying the invalid policy."""
         c = self.config
         probs = self._use_probs()
-        cands = ("A", "B") if c.mode == "compare" else (
+        cands = ("A", "B") if _mode(groups[0] if groups else ("",)) == "compare" else (
             tuple(sorted({lab[0] for lab in self.scale.labels})) if self.scale.multi_digit else self.scale.labels)
         asks = [self._request(p, g, probs=probs, candidates=cands) for p, g in zip(prompt_texts, groups)]
         self._run(asks, stats)
@@ -368,7 +403,7 @@ class JudgeAnnotator(Annotator):
         fitted = [fit_prompt(format_prompt(p), self.config.max_prompt_chars) for p in self._expand(prompts, n, "prompts")]
         cut = sum(c for _, c in fitted)
         if cut:
-            from daralign.tracking import console
+            from daralign.core.tracking import console
 
             console.print(f"[yellow]judge: {cut} prompt(s) longer than max_prompt_chars={self.config.max_prompt_chars} "
                           f"cut from the left (the response is always whole)[/yellow]")
@@ -384,23 +419,21 @@ class JudgeAnnotator(Annotator):
             return [x for x in items for _ in range(k)]
         raise AnnotationError(f"judge: {len(items)} {what} for {n} completions")
 
-    # -- public API ---------------------------------------------------------------------------
-    def score(self, prompts: list[Any], completions: list[str], rows: list[dict] | None = None) -> ScoreResult:
-        if self.config.mode != "score":
-            raise AnnotationError("judge: this judge has mode 'compare'; set mode: score to score single responses")
+    def write(self, requests: list[Request]) -> list[Reply]:
+        """Free-text answers to ready-made requests (MT-bench grading), each request metered."""
+        replies = self.client.complete(requests, reserve=self.meter.reserve_one)
+        return [r if r is not None else Reply(text=None, probs=None) for r in replies]
+
+    # -- what the base's metered score/compare call ---------------------------------------------
+    def _score(self, prompts: list[Any], completions: list[str], rows: list[dict]) -> ScoreResult:
         stats = _new_stats()
         texts, cut = self._prompt_texts(prompts, len(completions))
         vals = self._labels(texts, [(str(c),) for c in completions], stats)
         n_invalid = sum(v is None for v in vals)
-        self.num_annotations += len(vals) - n_invalid
         return ScoreResult(scores=vals, metrics=self._metrics(stats, len(vals), n_invalid) | {"judge/truncated_prompts": float(cut)})
 
-    def compare(self, prompts: list[Any], completions_a: list[str], completions_b: list[str],
-                rows: list[dict] | None = None) -> CompareResult:
-        if self.config.mode != "compare":
-            raise AnnotationError("judge: this judge has mode 'score'; set mode: compare to compare two responses")
-        if len(completions_a) != len(completions_b):
-            raise AnnotationError(f"judge: {len(completions_a)} completions_a but {len(completions_b)} completions_b")
+    def _compare(self, prompts: list[Any], completions_a: list[str], completions_b: list[str],
+                 rows: list[dict]) -> CompareResult:
         stats = _new_stats()
         texts, cut = self._prompt_texts(prompts, len(completions_a))
         ab = [(str(a), str(b)) for a, b in zip(completions_a, completions_b)]
@@ -420,19 +453,37 @@ class JudgeAnnotator(Annotator):
         else:
             probs = first
         n_invalid = sum(p is None for p in probs)
-        self.num_annotations += len(probs) - n_invalid
         metrics = self._metrics(stats, len(probs), n_invalid) | {"judge/truncated_prompts": float(cut)}
         if self.config.debias == "both_orders":
             metrics["judge/position_flip_rate"] = flips / n_both if n_both else 0.0
         return CompareResult(prob_a=probs, metrics=metrics)
 
     def close(self) -> None:
-        if self._client is not None and self._owns_client:
-            self._client.close()
+        if self._client_key is not None:
+            _release_client(self._client_key)
+            self._client_key = None
         self._client = None
         if self._cache is not None:
             self._cache.close()
             self._cache = None
+
+
+def _reads_probs(c: JudgeConfig, scale: Scale, supports_logprobs: bool, supports_prefix: bool) -> bool:
+    """Whether labels are read from next-token probabilities (else parsed from text)."""
+    if c.use_logprobs is False or not supports_logprobs:
+        return False
+    if scale.multi_digit and (not supports_prefix or (c.backend == "openai" and c.use_logprobs == "auto")):
+        # "10" needs P("0" | "1"): chat endpoints cannot continue a prefix, and a server that
+        # may not return log-probs would leave a one-token answer that cannot tell 1 from 10.
+        return False
+    return True
+
+
+def text_judge(cfg: dict, where: str) -> JudgeAnnotator:
+    """A judge used for the text it writes (MT-bench's FastChat prompts), or one clear line."""
+    if not isinstance(cfg, dict) or cfg.get("type") != "judge":
+        raise ConfigError(f"{where}: needs an LLM judge that writes text (type: judge)")
+    return JudgeAnnotator.from_config({**cfg, "template": "helpfulness"})  # its own templates are not used
 
 
 def _new_stats() -> dict:

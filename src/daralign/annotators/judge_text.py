@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daralign.errors import AnnotationError, ConfigError
+from daralign.core.errors import AnnotationError, ConfigError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 

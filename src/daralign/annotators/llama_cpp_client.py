@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import time
 
-from daralign.annotators.clients import Client, OnReply, Reply, Request, _variants
-from daralign.errors import ConfigError
+from daralign.annotators.clients import Client, OnReply, Reply, Request, Reserve, _always, _variants, register_backend
+from daralign.core.errors import ConfigError
 
 
+@register_backend("llama_cpp")
 class LlamaCppClient(Client):
     """In-process GGUF through ``llama-cpp-python`` (optional: ``pip install llama-cpp-python``).
     Next-token probabilities come from the logits of the last prompt position."""
@@ -22,7 +23,7 @@ class LlamaCppClient(Client):
                 "backend 'llama_cpp' needs llama-cpp-python: pip install 'daralign[llama-cpp]' "
                 "(compiles llama.cpp, ~8 min on 2 cores), or use backend 'transformers'"
             ) from None
-        from daralign import bundled
+        from daralign.core import bundled
 
         path = str(bundled.gguf_path(model)) if bundled.is_bundled(model) else model
         if not path.endswith(".gguf") or not os.path.isfile(path):
@@ -30,6 +31,10 @@ class LlamaCppClient(Client):
         self.name = model
         self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
         self._ids: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_config(cls, c) -> "LlamaCppClient":
+        return cls(c.model, c.n_ctx, c.n_threads)
 
     def __repr__(self) -> str:
         return f"LlamaCppClient(model={self.name!r})"
@@ -57,12 +62,16 @@ class LlamaCppClient(Client):
             self._ids[label] = sorted(ids)
         return self._ids[label]
 
-    def complete(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Reply]:
+    def complete(self, requests: list[Request], on_reply: OnReply | None = None,
+                 reserve: Reserve = _always) -> list[Reply | None]:
         import llama_cpp
         import numpy as np
 
-        replies = []
+        replies: list[Reply | None] = []
         for i, req in enumerate(requests):
+            if not reserve():  # the budget is spent: not sent
+                replies.append(None)
+                continue
             t0 = time.perf_counter()
             text_prompt = self.render(req)
             toks = self.llm.tokenize(text_prompt.encode(), add_bos=False, special=True)
@@ -87,7 +96,6 @@ class LlamaCppClient(Client):
                 text = out["choices"][0]["text"]
                 n_new = out["usage"]["completion_tokens"]
             replies.append(Reply(text=text, probs=probs, tokens=len(toks) + n_new, latency_s=time.perf_counter() - t0))
-            self.requests_sent += 1
             if on_reply:
                 on_reply(i, replies[-1])
         return replies

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from daralign.annotators.base import Annotator, ScoreResult, register_annotator
-from daralign.annotators.functions import _check_keys, validate_scores
-from daralign.data import as_messages
-from daralign.errors import AnnotationError, ConfigError
-from daralign.models import DTYPES, _location
+from daralign.annotators.functions import _check_keys
+from daralign.core.data import as_messages
+from daralign.core.errors import AnnotationError, ConfigError
+from daralign.core.models import DTYPES, _location
 
 
 @register_annotator("reward_model")
@@ -71,12 +71,12 @@ class RewardModelAnnotator(Annotator):
         return text, True
 
     @torch.no_grad()
-    def score(self, prompts, completions, rows):
-        n = self.affordable(len(completions))  # responses past the request limit are not scored (invalid)
-        fitted = [self._fit(p, c) for p, c in zip(prompts[:n], completions[:n])]
+    def _score(self, prompts, completions, rows):
+        n = len(completions)
+        fitted = [self._fit(p, c) for p, c in zip(prompts, completions)]
         texts, cut = [t for t, _ in fitted], sum(c for _, c in fitted)
         if cut:
-            from daralign.tracking import console
+            from daralign.core.tracking import console
 
             console.print(f"[yellow]reward model: {cut} of {n} prompt(s) cut from the left to fit max_length={self.max_length} "
                           f"(the response is always whole)[/yellow]")
@@ -84,7 +84,4 @@ class RewardModelAnnotator(Annotator):
         for s in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[s:s + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             scores += self.model(**enc).logits[:, 0].float().tolist()
-        self.num_requests += n  # one per scored response
-        scores = validate_scores(scores, n, "reward model") + [None] * (len(completions) - n)
-        self.num_annotations += n
         return ScoreResult(scores, {"annotator/truncated_prompts": float(cut)})

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from daralign.data import load_pairs, split_hh_pair, transcript_to_messages  # noqa: F401  (re-exported)
-from daralign.errors import AnnotationError
+from daralign.core.data import load_pairs, split_hh_pair, transcript_to_messages  # noqa: F401  (re-exported)
+from daralign.core.errors import AnnotationError
 from daralign.evaluation.winrate import TIE_EPS, TIE_MARGIN, _checked_probs, bootstrap_ci
 
 # --- data -------------------------------------------------------------------------------------

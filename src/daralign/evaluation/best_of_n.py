@@ -75,9 +75,9 @@ def measure_best_of_n(train, n_max: int) -> dict:
     import torch
 
     from daralign.annotators import build_annotator
-    from daralign.data import load_prompts
-    from daralign.models import load_causal_lm, load_tokenizer
-    from daralign.rng import fork_rng
+    from daralign.core.data import load_prompts
+    from daralign.core.models import load_causal_lm, load_tokenizer
+    from daralign.core.rng import fork_rng
     from daralign.rollout.hf import sample_rollout
 
     rows = load_prompts(train.eval_dataset, column=train.prompt_column)[: train.eval_max_prompts]
@@ -91,16 +91,17 @@ def measure_best_of_n(train, n_max: int) -> dict:
     del model
     prompts = [rollout.prompt_of(i) for i in range(len(rollout.completions))]
     per_row = [rows[i // n_max] for i in range(len(prompts))]
-    proxy_cfg = {**train.annotator, "mode": "score"} if train.annotator.get("type") == "judge" else train.annotator
-    scores = {}
-    for name, cfg in (("proxy", proxy_cfg), ("gold", train.eval_annotator)):
+    scores, requests = {}, 0
+    for name, cfg in (("proxy", train.annotator), ("gold", train.eval_annotator)):
         annotator = build_annotator(cfg)
         try:
-            flat = annotator.score(prompts, rollout.completions, per_row).scores
+            with annotator.meter.evaluation():
+                flat = annotator.score(prompts, rollout.completions, per_row).scores
+            requests += annotator.meter.requests["eval"]
         finally:
             annotator.close()
         scores[name] = [flat[p * n_max:(p + 1) * n_max] for p in range(len(rows))]
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= n_max]
-    return {"n_max": n_max, "prompts": len(rows), "temperature": train.eval_temperature,
+    return {"n_max": n_max, "prompts": len(rows), "temperature": train.eval_temperature, "eval_annotation_requests": requests,
             "curve": best_of_n_curve(scores["proxy"], scores["gold"], ns),
             "agreement": agreement(scores["proxy"], scores["gold"])}

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daralign.errors import ConfigError, DataError
+from daralign.core.errors import ConfigError, DataError
+from daralign.annotators.judge import text_judge
 from daralign.evaluation.annotators import build_annotators
 from daralign.evaluation.winrate import TIE_MARGIN
 
@@ -50,7 +51,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _read_judge_yaml(path: str) -> dict:
-    from daralign.config import read_yaml
+    from daralign.core.parsing import read_yaml
 
     cfg = read_yaml(path)
     if "type" not in cfg:
@@ -78,7 +79,7 @@ def _instruction_text(prompt: Any) -> str:
 def load_eval_prompts(path: str, column: str | None, limit: int | None) -> list[dict]:
     """Prompt rows; the prompt is ``column`` if given, else ``prompt``, else ``instruction``
     (AlpacaEval files). Copied to key ``prompt``."""
-    from daralign.data import check_prompt, read_rows
+    from daralign.core.data import check_prompt, read_rows
 
     rows = read_rows(path)
     if not rows:
@@ -109,7 +110,7 @@ def references_from_file(path: str, prompts: list[dict]) -> tuple[list[str], str
     """(reference answers, generator name) for ``prompts`` from another file: matched by
     instruction/prompt text when every prompt is found there (AlpacaEval outputs), else by
     position when that file has no instructions and at least as many rows."""
-    from daralign.data import read_rows
+    from daralign.core.data import read_rows
 
     ref_rows = read_rows(path)
     by_text: dict[str, int] = {}
@@ -144,7 +145,7 @@ def _is_reference_file(ref: str) -> bool:
 def _generate_with(model_path: str, prompts: list, args) -> tuple[list[str], Any]:
     """Load a model, answer, free it. Returns (answers, its tokenizer)."""
     from daralign.evaluation.generate import generate_responses
-    from daralign.models import load_causal_lm, load_tokenizer
+    from daralign.core.models import load_causal_lm, load_tokenizer
 
     t0 = time.perf_counter()
     tok = load_tokenizer(model_path)
@@ -222,14 +223,12 @@ def _eval_win_rate(args) -> int:
 def _eval_mtbench(args) -> int:
     from daralign.annotators.clients import Request
     from daralign.evaluation import mtbench
-    from daralign.models import load_causal_lm, load_tokenizer
+    from daralign.core.models import load_causal_lm, load_tokenizer
 
     judge_cfg = _read_judge_yaml(args.judge)
-    if judge_cfg.get("type") != "judge":
-        raise ConfigError(f"{args.judge}: MT-bench needs an LLM judge that writes text (type: judge)")
-    # Only the judge's backend is used (FastChat's templates replace the judge's own), so any
-    # built-in template satisfies the config check. Its model loads on first use, after answering.
-    _, judge = build_annotators({**judge_cfg, "template": "helpfulness"}, need_score=False, need_compare=True)
+    # Only the judge's backend is used (FastChat's templates replace the judge's own). Its model
+    # loads on first use, after answering.
+    judge = text_judge(judge_cfg, args.judge)
     questions = mtbench.load_mtbench_questions(args.mtbench_dir)
     questions = questions[: args.limit] if args.limit else questions
     prompts = mtbench.load_judge_prompts(args.mtbench_dir)
@@ -246,7 +245,7 @@ def _eval_mtbench(args) -> int:
     def judge_fn(conversations: list[list[dict]]) -> list[str]:
         reqs = [Request(messages=tuple((m["role"], m["content"]) for m in conv), max_tokens=args.judge_max_tokens, temperature=0.0)
                 for conv in conversations]
-        return [r.text or "" for r in judge.client.complete(reqs)]
+        return [r.text or "" for r in judge.write(reqs)]
 
     try:
         records = mtbench.grade_mtbench(questions, answers, judge_fn, prompts)
@@ -345,7 +344,7 @@ def agreement_main(argv: list[str]) -> int:
         raise ConfigError("agreement: --limit must be >= 1")
     t0 = time.perf_counter()
     if args.records:
-        from daralign.data import read_rows
+        from daralign.core.data import read_rows
 
         records = read_rows(args.records)
         cfg = _read_judge_yaml(args.annotator) if args.annotator else {"records": args.records}

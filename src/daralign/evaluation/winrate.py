@@ -136,7 +136,7 @@ def win_rate_summary(
 
 def _checked_probs(result, n: int, who: str) -> list[float | None]:
     """The annotator's P(A better) list, validated: right count, None or a number in [0, 1]."""
-    from daralign.errors import AnnotationError
+    from daralign.core.errors import AnnotationError
 
     probs = list(result.prob_a)
     if len(probs) != n:

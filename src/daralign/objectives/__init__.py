@@ -1,17 +1,9 @@
 """Objectives registry. A new algorithm is one file here with ``@register_objective("name")``
-plus its import below."""
+plus its import below (docs/architecture.md); the CLI's algorithm list comes from the registry."""
 
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 from daralign.objectives.base import OBJECTIVES, Objective, register_objective
-from daralign.objectives import dar  # noqa: F401  (registers "dar")
-
-# Baselines register themselves on import; missing files are tolerated while they are written.
-for _module in ("online_dpo", "rloo", "ppo", "grpo", "bon_sft", "offline_dpo"):
-    try:
-        __import__(f"daralign.objectives.{_module}")
-    except ModuleNotFoundError as e:
-        if e.name != f"daralign.objectives.{_module}":
-            raise
+from daralign.objectives import bon_sft, dar, grpo, offline_dpo, online_dpo, ppo, rloo  # noqa: F401  (register)
 
 
 def get_objective(name: str) -> type[Objective]:

@@ -28,8 +28,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from daralign.models import sequence_logps
-from daralign.types import Feedback, Rollout
+from daralign.core.models import sequence_logps
+from daralign.core.types import Feedback, Rollout
 
 
 RECORDED_TOKEN_LOGPS = "recorded_token_logps"  # loss-metrics key: the update forward's detached (n, L-1) log-probs

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 from daralign.objectives.base import Objective, register_objective
 
 

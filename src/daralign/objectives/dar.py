@@ -17,8 +17,8 @@ from typing import ClassVar
 
 import torch
 
-from daralign.errors import ConfigError
-from daralign.models import token_logps
+from daralign.core.errors import ConfigError
+from daralign.core.models import token_logps
 from daralign.objectives.base import RECORDED_TOKEN_LOGPS, Objective, register_objective
 
 NORMALIZATIONS = ("batch", "group", "none")

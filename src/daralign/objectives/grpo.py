@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from daralign.errors import ConfigError
-from daralign.models import token_logps
+from daralign.core.errors import ConfigError
+from daralign.core.models import token_logps
 from daralign.objectives.base import RECORDED_TOKEN_LOGPS, Objective, register_objective
 
 

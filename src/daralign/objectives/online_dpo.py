@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 from daralign.objectives.base import Objective, register_objective
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")

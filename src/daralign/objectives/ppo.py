@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 from daralign.objectives.base import Objective, register_objective
-from daralign.models import first_completion_position
+from daralign.core.models import first_completion_position
 from daralign.objectives.grpo import clipped_surrogate
 
 

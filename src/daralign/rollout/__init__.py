@@ -1,5 +1,8 @@
-"""Rollout backends: produce a ``Rollout`` (K samples per prompt with behaviour log-probs)."""
+"""Rollout engines: K samples per prompt → ``Rollout`` (base.py holds the interface and registry).
+hf.py (transformers ``generate``), vllm_colocate.py and vllm_server.py (vLLM; the only modules that
+import it), offline.py (fixed preference pairs, offline DPO)."""
 
-from daralign.rollout.hf import generate_text, sample_rollout
+from daralign.rollout.base import ENGINES, RolloutEngine, SamplingSettings, build_engine, register_engine
+from daralign.rollout.hf import sample_rollout
 
-__all__ = ["sample_rollout", "generate_text"]
+__all__ = ["ENGINES", "RolloutEngine", "SamplingSettings", "build_engine", "register_engine", "sample_rollout"]

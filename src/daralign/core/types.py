@@ -22,9 +22,11 @@ class Rollout:
     input_ids: torch.Tensor  # (N, L) left-padded prompt followed by right-padded completion
     attention_mask: torch.Tensor  # (N, L) 1 on real tokens
     completion_mask: torch.Tensor  # (N, L) 1 on completion tokens (EOS counted once)
-    behaviour_token_logps: torch.Tensor  # (N, L-1) sampling-policy log-prob of token t+1, 0 off-completion
+    behaviour_token_logps: torch.Tensor | None  # (N, L-1) sampling-policy log-prob of token t+1, 0 off-completion;
+    #                                             None until the trainer computes it (rollout/base.py)
     is_eos: torch.Tensor  # (N,) bool: the completion ended with EOS (not cut by length)
     num_generations: int  # K
+    engine_token_logps: torch.Tensor | None = None  # (N, T) an engine's own log-probs of its samples, checked against π_t
 
     @property
     def num_prompts(self) -> int:

@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from daralign.tracking import read_metrics  # noqa: E402
+from daralign.core.tracking import read_metrics  # noqa: E402
 
 # two-sided 95% Student t quantiles by degrees of freedom (n − 1); beyond 30 the normal 1.96
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,

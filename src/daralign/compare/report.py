@@ -28,15 +28,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from daralign.annotators import describe_annotator, same_annotator  # noqa: E402
-from daralign.compare_curves import gold_section, plot_gold, run_curve  # noqa: E402
-from daralign.report import heldout_summary  # noqa: E402
-from daralign.tracking import console, read_metrics  # noqa: E402
+from daralign.compare.curves import gold_section, plot_gold, run_curve  # noqa: E402
+from daralign.train.report import heldout_summary  # noqa: E402
+from daralign.core.tracking import console, read_metrics  # noqa: E402
 
-NUMERIC = ["annotation_requests", "annotations", "steps", "train_reward_final", "train_reward_best", "gold_before",
+NUMERIC = ["annotation_requests", "eval_annotation_requests", "annotations", "steps", "train_reward_final", "train_reward_best", "gold_before",
            "gold_after", "proxy_before", "proxy_after", "heldout_before",
            "heldout_after", "heldout_diff", "heldout_best", "kl_final", "kl_train_final", "mean_length_final",
            "heldout_length_after", "wall_time_s", "train_time_s"]
-TABLE = [("annotation_requests", "requests", 0), ("annotations", "labels", 0), ("steps", "steps", 0),
+TABLE = [("annotation_requests", "requests", 0), ("eval_annotation_requests", "eval requests", 0), ("annotations", "labels", 0), ("steps", "steps", 0),
          ("train_reward_final", "train reward final", 3),
          ("train_reward_best", "train reward best", 3), ("heldout_before", "held-out before", 3),
          ("heldout_after", "held-out after", 3), ("heldout_diff", "held-out Δ", 3), ("kl_final", "KL final", 2),
@@ -57,6 +57,15 @@ def prompt_stream(run_dir: Path, K: int) -> list[int]:
     return [i for step in sorted(by_step) for i in by_step[step][::K]]
 
 
+def _eval_requests(run_dir: Path, last: dict) -> int:
+    """Requests held-out scoring and win rates spent (the finished run's count, which includes the
+    final evaluation; else the last logged step's)."""
+    path = Path(run_dir) / "annotation_requests.json"
+    if path.is_file():
+        return json.loads(path.read_text()).get("eval_annotation_requests", 0)
+    return last.get("eval_annotation_requests", 0)
+
+
 def run_record(run_dir: Path, root: Path, budget: int) -> dict:
     meta = json.loads((run_dir / "compare_run.json").read_text())
     metrics = read_metrics(run_dir)
@@ -67,6 +76,7 @@ def run_record(run_dir: Path, root: Path, budget: int) -> dict:
     rec |= {"dir": str(run_dir.relative_to(root)), "annotations": last.get("annotations", 0) + (meta.get("pairs") or 0),
             "annotation_requests": last.get("annotation_requests", 0) + upfront,
             "cache_hits": last.get("annotation_cache_hits", 0),
+            "eval_annotation_requests": _eval_requests(run_dir, last),
             "steps": len(metrics), "train_reward_final": rewards[-1] if rewards else None,
             "train_reward_best": max(rewards) if rewards else None,
             "kl_train_final": last.get("kl"), "mean_length_final": last.get("completions/mean_length"),

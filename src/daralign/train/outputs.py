@@ -20,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-from daralign.errors import ConfigError
+from daralign.core.errors import ConfigError
 
 MARKER = ".daralign-run"
 REPLACED = ".replaced"
@@ -51,7 +51,7 @@ def prepare(out: Path, *, resume: bool, overwrite: bool, is_main: bool = True) -
             raise ConfigError(f"output_dir {out} holds an earlier daralign run; continue it with --resume, or replace it "
                               f"with --overwrite_output_dir true (its files are kept until the new run finishes)")
         if is_main:
-            from daralign.tracking import console
+            from daralign.core.tracking import console
 
             console.print(f"--overwrite_output_dir: the earlier run in {out} is moved to {out / REPLACED} and deleted "
                           f"when this run finishes")

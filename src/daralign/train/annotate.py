@@ -7,19 +7,17 @@ Score objectives get a (P, K) reward matrix. Compare objectives get pairs within
   with the most wins is trained against the one with the fewest;
 - K > 2 without it: K//2 disjoint pairs (0, 1), (2, 3), ..., each judged once and each trained on.
 
-Every ``Feedback`` carries what the annotator spent on it: labels (``num_annotations``), requests
-(``num_requests``, the budget's unit) and free cache hits.
+Every ``Feedback`` carries what the annotator spent on it, read from its meter: labels
+(``num_annotations``), requests (``num_requests``, the budget's unit) and free cache hits.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from daralign.annotators.base import Annotator
-from daralign.errors import AnnotationError
-from daralign.types import Feedback, Rollout
+from daralign.core.errors import AnnotationError
+from daralign.core.types import Feedback, Rollout
 
 
 def candidate_pairs(num_prompts: int, K: int, best_vs_worst: bool) -> list[tuple[int, int]]:
@@ -41,18 +39,14 @@ def labels_per_prompt(feedback_kind: str, K: int, best_vs_worst: bool = True) ->
 
 
 class _Spend:
-    """What the annotator spent between construction and ``feedback(...)``."""
+    """What the annotator spent (on its meter's current account) between construction and ``feedback(...)``."""
 
     def __init__(self, annotator: Annotator) -> None:
         self.annotator = annotator
-        self.labels, self.requests, self.hits = annotator.num_annotations, annotator.num_requests, annotator.num_cache_hits
+        self.start = annotator.meter.snapshot()
 
     def feedback(self, **fields) -> Feedback:
-        a = self.annotator
-        labels, requests, hits = a.num_annotations - self.labels, a.num_requests - self.requests, a.num_cache_hits - self.hits
-        if labels > requests + hits:  # a label nobody paid for: the budget would be meaningless
-            raise AnnotationError(f"annotator {a.name!r} produced {labels} labels but counted {requests} requests and "
-                                  f"{hits} cache hits; an annotator must count num_requests (see daralign.annotators.base)")
+        labels, requests, hits = (now - then for now, then in zip(self.annotator.meter.snapshot(), self.start))
         return Feedback(num_annotations=labels, num_requests=requests, num_cache_hits=hits, **fields)
 
 
@@ -68,12 +62,7 @@ def score_feedback(annotator: Annotator, rollout: Rollout, *, missing_eos_penalt
     spend = _Spend(annotator)
     rows = [rollout.rows[i // K] for i in range(len(rollout.completions))]
     prompts = [rollout.prompt_of(i) for i in range(len(rollout.completions))]
-    result = annotator.score(prompts, rollout.completions, rows)
-    if len(result.scores) != len(rollout.completions):
-        raise AnnotationError(f"annotator {annotator.name!r} returned {len(result.scores)} scores for {len(rollout.completions)} completions")
-    for i, s in enumerate(result.scores):
-        if s is not None and not math.isfinite(s):
-            raise AnnotationError(f"annotator {annotator.name!r}: score {i} is {s}; non-finite rewards are never trained on")
+    result = annotator.score(prompts, rollout.completions, rows)  # checked by the annotator base: one finite value or None each
     valid = torch.tensor([s is not None for s in result.scores]).view(-1, K)
     rewards = torch.tensor([s if s is not None else 0.0 for s in result.scores], dtype=torch.float32).view(-1, K)
     if missing_eos_penalty is not None:
@@ -107,10 +96,7 @@ def compare_feedback(annotator: Annotator, rollout: Rollout, *, best_vs_worst: b
         [rollout.completions[j] for _, j in candidates],
         [rollout.rows[i // K] for i, _ in candidates],
     )
-    probs = result.prob_a
-    for p in probs:
-        if p is not None and (not math.isfinite(p) or not 0 <= p <= 1):
-            raise AnnotationError(f"annotator {annotator.name!r} returned preference {p}; expected a probability")
+    probs = result.prob_a  # checked by the annotator base: probabilities or None
     if round_robin:
         wins = torch.zeros(rollout.num_prompts * K)
         judged = torch.zeros(rollout.num_prompts, dtype=torch.long)

@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from daralign.annotators import describe_annotator  # noqa: E402
-from daralign.heldout import paired_difference  # noqa: E402
-from daralign.tracking import read_metrics  # noqa: E402
+from daralign.train.heldout import paired_difference  # noqa: E402
+from daralign.core.tracking import read_metrics  # noqa: E402
 
 PLOTS = [("reward", "training reward (annotator)"), ("kl", "KL(π_t ‖ π_ref) per sequence"),
          ("completions/mean_length", "mean response length (tokens)")]

@@ -15,9 +15,9 @@ LIBRARIES = ("torch", "transformers", "accelerate", "peft", "datasets", "safeten
 def _git_commit() -> str | None:
     """The commit of the daralign source tree, when it is a git checkout (an editable install)."""
     try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+        out = subprocess.run(["git", "-C", str(Path(__file__).parents[1]), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(Path(__file__).parent), "status", "--porcelain", "--", "."],
+        dirty = subprocess.run(["git", "-C", str(Path(__file__).parents[1]), "status", "--porcelain", "--", "."],
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
