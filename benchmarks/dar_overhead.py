@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     from daralign.train.loop import OnlineTrainer
     from daralign.objectives.base import Objective
     from daralign.objectives.dar import DARConfig
-    from daralign.rollout.hf import _eos_ids, _tokenize_prompts, neutral_generation_config, sample_rollout
+    from daralign.rollout.hf import neutral_generation_config, sample_rollout
+    from daralign.rollout.tokens import eos_token_ids, tokenize_prompts
     from daralign.core.types import Feedback
 
     class SFT(Objective):
@@ -107,9 +108,9 @@ def main(argv=None) -> int:
     K = args.num_generations
 
     # ------------------------------------------------------------ 2. rollout vs raw generate
-    enc = _tokenize_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length, model.device)
+    enc = tokenize_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length, model.device)
     prompt_ids, prompt_mask = enc["input_ids"].repeat_interleave(K, 0), enc["attention_mask"].repeat_interleave(K, 0)
-    eos_ids = _eos_ids(model, tok)
+    eos_ids = eos_token_ids(model, tok)
 
     def count(gen: torch.Tensor) -> int:  # completion tokens up to and including the first EOS
         is_eos = torch.isin(gen, torch.tensor(eos_ids))

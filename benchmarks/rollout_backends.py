@@ -48,14 +48,18 @@ def main(argv=None) -> int:
     from daralign.core import bundled
     from daralign.core.models import load_causal_lm, load_tokenizer, token_logps
     from daralign.rollout.hf import sample_rollout
-    from daralign.rollout.vllm import VLLMColocate
+    from daralign.rollout.base import SamplingSettings
+    from daralign.rollout.vllm_colocate import VLLMColocate
 
     path = bundled.resolve(args.model) if bundled.is_bundled(args.model) else args.model
     model, tok = load_causal_lm(path), load_tokenizer(path)
     rows = [{"prompt": f"Tell me something interesting about topic number {i}, in a few sentences."}
             for i in range(args.num_prompts)]
     t0 = time.perf_counter()
-    engine = VLLMColocate(path, tok, dtype="float32", max_model_len=512, seed=0)
+    engine = VLLMColocate(str(path), tok, SamplingSettings(
+        model_name_or_path=str(path), num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
+        max_prompt_length=256, temperature=args.temperature, top_p=1.0, top_k=0,
+        generation_batch_size=args.generation_batch_size, seed=0, dtype="float32"))
     startup = time.perf_counter() - t0
     common = dict(num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
                   temperature=args.temperature)
@@ -67,7 +71,7 @@ def main(argv=None) -> int:
 
     def vllm(step: int = 0) -> tuple[float, int, float]:
         t = time.perf_counter()
-        r, _ = engine.sample(model, rows, step=step, **common)
+        r = engine.sample(model, rows, step)
         t_sample = time.perf_counter() - t
         with torch.no_grad():
             token_logps(model, r.input_ids, r.attention_mask, args.temperature, r.completion_mask)

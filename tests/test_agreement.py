@@ -116,10 +116,10 @@ class KnownJudge(Annotator):
     def q(t):
         return t.split().count("kind")
 
-    def score(self, prompts, completions, rows):
+    def _score(self, prompts, completions, rows):
         return ScoreResult(scores=[float(self.q(c)) for c in completions])
 
-    def compare(self, prompts, a, b, rows):
+    def _compare(self, prompts, a, b, rows):
         return CompareResult(prob_a=[1 / (1 + math.exp(-(self.q(x) - self.q(y) - self.bias))) for x, y in zip(a, b)])
 
 

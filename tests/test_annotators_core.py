@@ -210,7 +210,7 @@ def test_feedback_rejects_wrong_count_from_any_annotator():
     class Short(Annotator):
         name = "short"
 
-        def score(self, prompts, completions, rows):
+        def _score(self, prompts, completions, rows):
             return ScoreResult([1.0] * (len(completions) - 1))
 
     with pytest.raises(AnnotationError, match="returned 3 scores for 4"):

@@ -143,3 +143,25 @@ def test_both_parameterisations_in_one_source_must_agree(tmp_path, tiny_policy_d
     assert (algo.dar_alpha, algo.dar_beta) == pytest.approx((0.005, 0.045))
     _, algo = parse_train_args(["--config", str(ok), "--dar_ratio", "0.5"])  # the later source wins
     assert (algo.dar_alpha, algo.dar_beta) == pytest.approx((0.025, 0.025))
+
+
+def test_a_flaky_judge_never_passes_the_budget_and_evaluation_is_counted_apart(tmp_path, tiny_policy_dir, tiny_prompts_file,
+                                                                              judge_http, capsys):
+    """A judge server that fails every second request (HTTP 503): each retry is a paid request,
+    reserved on the meter before it is sent. Budget 11: at most 11 training requests, the run ends
+    cleanly when retries spend the budget mid-step (no "no valid label" error), and the server's
+    own count is training + evaluation requests (held-out scoring by the same judge)."""
+    judge_http.handler = lambda path, body, n: (503, {"error": "busy"}, {}) if n % 2 == 1 else (200, chat_reply("Yes"), {})
+    judge = http_judge(judge_http, max_retries=3, backoff_s=0.0)
+    heldout = tiny.write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:2]])
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, annotation_budget=11, annotator=judge,
+                 eval_dataset=str(heldout), eval_max_prompts=2)
+    m = train(cfg, tmp_path / "run")
+    spent = json.loads((tmp_path / "run" / "annotation_requests.json").read_text())
+    assert m[-1]["annotation_requests"] == spent["annotation_requests"] <= 11
+    # held-out: 2 prompts × 2 answers, before and after: 8 answers, each paid once or twice (a 503 first)
+    assert 8 < spent["eval_annotation_requests"] <= 16
+    assert len(judge_http.requests) == spent["annotation_requests"] + spent["eval_annotation_requests"]
+    err = capsys.readouterr().err
+    assert "annotation budget reached" in err and "no valid label" not in err
+    assert 4 < m[-1]["eval_annotation_requests"] <= 8  # the "before" check, reported in the step's metrics

@@ -40,17 +40,13 @@ class KeywordAnnotator(Annotator):
     def from_config(cls, cfg: dict) -> "KeywordAnnotator":
         return cls(cfg)
 
-    def score(self, prompts, completions, rows):
+    def _score(self, prompts, completions, rows):
         self.kinds.add("score")
-        self.num_annotations += len(completions)
-        self.num_requests += len(completions)  # one request per item, as a reward model
         self.heldout_labels += sum(r.get("split") == "heldout" for r in rows)
         return ScoreResult([float(c.count("e")) for c in completions])
 
-    def compare(self, prompts, completions_a, completions_b, rows):
+    def _compare(self, prompts, completions_a, completions_b, rows):
         self.kinds.add("compare")
-        self.num_annotations += len(completions_a)
-        self.num_requests += len(completions_a)
         return CompareResult([1.0 if a.count("e") > b.count("e") else 0.0 if a.count("e") < b.count("e") else 0.5
                               for a, b in zip(completions_a, completions_b)])
 

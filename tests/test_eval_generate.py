@@ -76,7 +76,7 @@ class TestPositionJudge(Annotator):
     def from_config(cls, cfg):
         return cls(cfg.get("bias", 1.0))
 
-    def compare(self, prompts, a, b, rows):
+    def _compare(self, prompts, a, b, rows):
         d = [math.tanh((len(x) - len(y)) / 50) for x, y in zip(a, b)]
         return CompareResult(prob_a=[1 / (1 + math.exp(-(v - self.bias))) for v in d])
 

@@ -222,13 +222,15 @@ def test_compare_both_orders_average_and_flip_rate(judge_http):
     assert res.metrics["judge/requests"] == 2 and j.num_annotations == 1  # one label, two requests
 
 
-def test_compare_single_order_and_wrong_mode(judge_http):
+def test_compare_single_order_and_one_judge_serves_both_modes(judge_http):
     judge_http.handler = _ab_server(lambda a: 0.8 if a == "x" else 0.3)
     j = judge(judge_http, mode="compare", debias="none")
     res = j.compare(["p", "p"], ["x", "y"], ["y", "x"])
     assert res.prob_a == pytest.approx([0.8, 0.3]) and "judge/position_flip_rate" not in res.metrics
-    with pytest.raises(AnnotationError, match="mode"):
-        j.score(["p"], ["x"])
+    # the same object scores too (its score template), on the same meter
+    judge_http.handler = lambda path, body, n: (200, chat_reply("Yes", {"Yes": math.log(0.9), "No": math.log(0.1)}), {})
+    assert j.score(["p"], ["x"]).scores == pytest.approx([0.9])
+    assert "<response>" in user_text(judge_http.requests[-1][1]) and j.num_requests == 3
 
 
 # -- invalid policy ---------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def test_ensemble_aggregates_and_counts_every_member():
     invalid = build_annotator({"type": "ensemble", "members": [fn("length_reward"), fn("sometimes_invalid_reward")]})
     assert invalid.score(["p"] * 2, ["ab", "cd"], [{}] * 2).scores[1] is None  # invalid for one member: invalid
     capped = build_annotator({"type": "ensemble", "members": members})
-    capped.request_limit = 4  # the budget's hard cap is shared: the second member gets what is left
+    capped.meter.allow(4)  # the budget's hard cap is on the meter the members share: the second gets what is left
     assert capped.score(["p"] * 3, texts, [{}] * 3).scores == [pytest.approx((length[0] + 0.5) / 2), None, None]
     assert capped.num_requests == 4
 

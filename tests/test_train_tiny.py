@@ -182,7 +182,7 @@ def test_shuffle_rewards_permutes_in_the_loop(tmp_path, tiny_policy_dir, tiny_pr
     train_cfg, algo = parse_train_args(["--config", str(cfg)])
     trainer = OnlineTrainer(train_cfg, algo)
     try:
-        rollout = trainer.rollout(0, 3)
+        rollout, _ = trainer.rollout(0, 3)
         shuffled = trainer.feedback(rollout, 0).rewards
         assert torch.equal(trainer.feedback(rollout, 0).rewards, shuffled)  # seeded by (seed, step)
         other_step = trainer.feedback(rollout, 1).rewards

@@ -62,10 +62,18 @@ def vllm_server():
             os.killpg(proc.pid, signal.SIGKILL)  # and anything of its session left behind
 
 
+def settings():
+    """The sampling the engines are checked with: K = 2, 12 new tokens, T = 1, fp32."""
+    from daralign.rollout.base import SamplingSettings
+
+    return SamplingSettings(model_name_or_path=POLICY, num_generations=2, max_completion_length=12, max_prompt_length=256,
+                            temperature=1.0, top_p=1.0, top_k=0, generation_batch_size=32, seed=0, dtype="float32")
+
+
 def _push_and_compare(engine, sync, tmp_path=None) -> tuple[float, float]:
     """Scale the policy's tied embedding, push it, sample; (mean, max) |trainer − engine| per token."""
     from daralign.core.models import load_causal_lm, load_tokenizer, token_logps
-    from daralign.rollout.vllm import attach_trainer_logps
+    from daralign.rollout.base import behaviour_check
 
     path = bundled.resolve(POLICY)
     model = load_causal_lm(str(path), "float32", False)
@@ -73,10 +81,12 @@ def _push_and_compare(engine, sync, tmp_path=None) -> tuple[float, float]:
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(1.02)  # also the LM head: SmolLM2 ties them
     sync(model)
-    rollout, engine_logps = engine.sample(model, ROWS, step=0, num_generations=2, max_completion_length=12, temperature=1.0)
+    rollout = engine.sample(model, ROWS, step=0)
+    assert rollout.behaviour_token_logps is None and rollout.engine_token_logps is not None  # π_t: the trainer's
     with torch.no_grad():
         trainer = token_logps(model, rollout.input_ids, rollout.attention_mask, 1.0, rollout.completion_mask)
-    m = attach_trainer_logps(rollout, trainer, engine_logps)
+    rollout.behaviour_token_logps = trainer * rollout.completion_mask[:, 1:]
+    m = behaviour_check(rollout)
     return m["rollout/logp_abs_diff"], m["rollout/logp_abs_diff_max"]
 
 
@@ -86,7 +96,7 @@ def test_server_agrees_with_the_trainer_after_a_push(vllm_server, tmp_path):
     from daralign.core.models import load_tokenizer
     from daralign.rollout.vllm_server import VLLMServer
 
-    server = VLLMServer(vllm_server, load_tokenizer(str(bundled.resolve(POLICY)), False), seed=0, sync_dir=str(tmp_path))
+    server = VLLMServer(vllm_server, load_tokenizer(str(bundled.resolve(POLICY)), False), settings(), sync_dir=str(tmp_path))
     mean, worst = _push_and_compare(server, server.sync_weights)
     assert mean < 1e-4 and worst < 1e-3, (mean, worst)
     ours = server.sync_dir
@@ -99,11 +109,11 @@ def test_server_agrees_with_the_trainer_after_a_push(vllm_server, tmp_path):
 @needs_vllm
 def test_colocate_agrees_with_the_trainer_after_a_push(monkeypatch):
     from daralign.core.models import load_tokenizer
-    from daralign.rollout.vllm import VLLMColocate
+    from daralign.rollout.vllm_colocate import VLLMColocate
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     path = str(bundled.resolve(POLICY))
-    engine = VLLMColocate(path, load_tokenizer(path, False), dtype="float32", max_model_len=512, seed=0)
+    engine = VLLMColocate(path, load_tokenizer(path, False), settings())
     try:
         mean, worst = _push_and_compare(engine, engine.sync_weights)
     finally:

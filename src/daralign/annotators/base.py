@@ -222,7 +222,7 @@ def checked_values(values, expected: int, who: str, what: str = "scores") -> lis
         except (TypeError, ValueError):
             raise AnnotationError(f"{who}: {what[:-1]} {i} is {s!r}, not a number") from None
         if not math.isfinite(value):
-            raise AnnotationError(f"{who}: {what[:-1]} {i} is {value} (non-finite rewards are never trained on)")
+            raise AnnotationError(f"{who}: {what[:-1]} {i} is {value} (non-finite values are never trained on)")
         if what == "preferences" and not 0 <= value <= 1:
             raise AnnotationError(f"{who} returned preference {value}; expected a probability")
         out.append(value)

@@ -224,7 +224,7 @@ class JudgeAnnotator(Annotator):
         that swap orders themselves so each order's verdict stays visible. Same backend, cache and meter."""
         if self.config.debias == "none":
             return self
-        twin = JudgeAnnotator(replace(self.config, debias="none", cache=None), client=self.client)
+        twin = JudgeAnnotator(replace(self.config, debias="none", cache=None))  # the same shared backend, loaded when used
         twin._cache = self._cache
         return twin.use_meter(self.meter)
 

@@ -3,7 +3,7 @@
 Evaluation runs inside training too, so this function leaves the caller's state alone: the model's
 train/eval mode, the tokenizer's padding side and the global torch RNG are restored on exit — a
 resumed run must not diverge because an evaluation drew random numbers. Unlike
-``rollout.hf.generate_text`` it never truncates prompts (MT-bench second turns carry the first
+an HF rollout it never truncates prompts (MT-bench second turns carry the first
 answer), records no log-probs, and takes one temperature per prompt (MT-bench's per category).
 The prompt is rendered exactly as in training (``data.render_prompt``).
 """
@@ -16,7 +16,8 @@ import torch
 
 from daralign.core.data import render_prompt
 from daralign.core.rng import fork_rng
-from daralign.rollout.hf import _eos_ids, neutral_generation_config
+from daralign.rollout.hf import neutral_generation_config
+from daralign.rollout.tokens import eos_token_ids
 
 
 def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
@@ -60,7 +61,7 @@ def generate_responses(
                 enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
                 sampling = {"do_sample": True, "temperature": t, "top_p": 1.0, "top_k": 0} if t > 0 else {"do_sample": False}
-                eos_ids = _eos_ids(model, tokenizer)
+                eos_ids = eos_token_ids(model, tokenizer)
                 with neutral_generation_config(model, eos_ids, tokenizer.pad_token_id):
                     gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                          eos_token_id=eos_ids, **sampling)
