@@ -59,6 +59,7 @@ class TrainConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
     generation_batch_size: int = field(default=32, metadata={"help": "sequences per generate() call"})
+    rollout_engine: str = field(default="auto", metadata={"help": "who samples: auto (hf, or vllm-colocate / vllm-server with use_vllm, offline for dpo) or a registered engine's name (rollout/base.py)"})
     use_vllm: bool = field(default=False, metadata={"help": "sample with vLLM instead of transformers generate (weights pushed after every step; docs/performance.md)"})
     vllm_mode: str = field(default="colocate", metadata={"help": "colocate: the engine in the training process (TRL's naming) | server: a `daralign vllm-serve` process at vllm_server_url"})
     vllm_server_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "vllm_mode server: where `daralign vllm-serve` listens"})

@@ -78,7 +78,10 @@ def register_engine(name: str):
 
 
 def engine_name(train, feedback_kind: str) -> str:
-    """Which engine a run uses: offline pairs for offline DPO, vLLM when asked, else HF ``generate``."""
+    """Which engine a run uses: ``rollout_engine`` when named; else offline pairs for offline DPO,
+    vLLM when asked, HF ``generate`` otherwise."""
+    if train.rollout_engine != "auto":
+        return train.rollout_engine
     if feedback_kind == "offline":
         return "offline"
     if train.use_vllm:

@@ -371,7 +371,8 @@ class OnlineTrainer:
         if saved is None:
             return  # a checkpoint from before configs were recorded
         now = self.config_dict
-        changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
+        # a field added to daralign after the checkpoint was written is not a change
+        changed = sorted(k for k in saved if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
         if changed:
             shown = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in changed[:3])
             raise ConfigError(f"--resume: {path} was trained with another config (changed: {', '.join(changed)}; {shown}"
