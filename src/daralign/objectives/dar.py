@@ -86,10 +86,16 @@ def dar_log_weights(
     if not torch.isfinite(rewards).all():
         raise ValueError("rewards contain NaN or inf; refusing to compute DAR weights")
     adv = advantages(rewards, advantage_normalization, valid=valid, reduce_sum=reduce_sum)
+    return clipped_log_weights(ref_logps, behaviour_logps, adv, alpha=alpha, beta=beta, weight_clip=weight_clip)
+
+
+def clipped_log_weights(ref_logps: torch.Tensor, behaviour_logps: torch.Tensor, adv: torch.Tensor, *,
+                        alpha: float, beta: float, weight_clip: float) -> torch.Tensor:
+    """log w = (α/(α+β))·(log π_ref − log π_t) + A/(α+β), clipped above at log w_clip (DAR weight),
+    in float64: stay in log space, clip before exp. The one place the formula is written."""
     total = alpha + beta
-    # log w = (α/(α+β))·(log π_ref − log π_t) + A/(α+β); stay in log space, clip before exp.
-    log_w = (alpha / total) * (ref_logps.double() - behaviour_logps.double()) + adv / total
-    return log_w.clamp(max=torch.log(torch.tensor(float(weight_clip), dtype=torch.float64)))
+    log_w = (alpha / total) * (ref_logps.double() - behaviour_logps.double()) + adv.double() / total
+    return log_w.clamp(max=math.log(weight_clip))
 
 
 def dar_weights(
@@ -193,9 +199,8 @@ class DAR(Objective):
         scale = self.global_mean_scale(int(valid.sum()), P * K)
         if rollout.behaviour_token_logps is None:  # π_t comes from the update's forward: see ``loss``
             adv = advantages(rewards, cfg.advantage_normalization, valid=valid, reduce_sum=self.reduce_sum)
-            # log w = (α/(α+β))·log π_ref + A/(α+β)  −  (α/(α+β))·log π_t   (the last term in ``loss``)
-            log_w_part = (cfg.dar_alpha / cfg.dar_total) * ref.double() + adv / cfg.dar_total
-            return {"log_w_without_behaviour": log_w_part.reshape(-1), "row_scale": (valid.double() * scale).reshape(-1)}, {}
+            return {"ref_logps": ref.double().reshape(-1), "advantages": adv.reshape(-1),
+                    "row_scale": (valid.double() * scale).reshape(-1)}, {}
         behaviour = rollout.behaviour_logps.view(P, K)
         log_w = dar_log_weights(
             rewards, ref, behaviour, alpha=cfg.dar_alpha, beta=cfg.dar_beta, weight_clip=cfg.weight_clip,
@@ -224,8 +229,8 @@ class DAR(Objective):
     def weights_from_update(self, behaviour_logps: torch.Tensor, batch) -> torch.Tensor:
         """w with log π_t = the update's own (detached) log-prob: the same clip as ``dar_log_weights``."""
         cfg = self.config
-        log_w = batch["log_w_without_behaviour"] - (cfg.dar_alpha / cfg.dar_total) * behaviour_logps.double()
-        log_w = log_w.clamp(max=math.log(cfg.weight_clip))
+        log_w = clipped_log_weights(batch["ref_logps"], behaviour_logps, batch["advantages"], alpha=cfg.dar_alpha,
+                                    beta=cfg.dar_beta, weight_clip=cfg.weight_clip)
         return (log_w.exp().float() * batch["row_scale"]).float()
 
     def compute_loss(self, model, batch):

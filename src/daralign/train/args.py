@@ -90,7 +90,7 @@ def _fit_annotators(train: TrainConfig, kind: str) -> None:
     if train.annotator is not None and kind != "offline":
         fitted = annotator_for(train.annotator, kind, train.algorithm,
                                needs_score=bool(train.eval_dataset) and train.eval_annotator is None)
-        if fitted.get("type") == "judge" and fitted["mode"] != train.annotator.get("mode", "score"):
+        if "mode" in fitted and fitted["mode"] != train.annotator.get("mode", "score"):  # a judge, switched
             from daralign.core.tracking import console
 
             console.print(f"note: {train.algorithm} learns from {'preferences' if kind == 'compare' else 'scores'}: "
