@@ -18,7 +18,7 @@ afterwards and calls ``prepare`` again, for the metrics only.
 
 Under DDP each process holds its share of the prompts. Statistics that span the batch (DAR's
 advantage normalisation, PPO's whitening, "mean over valid samples") must span the *global*
-batch: the loop sets ``reduce_sum`` to an all-reduce, and objectives compute such statistics from
+batch: the loop builds the objective with ``reduce_sum`` an all-reduce, and objectives compute such statistics from
 sums passed through it (``global_mean_scale``).
 """
 
@@ -41,10 +41,10 @@ class Objective:
     feedback_kind: ClassVar[str] = "score"  # "score" | "compare" | "offline"
     needs_reference: ClassVar[bool] = True  # the loop computes frozen-reference log-probs
 
-    def __init__(self, config: Any, train: Any) -> None:
+    def __init__(self, config: Any, train: Any, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.config = config  # instance of ``Config`` (or None)
         self.train = train  # the shared TrainConfig
-        self.reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # all-reduce (sum) under DDP
+        self.reduce_sum = reduce_sum or (lambda t: t)  # sum over processes (an all-reduce under DDP)
 
     def num_generations(self) -> int:
         """K, the responses sampled per prompt; OAIF overrides it (one pair by default)."""

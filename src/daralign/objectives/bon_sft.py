@@ -35,8 +35,8 @@ class BestOfNSFT(Objective):
     feedback_kind = "score"
     needs_reference = False
 
-    def __init__(self, config, train) -> None:
-        super().__init__(config, train)
+    def __init__(self, config, train, **kw) -> None:
+        super().__init__(config, train, **kw)
         if train is not None and train.num_generations < 2:
             raise ConfigError(f"num_generations must be ≥ 2 for bon-sft (best of 1 is plain self-SFT; got {train.num_generations})")
 

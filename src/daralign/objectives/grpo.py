@@ -74,8 +74,8 @@ class GRPO(Objective):
     feedback_kind = "score"
     behaviour_in_loss = True  # the ratio's denominator may be the update's own detached forward
 
-    def __init__(self, config, train) -> None:
-        super().__init__(config if config is not None else GRPOConfig(), train)
+    def __init__(self, config, train, **kw) -> None:
+        super().__init__(config if config is not None else GRPOConfig(), train, **kw)
         if train is not None and train.num_generations < 2:
             raise ConfigError(f"num_generations must be ≥ 2 for grpo (a group of one has no relative advantage; got {train.num_generations})")
         self.needs_reference = self.config.beta > 0  # instance override: no reference forward when unused

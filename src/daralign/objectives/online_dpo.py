@@ -107,8 +107,8 @@ class OnlineDPO(Objective):
     Config = OnlineDPOConfig
     feedback_kind = "compare"
 
-    def __init__(self, config, train) -> None:
-        super().__init__(config if config is not None else self.Config(), train)
+    def __init__(self, config, train, **kw) -> None:
+        super().__init__(config if config is not None else self.Config(), train, **kw)
 
     def num_generations(self) -> int:
         return self.config.oaif_num_generations

@@ -92,8 +92,8 @@ class PPO(Objective):
     Config = PPOConfig
     feedback_kind = "score"
 
-    def __init__(self, config, train) -> None:
-        super().__init__(config if config is not None else PPOConfig(), train)
+    def __init__(self, config, train, **kw) -> None:
+        super().__init__(config if config is not None else PPOConfig(), train, **kw)
         self.needs_reference = self.config.kl_coef > 0  # instance override: no reference forward when unused
         self.value_head: torch.nn.Linear | None = None  # created by setup(model)
 

@@ -50,8 +50,8 @@ class RLOO(Objective):
     Config = RLOOConfig
     feedback_kind = "score"
 
-    def __init__(self, config, train) -> None:
-        super().__init__(config if config is not None else RLOOConfig(), train)
+    def __init__(self, config, train, **kw) -> None:
+        super().__init__(config if config is not None else RLOOConfig(), train, **kw)
         if train is not None and train.num_generations < 2:
             raise ConfigError(f"num_generations must be ≥ 2 for rloo (the leave-one-out baseline needs another sample; got {train.num_generations})")
         self.needs_reference = self.config.kl_coef > 0  # instance override: no reference forward when unused

@@ -79,7 +79,8 @@ class OnlineTrainer:
         # DAR weights of far-below-average samples can be ~1e-30; denormal floats make CPU matmuls
         # ~100x slower. Flushing them to zero changes nothing measurable in the update.
         torch.set_flush_denormal(True)
-        self.objective = get_objective(train.algorithm)(algo_config, train)
+        # statistics of the global batch (advantage normalisation, means over valid samples) sum over processes
+        self.objective = get_objective(train.algorithm)(algo_config, train, reduce_sum=self._reduce_sum)
         self.kind = self.objective.feedback_kind  # score | compare | offline
         self.K = self.objective.num_generations()
         load = load_pairs if self.kind == "offline" else load_prompts
@@ -118,9 +119,11 @@ class OnlineTrainer:
         # π_t is the detached value of the update's own forward, so no extra pass (objectives/base.py)
         self.pi_t_from_update = (not self.engine.gives_behaviour_logps and self.objective.behaviour_in_loss
                                  and train.num_updates_per_batch == 1 and train.disable_dropout)
-        if world > 1:  # statistics of the global batch (advantage normalisation, means over valid samples)
-            device = self.accelerator.device
-            self.objective.reduce_sum = lambda t: self.accelerator.reduce(t.to(device), "sum").to(t.device)
+
+    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return t
+        return self.accelerator.reduce(t.to(self.accelerator.device), "sum").to(t.device)
 
     def _sampling_settings(self) -> SamplingSettings:
         cfg, acc = self.cfg, self.accelerator
