@@ -49,6 +49,7 @@ def _worker(rank: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two processes
 def test_two_processes_get_the_global_batch_statistics():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

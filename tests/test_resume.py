@@ -88,6 +88,7 @@ def _launch_and_kill(args: list[str], out: Path, ready, timeout: float = 240.0) 
     assert not (out / "final").exists()
 
 
+@pytest.mark.slow  # kills a training subprocess
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_kill9_then_resume_equals_straight_run(tmp_path, tiny_policy_dir, tiny_prompts_file, peft):
     cfg = _config(tmp_path, tiny_policy_dir, tiny_prompts_file)

@@ -231,6 +231,7 @@ def test_eval_win_rate_during_training(tmp_path, tiny_policy_dir, tiny_prompts_f
     assert "eval/win_rate" in json.loads((out / "heldout_after.json").read_text())["win_rate"]
 
 
+@pytest.mark.slow  # two gloo processes
 def test_two_process_ddp_on_cpu(tmp_path, tiny_policy_dir, tiny_prompts_file):
     """Several processes without code changes: torchrun + gloo on CPU (`accelerate launch` on GPUs).
     Each rank samples its share of the step's prompts; annotations are summed over ranks."""
