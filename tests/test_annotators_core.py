@@ -67,8 +67,8 @@ def test_combined_is_weighted_sum_and_propagates_invalid():
     assert res.scores[0] is None  # invalid for one source → invalid
     assert res.scores[1] == pytest.approx(2 * length[1] - 0.5 * 1.0)
     assert res.scores[2] == pytest.approx(2 * length[2] - 0.5 * 2.0)
-    assert res.metrics["rewards/0_function/mean"] == pytest.approx(sum(length) / 3)
-    assert res.metrics["rewards/1_function/mean"] == pytest.approx(1.5)
+    assert res.metrics["rewards/length_reward/mean"] == pytest.approx(sum(length) / 3)
+    assert res.metrics["rewards/none_first_reward/mean"] == pytest.approx(1.5)
     assert ann.num_annotations == 2  # one per response labelled by all sources
     ann.close()
     ann.close()  # safe twice
@@ -144,7 +144,7 @@ def test_combined_reward_model_and_function(tiny_rm_dir):
     rm_scores = ann.sources[0][1].score(PROMPTS, COMPLETIONS, rows).scores
     length = [0.05 * len(c) + c.count("e") for c in COMPLETIONS]
     assert res.scores == pytest.approx([a + 0.1 * b for a, b in zip(rm_scores, length)], abs=1e-5)
-    assert "rewards/0_reward_model/mean" in res.metrics and "rewards/1_function/mean" in res.metrics
+    assert "rewards/0_reward_model/mean" in res.metrics and "rewards/length_reward/mean" in res.metrics
     ann.close()
 
 

@@ -38,7 +38,7 @@ def user_text(body: dict) -> str:
 
 
 def test_registered_as_judge():
-    assert ANNOTATORS["judge"] == JudgeAnnotator.from_config
+    assert ANNOTATORS["judge"] is JudgeAnnotator
 
 
 @pytest.mark.parametrize(

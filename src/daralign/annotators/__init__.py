@@ -23,7 +23,7 @@ def build_annotator(cfg: dict | str) -> Annotator:
         raise ConfigError(f"annotator: needs a mapping with a 'type' (one of {sorted(ANNOTATORS)}), got {cfg!r}")
     if cfg["type"] not in ANNOTATORS:
         raise ConfigError(f"annotator.type: unknown {cfg['type']!r}; choose one of {sorted(ANNOTATORS)}")
-    return ANNOTATORS[cfg["type"]](cfg)
+    return ANNOTATORS[cfg["type"]].from_config(cfg)
 
 
 def requests_per_label(cfg: dict, kind: str) -> int:
@@ -31,7 +31,7 @@ def requests_per_label(cfg: dict, kind: str) -> int:
     nothing is invalid or cached: the one cost model of the loop's budget and of ``compare``."""
     if cfg.get("type") not in ANNOTATORS:
         raise ConfigError(f"annotator.type: unknown {cfg.get('type')!r}; choose one of {sorted(ANNOTATORS)}")
-    return ANNOTATORS[cfg["type"]].__self__.cost_per_label(cfg, kind)
+    return ANNOTATORS[cfg["type"]].cost_per_label(cfg, kind)
 
 
 def annotator_for(annotator: dict, feedback_kind: str, algorithm: str, needs_score: bool) -> dict:
@@ -46,7 +46,7 @@ def annotator_for(annotator: dict, feedback_kind: str, algorithm: str, needs_sco
         for mode in {kind} | ({"score"} if needs_score else set()):
             load_template(annotator.get("template", "helpfulness"), mode)
         return {**annotator, "mode": kind}
-    cls = getattr(ANNOTATORS.get(annotator.get("type")), "__self__", None)
+    cls = ANNOTATORS.get(annotator.get("type"))
     for method in {kind} | ({"score"} if needs_score else set()):
         if cls is not None and getattr(cls, f"_{method}") is getattr(Annotator, f"_{method}"):
             why = "its training feedback" if method == kind else "the held-out score (eval_dataset)"

@@ -15,6 +15,7 @@ reported as ``eval_annotation_requests``, never capped, never hidden).
 
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
 from contextlib import contextmanager
@@ -22,8 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 from daralign.core.errors import AnnotationError
+from daralign.core.registry import registrar
 
 PHASES = ("train", "eval")
+# nesting of annotator calls in this thread/context: only the outermost counts labels (a
+# combination's members label the same responses)
+_CALL_DEPTH = contextvars.ContextVar("daralign_annotator_call_depth", default=0)
 
 
 @dataclass
@@ -57,7 +62,6 @@ class Meter:
         self.phase = "train"
         self.cap: int | None = None  # training requests allowed in all (None: no cap)
         self._lock = threading.Lock()
-        self._depth = 0  # nesting of annotator calls: only the outermost counts labels
 
     def reserve(self, n: int = 1) -> int:
         with self._lock:
@@ -175,15 +179,17 @@ class Annotator:
     def _metered(self, call: Callable, n: int, items: Callable, values: Callable, rebuild: Callable, what: str):
         meter = self.meter
         allowed = meter.reserve(n) if self.meters_items else n
-        meter._depth += 1
+        outermost = _CALL_DEPTH.get() == 0
+        token = _CALL_DEPTH.set(_CALL_DEPTH.get() + 1)
         try:
             result = call(*items(allowed)) if allowed else None
         finally:
-            meter._depth -= 1
+            _CALL_DEPTH.reset(token)
         got = checked_values(values(result) if result is not None else [], allowed, f"annotator {self.name!r}", what)
         got += [None] * (n - allowed)  # past the cap: not asked, invalid
-        if meter._depth == 0:
-            meter.labels[meter.phase] += sum(v is not None for v in got)
+        if outermost:
+            with meter._lock:
+                meter.labels[meter.phase] += sum(v is not None for v in got)
         return rebuild(result, got) if result is not None else rebuild(_EMPTY[what], got)
 
     # -- what subclasses implement ----------------------------------------------------------------
@@ -229,15 +235,6 @@ def checked_values(values, expected: int, who: str, what: str = "scores") -> lis
     return out
 
 
-ANNOTATORS: dict[str, Callable[[dict], Annotator]] = {}
-
-
-def register_annotator(name: str):
-    """Decorator: ``@register_annotator("judge")`` on a class with ``from_config(cfg: dict)``."""
-
-    def wrap(cls):
-        ANNOTATORS[name] = cls.from_config
-        cls.name = name
-        return cls
-
-    return wrap
+ANNOTATORS: dict[str, type[Annotator]] = {}
+# ``@register_annotator("judge")`` on a class with ``from_config(cfg: dict)`` makes ``type: judge`` build it
+register_annotator = registrar(ANNOTATORS)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from daralign.core.errors import AnnotationError, ConfigError
+from daralign.core.registry import registrar
 from daralign.core.rng import fork_rng
 
 OnReply = Callable[[int, "Reply"], None]
@@ -112,17 +113,7 @@ def _common_prefix_length(rows: list[list[int]]) -> int:
 
 
 BACKENDS: dict[str, type[Client]] = {}
-
-
-def register_backend(name: str):
-    """Decorator: ``@register_backend("openai")`` makes ``backend: openai`` build the class."""
-
-    def wrap(cls):
-        BACKENDS[name] = cls
-        cls.backend_name = name
-        return cls
-
-    return wrap
+register_backend = registrar(BACKENDS, "backend_name")  # ``@register_backend("openai")``: ``backend: openai`` builds it
 
 
 @register_backend("transformers")

@@ -96,8 +96,18 @@ def check_prompt(value: Any, where: str, column: str = "prompt") -> None:
     )
 
 
-def _read_source(source: str, split: str, config: str | None) -> tuple[list[dict], str]:
-    """(rows, name for messages) of a file or a ``datasets`` name."""
+def _read_source(source: Any, split: str, config: str | None, name: str | None = None) -> tuple[list[dict], str]:
+    """(rows, name for messages) of a file, a ``datasets`` name, or rows in memory (a
+    ``datasets.Dataset`` or a list of dicts, from the Python API: ``name`` says which argument)."""
+    if not isinstance(source, (str, Path)):
+        name = name or "dataset"
+        try:
+            rows = [dict(r) for r in source]
+        except (TypeError, ValueError):
+            raise DataError(f"{name}: expected a datasets.Dataset, a list of dicts or a path, got {type(source).__name__}") from None
+        if not rows:
+            raise DataError(f"{name}: no rows")
+        return rows, name
     path = Path(source)
     if path.suffix in (".jsonl", ".json", ".gz", ".csv", ".parquet") or path.exists():
         rows, name = read_rows(path), str(path)
@@ -114,9 +124,10 @@ def _read_source(source: str, split: str, config: str | None) -> tuple[list[dict
     return rows, name
 
 
-def load_prompts(source: str, *, column: str = "prompt", split: str = "train", config: str | None = None) -> list[dict]:
+def load_prompts(source: Any, *, column: str = "prompt", split: str = "train", config: str | None = None,
+                 name: str | None = None) -> list[dict]:
     """Load and validate prompt rows; the prompt is copied to key ``prompt`` if ``column`` differs."""
-    rows, name = _read_source(source, split, config)
+    rows, name = _read_source(source, split, config, name)
     out = []
     for i, row in enumerate(rows):
         check_prompt(row.get(column), f"{name}: row {i}", column)
@@ -168,7 +179,8 @@ def _response(value: Any, where: str, field: str) -> str:
     raise DataError(f"{where}: field {field!r} must be a string or chat messages ending with an assistant turn")
 
 
-def load_pairs(source: str, *, column: str = "prompt", split: str = "train", config: str | None = None) -> list[dict]:
+def load_pairs(source: Any, *, column: str = "prompt", split: str = "train", config: str | None = None,
+               name: str | None = None) -> list[dict]:
     """Preference rows for offline DPO (and the agreement study), in any of TRL's preference
     formats, as ``{"prompt": str | messages, "chosen": str, "rejected": str, ...}``:
 
@@ -179,7 +191,7 @@ def load_pairs(source: str, *, column: str = "prompt", split: str = "train", con
 
     Extra columns pass through. Bad rows raise ``DataError`` naming file, row and field.
     """
-    rows, name = _read_source(source, split, config)
+    rows, name = _read_source(source, split, config, name)
     out = []
     for i, row in enumerate(rows):
         where = f"{name}: row {i}"

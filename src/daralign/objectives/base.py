@@ -29,6 +29,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from daralign.core.models import sequence_logps
+from daralign.core.registry import registrar
 from daralign.core.types import Feedback, Rollout
 
 
@@ -107,14 +108,4 @@ class Objective:
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}
-
-
-def register_objective(name: str):
-    """Decorator: ``@register_objective("dar")`` makes ``--algorithm dar`` use the class."""
-
-    def wrap(cls):
-        OBJECTIVES[name] = cls
-        cls.name = name
-        return cls
-
-    return wrap
+register_objective = registrar(OBJECTIVES)  # ``@register_objective("dar")``: ``--algorithm dar`` uses it

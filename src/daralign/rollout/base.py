@@ -25,6 +25,7 @@ from typing import Any, Callable, ClassVar, ContextManager
 import torch
 
 from daralign.core.errors import ConfigError
+from daralign.core.registry import registrar
 from daralign.core.types import Rollout
 
 
@@ -64,17 +65,7 @@ class RolloutEngine:
 
 
 ENGINES: dict[str, type[RolloutEngine]] = {}
-
-
-def register_engine(name: str):
-    """Decorator: ``@register_engine("hf")`` makes the class buildable by ``build_engine``."""
-
-    def wrap(cls):
-        ENGINES[name] = cls
-        cls.name = name
-        return cls
-
-    return wrap
+register_engine = registrar(ENGINES)  # ``@register_engine("hf")``: ``rollout_engine: hf`` builds it
 
 
 def engine_name(train, feedback_kind: str) -> str:

@@ -50,6 +50,11 @@ class _Spend:
         return Feedback(num_annotations=labels, num_requests=requests, num_cache_hits=hits, **fields)
 
 
+def completion_token_ids(rollout: Rollout) -> list[list[int]]:
+    """Each sample's completion token ids (EOS included), as plain lists."""
+    return [row[mask.bool()].tolist() for row, mask in zip(rollout.input_ids.cpu(), rollout.completion_mask.cpu())]
+
+
 def fill_invalid(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """An invalid sample takes its prompt's mean valid reward: objectives drop it (valid mask), and
     the number it holds can neither move a baseline nor overflow anything."""
@@ -60,7 +65,8 @@ def fill_invalid(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def score_feedback(annotator: Annotator, rollout: Rollout, *, missing_eos_penalty: float | None = None) -> Feedback:
     K = rollout.num_generations
     spend = _Spend(annotator)
-    rows = [rollout.rows[i // K] for i in range(len(rollout.completions))]
+    ids = completion_token_ids(rollout)  # TRL's `completion_ids` column for reward functions
+    rows = [{**rollout.rows[i // K], "completion_ids": ids[i]} for i in range(len(rollout.completions))]
     prompts = [rollout.prompt_of(i) for i in range(len(rollout.completions))]
     result = annotator.score(prompts, rollout.completions, rows)  # checked by the annotator base: one finite value or None each
     valid = torch.tensor([s is not None for s in result.scores]).view(-1, K)

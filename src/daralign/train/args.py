@@ -18,7 +18,7 @@ from daralign.core.parsing import (
 
 def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
     """YAML (``--config``) then CLI overrides → (TrainConfig, the algorithm's config)."""
-    from daralign.objectives import OBJECTIVES, get_objective
+    from daralign.objectives import OBJECTIVES
 
     pre = ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
@@ -27,20 +27,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
     values = read_yaml(known.config) if known.config else {}
     source = known.config or "command line"
     algorithm = known.algorithm or values.get("algorithm", TrainConfig.algorithm)
-    objective_cls = get_objective(algorithm)
-    classes = [TrainConfig] + ([objective_cls.Config] if objective_cls.Config else [])
-    fields = dataclass_fields(*classes)
-    others = {f.name for cls in OBJECTIVES.values() if cls.Config for f in dataclasses.fields(cls.Config)} - set(fields)
-    unknown = sorted(set(values) - set(fields) - others)
-    if unknown:
-        raise ConfigError(f"{source}: unknown config key(s) {unknown} for algorithm {algorithm!r}")
-    ignored = sorted(set(values) & others)
-    if ignored:
-        from daralign.core.tracking import console
-
-        console.print(f"note: {source}: {', '.join(ignored)} belong to other algorithms; ignored for {algorithm}")
-    values = {k: coerce(k, v, fields[k][1], source) for k, v in values.items() if k not in others}
-    yaml_values = dict(values)
+    objective_cls, fields, yaml_values = _checked_values(values, algorithm, source)
 
     # allow_abbrev=False: a misspelt prefix such as --learning_rat must be an error, as in YAML
     parser = ArgumentParser(
@@ -68,7 +55,38 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
     cli.pop("with_control", None)  # read by `daralign train` itself
     cli = {k: coerce(k, v, fields[k][1], "command line") for k, v in cli.items()}
     values = reconcile_parameterisations(objective_cls.Config, [(source, yaml_values), ("command line", cli)])
+    return build_configs(values, objective_cls, fields)
 
+
+def train_configs_from_values(values: dict, source: str) -> tuple[TrainConfig, Any]:
+    """The Python API's way in (``daralign.TrainConfig(**values)``): the same checks, coercion,
+    validation and annotator fitting as the CLI, errors naming ``source``."""
+    algorithm = values.get("algorithm", TrainConfig.algorithm)
+    objective_cls, fields, checked = _checked_values(values, algorithm, source)
+    return build_configs(reconcile_parameterisations(objective_cls.Config, [(source, checked)]), objective_cls, fields)
+
+
+def _checked_values(values: dict, algorithm: str, source: str):
+    """(objective class, its fields with TrainConfig's, the values coerced to the fields' types);
+    unknown keys are an error, another algorithm's keys a note."""
+    from daralign.objectives import OBJECTIVES, get_objective
+
+    objective_cls = get_objective(algorithm)
+    classes = [TrainConfig] + ([objective_cls.Config] if objective_cls.Config else [])
+    fields = dataclass_fields(*classes)
+    others = {f.name for cls in OBJECTIVES.values() if cls.Config for f in dataclasses.fields(cls.Config)} - set(fields)
+    unknown = sorted(set(values) - set(fields) - others)
+    if unknown:
+        raise ConfigError(f"{source}: unknown config key(s) {unknown} for algorithm {algorithm!r}")
+    ignored = sorted(set(values) & others)
+    if ignored:
+        from daralign.core.tracking import console
+
+        console.print(f"note: {source}: {', '.join(ignored)} belong to other algorithms; ignored for {algorithm}")
+    return objective_cls, fields, {k: coerce(k, v, fields[k][1], source) for k, v in values.items() if k not in others}
+
+
+def build_configs(values: dict, objective_cls, fields) -> tuple[TrainConfig, Any]:
     train = TrainConfig(**{k: v for k, v in values.items() if fields[k][0] is TrainConfig})
     algo = objective_cls.Config(**{k: v for k, v in values.items() if fields[k][0] is objective_cls.Config}) if objective_cls.Config else None
     if isinstance(train.annotator, str):
@@ -77,7 +95,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
         train.eval_annotator = read_yaml(train.eval_annotator)
     train.validate()
     if train.annotator is None and objective_cls.feedback_kind != "offline":
-        raise ConfigError(f"annotator: no annotator given (a mapping or a path to its YAML); {algorithm} learns from one")
+        raise ConfigError(f"annotator: no annotator given (a mapping or a path to its YAML); {train.algorithm} learns from one")
     _fit_annotators(train, objective_cls.feedback_kind)
     return train, algo
 

@@ -16,10 +16,11 @@ from daralign.train.args import parse_train_args
 from daralign.core.tracking import console
 
 
-def run(train, algo) -> dict:
+def run(train, algo, **given) -> dict:
+    """One run of the loop; ``given``: parts the Python API hands over (``OnlineTrainer``'s keywords)."""
     from daralign.train.loop import OnlineTrainer
 
-    trainer = OnlineTrainer(train, algo)
+    trainer = OnlineTrainer(train, algo, **given)
     try:
         result = trainer.train()
     finally:

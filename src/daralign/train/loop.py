@@ -64,8 +64,15 @@ def _progress_bar(*columns, disable: bool = False) -> Progress:
 
 
 class OnlineTrainer:
-    def __init__(self, train: TrainConfig, algo_config) -> None:
+    """Algorithm 1 for every objective. Built from the configs alone (the CLI), or with parts the
+    Python API hands over already made: a loaded ``model`` and its ``tokenizer``, dataset rows in
+    memory (``rows``, ``eval_rows``; written into the run folder so its config.yaml re-runs), a
+    PEFT config, and ``on_step(step, metrics) -> stop?`` called after each logged step."""
+
+    def __init__(self, train: TrainConfig, algo_config, *, model=None, tokenizer=None, rows: list[dict] | None = None,
+                 eval_rows: list[dict] | None = None, peft_config=None, on_step=None) -> None:
         self.cfg, self.algo_config = train, algo_config
+        self.on_step, self.in_memory = on_step, {"train_dataset": rows, "eval_dataset": eval_rows}
         self.out = Path(train.output_dir)
         precision = "bf16" if train.bf16 else "no"
         if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
@@ -84,12 +91,15 @@ class OnlineTrainer:
         self.kind = self.objective.feedback_kind  # score | compare | offline
         self.K = self.objective.num_generations()
         load = load_pairs if self.kind == "offline" else load_prompts
-        self.rows = load(train.dataset, column=train.prompt_column, split=train.dataset_split, config=train.dataset_config)
-        self.eval_rows = (load_prompts(train.eval_dataset, column=train.prompt_column)[: train.eval_max_prompts]
-                          if train.eval_dataset else [])
-        self.tokenizer = load_tokenizer(train.model_name_or_path, train.trust_remote_code)
-        self.policy = self._load_policy()
-        self.reference = self._load_reference()
+        self.rows = load(rows if rows is not None else train.dataset, column=train.prompt_column, split=train.dataset_split,
+                         config=train.dataset_config, name="train_dataset")
+        eval_source = eval_rows if eval_rows is not None else train.eval_dataset
+        self.eval_rows = (load_prompts(eval_source, column=train.prompt_column, name="eval_dataset")[: train.eval_max_prompts]
+                          if eval_source else [])
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(train.model_name_or_path, train.trust_remote_code)
+        # the reference is the starting weights: copied before the policy is wrapped or trained
+        self.reference = self._load_reference(model)
+        self.policy = self._load_policy(model, peft_config)
         self.objective.setup(self.policy)
         self.extra = self.objective.trainable_modules()
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -134,29 +144,34 @@ class OnlineTrainer:
             autocast=acc.autocast, wait_for_everyone=acc.wait_for_everyone)
 
     # ---------------------------------------------------------------- models
-    def _load_policy(self):
+    def _load_policy(self, model=None, peft_config=None):
         cfg = self.cfg
-        model = load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
+        model = model if model is not None else load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
         if cfg.use_peft:
             from peft import LoraConfig, get_peft_model
 
-            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=cfg.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+            lora = peft_config or LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                             target_modules=cfg.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
             model = get_peft_model(model, lora)
         if cfg.disable_dropout:
             disable_dropout(model)
         return model
 
-    def _load_reference(self):
+    def _load_reference(self, model=None):
         cfg = self.cfg
         if not (self.objective.needs_reference or self.eval_rows):  # held-out KL needs it for every method
             return None
         if cfg.use_peft and cfg.ref_model_name_or_path is None:
             return None  # the policy with its adapter disabled *is* the reference: no second copy
-        ref = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
+        if model is not None and cfg.ref_model_name_or_path is None:
+            import copy
+
+            ref = copy.deepcopy(model)  # a model handed over in memory: its starting weights
+        else:
+            ref = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
         ref.eval().requires_grad_(False)
         return ref.to(self.accelerator.device)
 
@@ -413,6 +428,7 @@ class OnlineTrainer:
                 return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"],
                         "heldout_after": None, "finished_earlier": True}
         if acc.is_main_process:
+            self._write_in_memory_datasets()
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg, self.algo_config), sort_keys=False))
             (self.out / "provenance.json").write_text(json.dumps(provenance(), indent=1))
         if cfg.report_to:
@@ -452,11 +468,16 @@ class OnlineTrainer:
                 spent["eval_annotation_requests"] = metrics["eval_annotation_requests"]
                 if log is not None:
                     log.log(metrics, step + 1, print_line=(step + 1) % cfg.logging_steps == 0)
+                stop = self.on_step is not None and self.on_step(step + 1, metrics)
                 reward = metrics.get("reward")
                 progress.update(task, advance=1, description=f"{cfg.algorithm}" + (f" reward={reward:.3f}" if reward is not None else ""))
                 if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
                     checkpoint.save(acc, self.out, step + 1, {"step": step + 1, **spent, "config": self.config_dict}, cfg.save_total_limit, self.extra)
                     saved = step + 1
+                if stop:
+                    console.print(f"stopped by a callback after step {step + 1}")
+                    step += 1
+                    break
             else:
                 step = cfg.max_steps
         if saved != step:  # always a checkpoint at the end: --resume of a finished run then does nothing
@@ -472,6 +493,14 @@ class OnlineTrainer:
             (self.out / "annotation_requests.json").write_text(json.dumps(spent, indent=1))
         return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"],
                 "eval_annotation_requests": spent["eval_annotation_requests"], "heldout_after": after}
+
+    def _write_in_memory_datasets(self) -> None:
+        """Rows handed over in memory are written where the config points (the Python API points
+        it at ``train_dataset.jsonl`` / ``eval_dataset.jsonl`` in the run folder), so its
+        config.yaml re-runs from the CLI."""
+        for path, rows in ((self.cfg.dataset, self.in_memory["train_dataset"]), (self.cfg.eval_dataset, self.in_memory["eval_dataset"])):
+            if rows is not None and path:
+                Path(path).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
 
     def _heldout_showing(self, tag: str, when: str) -> dict | None:
         """``heldout(tag)`` with a progress bar over its phases (sampling, then each scorer, the KL)."""

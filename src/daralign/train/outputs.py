@@ -26,7 +26,8 @@ MARKER = ".daralign-run"
 REPLACED = ".replaced"
 # names a daralign run writes in its output_dir (tensorboard logs go in a folder named after it)
 OWN = re.compile(r"^(metrics\.jsonl|completions\.jsonl|config\.yaml|provenance\.json|report\.md|[\w-]+\.png|"
-                 r"heldout_[\w]+\.json|final|checkpoint-\d+|control|compare_run\.json|\.[\w.-]+\.tmp)$")
+                 r"heldout_[\w]+\.json|final|checkpoint-\d+|control|compare_run\.json|annotation_requests\.json|"
+                 r"(train|eval)_dataset\.jsonl|\.[\w.-]+\.tmp)$")
 PLACED_BEFORE_RUN = {"heldout_before.json"}
 
 
