@@ -10,6 +10,7 @@ import time
 import pytest
 from conftest import chat_reply, free_port
 
+from daralign.annotators import build_annotator
 from daralign.annotators.clients import OpenAIClient, Request
 from daralign.annotators.judge import JudgeAnnotator
 from daralign.core.errors import AnnotationError, ConfigError
@@ -166,3 +167,57 @@ def test_completions_endpoint_reads_legacy_logprobs(judge_http):
     assert path == "/v1/completions" and body["logprobs"] == 20 and body["prompt"].endswith("Assistant:")
     assert reply.probs["Yes"] == pytest.approx(0.905, abs=1e-3) and reply.tokens == 9
     c.close()
+
+
+# -- hosted judges: rate limits, token usage and cost ------------------------------------------
+
+
+def test_rate_limit_spreads_requests_and_tokens_on_a_fake_clock():
+    from daralign.annotators.clients import RateLimit
+
+    now = [0.0]
+    limit = RateLimit(requests_per_minute=30, tokens_per_minute=600, clock=lambda: now[0],
+                      sleep=lambda s: now.__setitem__(0, now[0] + s))
+    starts = []
+    for _ in range(3):
+        limit.wait(10)  # 10 tokens hold the next request back 1 s; the request limit, 2 s
+        starts.append(now[0])
+    assert starts == [0.0, 2.0, 4.0]
+    booked = limit.wait(50)  # 5 s of tokens booked ...
+    limit.settle(booked, 200)  # ... but 200 were billed: the next request waits 20 s after it
+    limit.wait(1)
+    assert now[0] == pytest.approx(6.0 + 20.0)
+
+
+def test_a_burst_is_spread_to_the_limit_and_priced(judge_http):
+    """Four requests at 240 a minute reach a real loopback server at least 0.25 s apart; the token
+    usage the server reports is summed and priced."""
+    import time as _time
+
+    arrivals = []
+
+    def handler(path, body, n):
+        arrivals.append(_time.monotonic())
+        body = chat_reply("Yes", tokens=100)
+        body["usage"] = {"prompt_tokens": 90, "completion_tokens": 10, "total_tokens": 100}
+        return 200, body, {}
+
+    judge_http.handler = handler
+    j = build_annotator({"type": "judge", "backend": "openai", "base_url": judge_http.base_url, "model": "m",
+                         "use_logprobs": False, "requests_per_minute": 240, "max_concurrency": 4,
+                         "price_per_1k_input_tokens": 0.5, "price_per_1k_output_tokens": 2.0})
+    res = j.score(["p"] * 4, ["a", "b", "c", "d"])
+    gaps = [b - a for a, b in zip(sorted(arrivals), sorted(arrivals)[1:])]
+    assert len(arrivals) == 4 and min(gaps) >= 0.25 - 0.02  # spread, never a burst (a lower bound only)
+    assert res.metrics["judge/tokens"] == 400
+    assert res.metrics["judge/cost"] == pytest.approx((360 * 0.5 + 40 * 2.0) / 1000)
+
+
+def test_a_server_without_log_probs_is_said_once(judge_http, capsys):
+    judge_http.handler = lambda path, body, n: (200, chat_reply("Yes"), {})  # no logprobs in the body
+    j = build_annotator({"type": "judge", "backend": "openai", "base_url": judge_http.base_url, "model": "m"})
+    first = j.score(["p"] * 2, ["a", "b"])
+    j.score(["p"], ["c"])
+    err = capsys.readouterr().err
+    assert err.count("returned no log-probabilities") == 1
+    assert first.scores == [1.0, 1.0] and first.metrics["judge/prob_label_frac"] == 0.0

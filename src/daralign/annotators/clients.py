@@ -18,6 +18,7 @@ import concurrent.futures as cf
 import math
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -54,6 +55,37 @@ class Reply:
     tokens: int = 0  # prompt + completion tokens billed
     latency_s: float = 0.0
     cached: bool = False
+    completion_tokens: int = 0  # of ``tokens``, those the judge wrote (priced apart by hosted APIs)
+
+
+class RateLimit:
+    """A hosted API's limits, ``requests_per_minute`` and ``tokens_per_minute``, met by spreading
+    requests evenly (no bursts to be refused with 429s): a request starts no sooner than 60/rpm s
+    after the previous one, and each token it is booked for holds the next one back 60/tpm s.
+    ``wait(tokens)`` blocks until the next request may go and books it; ``settle`` corrects the
+    booking with the tokens actually billed."""
+
+    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.request_gap = 60.0 / requests_per_minute if requests_per_minute else 0.0
+        self.token_gap = 60.0 / tokens_per_minute if tokens_per_minute else 0.0
+        self.clock, self.sleep = clock, sleep
+        self.next_request = self.next_token = float("-inf")  # earliest start of the next request, by each limit
+        self._lock = threading.Lock()
+
+    def wait(self, tokens: int) -> int:
+        with self._lock:
+            start = max(self.clock(), self.next_request, self.next_token)
+            self.next_request = start + self.request_gap
+            self.next_token = start + tokens * self.token_gap
+        delay = start - self.clock()
+        if delay > 0:
+            self.sleep(delay)
+        return tokens
+
+    def settle(self, booked: int, billed: int) -> None:
+        with self._lock:
+            self.next_token += (billed - booked) * self.token_gap
 
 
 def _variants(label: str) -> set[str]:
@@ -203,7 +235,8 @@ class TransformersClient(Client):
                         text = self.tokenizer.decode([int(p.argmax())])
                     if gen is not None:
                         text, n_new = gen[j]
-                    replies[i] = Reply(text=text, probs=probs, tokens=int(n_prompt[j]) + n_new, latency_s=latency)
+                    replies[i] = Reply(text=text, probs=probs, tokens=int(n_prompt[j]) + n_new, latency_s=latency,
+                                       completion_tokens=n_new)
                     if on_reply:
                         on_reply(i, replies[i])
         return replies
@@ -299,6 +332,8 @@ class OpenAIClient(Client):
         top_logprobs: int = 20,
         backoff_s: float = 0.5,
         tokenizer: str | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
     ):
         import httpx
 
@@ -312,6 +347,7 @@ class OpenAIClient(Client):
         self.top_logprobs = top_logprobs
         self.backoff_s = backoff_s
         self.supports_prefix = endpoint == "completions"
+        self.limit = RateLimit(requests_per_minute, tokens_per_minute) if (requests_per_minute or tokens_per_minute) else None
         headers = {"Content-Type": "application/json"}
         key = None
         if api_key_env:
@@ -331,7 +367,7 @@ class OpenAIClient(Client):
     @classmethod
     def from_config(cls, c) -> "OpenAIClient":
         return cls(c.base_url, c.model, c.api_key_env, c.endpoint, c.timeout_s, c.max_retries, c.max_concurrency,
-                   c.top_logprobs, c.backoff_s, c.tokenizer)
+                   c.top_logprobs, c.backoff_s, c.tokenizer, c.requests_per_minute, c.tokens_per_minute)
 
     def __repr__(self) -> str:  # never the headers: they hold the key
         return f"OpenAIClient(base_url={self.base_url!r}, model={self.model!r}, endpoint={self.endpoint!r})"
@@ -359,6 +395,8 @@ class OpenAIClient(Client):
         path, body = self._payload(req)
         if not reserve():  # every attempt is a paid request: none is sent past the budget
             raise _NotReserved
+        # the provider's limits: about 4 characters a token for the booking, corrected by the usage it bills
+        booking = self.limit.wait(len(str(body)) // 4 + req.max_tokens) if self.limit else None
         t0 = time.perf_counter()
         resp = self._http.post(self.base_url + path, json=body)
         if resp.status_code == 429 or resp.status_code >= 500:
@@ -380,7 +418,10 @@ class OpenAIClient(Client):
         probs = match_top_logprobs(top, req.candidates) if (req.candidates and top is not None) else None
         usage = data.get("usage") or {}
         tokens = int(usage.get("total_tokens") or (usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)))
-        return Reply(text=text or "", probs=probs, tokens=tokens, latency_s=time.perf_counter() - t0)
+        if booking is not None and tokens:
+            self.limit.settle(booking, tokens)  # booked an estimate: hold the next request back by what was billed
+        return Reply(text=text or "", probs=probs, tokens=tokens, latency_s=time.perf_counter() - t0,
+                     completion_tokens=int(usage.get("completion_tokens") or 0))
 
     def _post_with_retries(self, req: Request, reserve: Reserve) -> Reply | None:
         from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt

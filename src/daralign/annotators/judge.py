@@ -54,6 +54,10 @@ class JudgeConfig:
     batch_size: int = 8  # transformers: sequences per forward pass
     reuse_prefix: bool = True  # transformers: compute the requests' shared template prefix once per batch (KV cache)
     max_concurrency: int = 8  # openai: requests in flight
+    requests_per_minute: float | None = None  # openai: the provider's request limit (requests are spread to it)
+    tokens_per_minute: float | None = None  # openai: the provider's token limit
+    price_per_1k_input_tokens: float | None = None  # reported as judge/cost (with the output price)
+    price_per_1k_output_tokens: float | None = None
     timeout_s: float = 60.0  # openai: per request
     max_retries: int = 4  # openai: retries on connection errors, timeouts, 5xx, 429
     backoff_s: float = 0.5  # openai: first retry delay (exponential with jitter)
@@ -104,6 +108,10 @@ class JudgeConfig:
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, name,
                  "must be a finite number >= 0")
         need(self.timeout_s > 0, "timeout_s", "must be > 0")
+        for name in ("requests_per_minute", "tokens_per_minute", "price_per_1k_input_tokens", "price_per_1k_output_tokens"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                               and (v > 0 or name.startswith("price"))), name, "must be a number > 0 (prices ≥ 0)")
         need(self.min_label_mass < 1, "min_label_mass", "must be < 1")
         need(self.use_logprobs in ("auto", True, False), "use_logprobs", "must be auto, true or false")
         for name in ("cache", "system_prompt", "tokenizer"):
@@ -191,6 +199,7 @@ class JudgeAnnotator(Annotator):
         self._client_key: tuple | None = None
         self._cache = ResponseCache(config.cache) if config.cache else None
         self.last_answers: list[str | None] = []
+        self._said_no_logprobs = False
         self.totals: dict[str, float] = {"labels": 0, "invalid": 0, "requests": 0, "cache_hits": 0, "tokens": 0, "latency_s": 0.0}
 
     @classmethod
@@ -296,6 +305,14 @@ class JudgeAnnotator(Annotator):
             a.reply = reply
             self.last_answers = (self.last_answers + [reply.text])[-3:]  # for "what did it answer?" errors
             stats["tokens"] += reply.tokens
+            stats["completion_tokens"] += reply.completion_tokens
+            if reply.probs is None and a.request.candidates and not self._said_no_logprobs:
+                self._said_no_logprobs = True  # once: labels are then parsed from text (0 or 1 on a yes/no scale)
+                from daralign.core.tracking import console
+
+                console.print(f"[yellow]judge: {self.config.backend} backend {self.config.base_url or self.config.model} "
+                              f"returned no log-probabilities; labels are parsed from its text (a yes/no scale gives "
+                              f"only 0 or 1; `judge/prob_label_frac` shows the share read from probabilities)[/yellow]")
             stats["latency_s"] += reply.latency_s
             stats["paid"] += 1
             if self._cache is not None:
@@ -334,6 +351,7 @@ class JudgeAnnotator(Annotator):
                     raise AnnotationError("judge: the backend returned no log-probabilities; set use_logprobs: false or auto")
                 lab = parse_label(r.text, labels)
                 out.append(values[labels.index(lab)] if lab is not None else None)
+                stats["labels_read"] += lab is not None
             else:
                 p = {lab: float(r.probs.get(lab[0] if two_step else lab, 0.0)) for lab in labels}
                 if two_step:
@@ -353,6 +371,8 @@ class JudgeAnnotator(Annotator):
                 else:
                     v = sum(p[lab] * val for lab, val in zip(labels, values)) / mass
                     out.append(v if math.isfinite(v) else None)
+                    stats["labels_read"] += out[-1] is not None
+                    stats["prob_labels"] += out[-1] is not None
         return out
 
     def _labels(self, prompt_texts: list[str], groups: list[tuple[str, ...]], stats: dict) -> list[float | None]:
@@ -389,7 +409,9 @@ class JudgeAnnotator(Annotator):
         self.totals["labels"] += n_labels
         self.totals["invalid"] += n_invalid
         self.totals["paid"] = self.totals.get("paid", 0) + stats["paid"]
-        return {
+        cost = self._cost(stats)
+        return ({"judge/cost": cost} if cost is not None else {}) | {
+            "judge/prob_label_frac": stats["prob_labels"] / stats["labels_read"] if stats["labels_read"] else 0.0,
             "judge/requests": float(stats["requests"]),  # sent to the backend (cache hits are not)
             "judge/cache_hits": float(stats["cache_hits"]),
             "judge/budget_cut": float(stats["budget_cut"]),
@@ -397,6 +419,15 @@ class JudgeAnnotator(Annotator):
             "judge/tokens": float(stats["tokens"]),
             "judge/invalid_rate": n_invalid / n_labels if n_labels else 0.0,
         }
+
+    def _cost(self, stats: dict) -> float | None:
+        """What the paid requests cost at the configured prices per 1k input / output tokens (None: no price)."""
+        c = self.config
+        if c.price_per_1k_input_tokens is None and c.price_per_1k_output_tokens is None:
+            return None
+        out_tokens = stats["completion_tokens"]
+        return ((stats["tokens"] - out_tokens) * (c.price_per_1k_input_tokens or 0.0)
+                + out_tokens * (c.price_per_1k_output_tokens or 0.0)) / 1000.0
 
     def _prompt_texts(self, prompts: list[Any], n: int) -> tuple[list[str], int]:
         """Prompts as pasted text, cut from the left to ``max_prompt_chars`` (said once per call)."""
@@ -487,4 +518,5 @@ def text_judge(cfg: dict, where: str) -> JudgeAnnotator:
 
 
 def _new_stats() -> dict:
-    return {"requests": 0, "cache_hits": 0, "tokens": 0, "latency_s": 0.0, "paid": 0, "budget_cut": 0}
+    return {"requests": 0, "cache_hits": 0, "tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "paid": 0,
+            "budget_cut": 0, "prob_labels": 0, "labels_read": 0}
