@@ -160,3 +160,22 @@ def test_trl_grpo_trains_on_a_daralign_judge(tmp_path, tiny_policy_dir, judge_ht
     logged = [h for h in trainer.state.log_history if "rewards/judge_tone/mean" in h]
     assert len(logged) == 2
     assert fn.annotator.num_requests == len(judge_http.requests) == 2 * 4  # 4 completions a step
+
+
+def test_final_has_a_model_card_and_push_to_hub_says_it_cannot_reach_the_hub(tmp_path, tiny_policy_dir, capsys,
+                                                                             monkeypatch):
+    heldout = [{"prompt": p} for p in tiny.PROMPTS[:2]]
+    trainer = daralign.Trainer(model=str(tiny_policy_dir), reward_funcs=tiny.length_reward, args=small(tmp_path),
+                               train_dataset=ROWS, eval_dataset=heldout)
+    trainer.train()
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == str(tiny_policy_dir) and "dar" in meta["tags"] and meta["library_name"] == "transformers"
+    for text in ("Direct Advantage Regression", "tiny:length_reward", "## Held-out results", "KL(π‖π_ref)",
+                 "not an independent yardstick", "Annotator requests: 8 for training", "## Provenance", "`learning_rate`"):
+        assert text in card, text
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no Hub from here (and never from CI): the failure path, for real
+    assert trainer.push_to_hub("someone/tiny-dar") is None
+    err = " ".join(capsys.readouterr().err.split())
+    assert "push_to_hub: could not upload" in err and "the files stay where they are" in err
+    assert (tmp_path / "run" / "final" / "README.md").is_file()

@@ -132,6 +132,27 @@ class Trainer:
             cb.on_step_end(self.train_config, self.state, control)
         return bool(control.should_training_stop)
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token_env: str = "HF_TOKEN") -> str | None:
+        """Upload ``final/`` (weights, tokenizer, model card) to the Hub as ``repo_id``; the token is
+        read from the environment variable ``token_env``. Where the Hub cannot be reached, one line
+        says so and nothing is raised (the run's files are untouched)."""
+        import os
+
+        from huggingface_hub import HfApi
+
+        final = Path(self.train_config.output_dir) / "final"
+        if not (final / "README.md").is_file():
+            raise ConfigError(f"push_to_hub: {final} holds no finished model; call train() first")
+        api = HfApi(token=os.environ.get(token_env) or None)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(folder_path=str(final), repo_id=repo_id, commit_message="daralign: trained model")
+        except Exception as e:  # no network, no token, no rights: say which, in one line
+            console.print(f"[yellow]push_to_hub: could not upload {final} to {repo_id} "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); the files stay where they are[/yellow]")
+            return None
+        return str(getattr(info, "commit_url", info))
+
     def save_model(self, output_dir: str | None = None) -> Path:
         """Where ``final/`` is (written when ``train`` ends); a different ``output_dir`` gets a copy."""
         import shutil

@@ -44,6 +44,7 @@ from daralign.core.data import PromptSchedule, load_pairs, load_prompts
 from daralign.core.errors import AnnotationError, ConfigError
 from daralign.train.annotate import compare_feedback, labels_per_prompt, offline_feedback, score_feedback, shuffle_rewards
 from daralign.train.heldout import HeldoutCheck
+from daralign.train.model_card import write_model_card
 from daralign.core.models import disable_dropout, load_causal_lm, load_tokenizer, token_logps
 from daralign.objectives import get_objective
 from daralign.objectives.base import RECORDED_TOKEN_LOGPS
@@ -483,14 +484,15 @@ class OnlineTrainer:
         if saved != step:  # always a checkpoint at the end: --resume of a finished run then does nothing
             checkpoint.save(acc, self.out, step, {"step": step, **spent, "config": self.config_dict}, cfg.save_total_limit, self.extra)
         after = self._heldout_showing("after", "after training")
-        self.save_final()
-        if acc.is_main_process:
-            outputs.finish(self.out)
-        if cfg.report_to:
-            acc.end_training()
         spent["eval_annotation_requests"] += int(self._sum(self._eval_requests_since()))
         if acc.is_main_process:
             (self.out / "annotation_requests.json").write_text(json.dumps(spent, indent=1))
+        self.save_final()
+        if acc.is_main_process:
+            write_model_card(self.out, self.config_dict, provenance())
+            outputs.finish(self.out)
+        if cfg.report_to:
+            acc.end_training()
         return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"],
                 "eval_annotation_requests": spent["eval_annotation_requests"], "heldout_after": after}
 
