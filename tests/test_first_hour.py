@@ -127,6 +127,7 @@ def test_runs_record_provenance_and_reports_name_their_parts(tmp_path, tiny_poli
     assert prov["daralign"] and prov["libraries"]["torch"].startswith("2.13") and "transformers" in prov["libraries"]
     report = (out / "report.md").read_text()
     assert str(tiny_policy_dir) in report and "reward function" in report and str(tiny_prompts_file) in report
+    assert "annotator requests (trained): 4 for training (the budget's unit), 0 for evaluation" in report
 
 
 def test_every_train_option_has_help_with_its_default(capsys):

@@ -32,7 +32,7 @@ class VLLMSettings:
 class TrainConfig:
     """Everything an online run shares, whatever the algorithm."""
 
-    algorithm: str = field(default="dar", metadata={"help": "objective to train with: dar | rloo | grpo | ppo | bon-sft | online-dpo | online-ipo | online-slic | dpo (docs/algorithms.md)"})
+    algorithm: str = field(default="dar", metadata={"help": "objective to train with: a registered objective (listed at the top of `daralign train --help`; docs/algorithms.md)"})
     # --- model
     model_name_or_path: str = field(default="bundled:smollm2-135m-instruct", metadata={"help": "policy: hub id, local folder, .gguf file or bundled:NAME"})
     ref_model_name_or_path: str | None = field(default=None, metadata={"help": "frozen reference; default: the policy's starting weights"})

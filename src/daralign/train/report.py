@@ -94,6 +94,12 @@ def write_report(run_dir: str | Path, control_dir: str | Path | None = None, n_s
                   f"- data `{cfg.get('dataset')}`, held-out `{cfg.get('eval_dataset')}`",
                   f"- trained by: {trained_by}",
                   f"- evaluated by: {describe_annotator(cfg['eval_annotator']) if cfg.get('eval_annotator') else 'the training annotator'}"]
+    for label, path in runs.items():
+        spent = Path(path) / "annotation_requests.json"
+        if spent.is_file():
+            s = json.loads(spent.read_text())
+            lines.append(f"- annotator requests ({label}): {s.get('annotation_requests', 0)} for training (the budget's unit), "
+                         f"{s.get('eval_annotation_requests', 0)} for evaluation")
     if prov:
         lines.append(f"- daralign {prov.get('daralign')} (commit {prov.get('git_commit') or 'unknown'}), "
                      + ", ".join(f"{k} {v}" for k, v in prov.get("libraries", {}).items() if v))
