@@ -280,3 +280,39 @@ def test_heldout_progress_names_each_phase(tiny_policy_dir, tiny_prompts_file):
                         progress=lambda *a: calls.append(a))
     assert calls == [("sampling", 0, 3), ("scoring", 1, 3), ("KL to the reference", 2, 3), ("done", 3, 3)]
     assert len(res["per_prompt"]) == 3 and res["kl"] is not None
+
+
+@pytest.mark.parametrize("algorithm", ["online-dpo", "dpo"])
+def test_the_shuffled_control_flips_fair_coins_for_preference_methods(algorithm, tmp_path, tiny_policy_dir,
+                                                                      tiny_prompts_file, judge_http):
+    """Preference methods have no rewards to permute: their control replaces every decided label by
+    a seeded fair coin flip (never silently trains on the real labels)."""
+    from conftest import http_judge, keyword_judge
+
+    from daralign.train.loop import OnlineTrainer
+
+    judge_http.handler = keyword_judge
+    over = {"algorithm": algorithm, "num_generations": 2, "per_device_train_batch_size": 4, "output_dir": str(tmp_path / "o")}
+    if algorithm == "dpo":
+        rows = [{"prompt": f"question {i}", "chosen": "Here we see the sea.", "rejected": "No."} for i in range(4)]
+        over |= {"dataset": str(tiny.write_jsonl(tmp_path / "pairs.jsonl", rows)), "annotator": None}
+    else:
+        over |= {"annotator": http_judge(judge_http, "compare")}
+    cfg = base_config(tmp_path, tiny_policy_dir, tiny_prompts_file, shuffle_rewards=True, **over)
+    trainer = OnlineTrainer(*parse_train_args(["--config", str(cfg)]))
+    try:
+        flips = []
+        for step in range(6):
+            rollout, _ = trainer.rollout(step, 4)
+            shuffled = trainer.feedback(rollout, step)
+            assert torch.equal(trainer.feedback(rollout, step).preference, shuffled.preference)  # seeded by (seed, step)
+            trainer.cfg.shuffle_rewards = False
+            real = trainer.feedback(rollout, step)
+            trainer.cfg.shuffle_rewards = True
+            decided = (real.preference - 0.5).abs() > 1e-6
+            assert torch.equal(shuffled.preference[~decided], real.preference[~decided])  # ties stay ties
+            assert set(shuffled.preference[decided].tolist()) <= {0.0, 1.0}
+            flips += (shuffled.preference[decided] != real.preference[decided]).tolist()
+    finally:
+        trainer.close()
+    assert 0 < sum(flips) < len(flips)  # some labels kept, some flipped: coins, not the labels

@@ -367,12 +367,14 @@ def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool
     if run.train.eval_dataset and cached.is_file() and not before.exists():
         shutil.copyfile(cached, before)
     t0 = time.perf_counter()
-    labels = None
+    labels, train = None, run.train
     if run.algo is not None and run.train.algorithm == "dpo" and run.train.annotation_budget == 0:  # offline: buy the pairs first
         from daralign.compare.offline import label_pairs
 
         labels = label_pairs(dataclasses.replace(run.train, dataset=run.prompts), budget, pairs_path(run))
-    train_run(run.train, run.algo)
+        # one epoch is the pairs that survived (ties and invalid labels give none): no pair seen twice
+        train = dataclasses.replace(run.train, max_steps=max(1, -(-labels["pairs"] // run.train.prompts_per_step)))
+    train_run(train, run.algo)
     wall = time.perf_counter() - t0
     if run.train.eval_dataset and before.is_file() and not cached.is_file():
         cached.parent.mkdir(exist_ok=True)

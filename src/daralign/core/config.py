@@ -92,7 +92,7 @@ class TrainConfig:
     eval_temperature: float = field(default=0.7, metadata={"help": "sampling temperature for held-out answers"})
     eval_proxy_score: bool = field(default=True, metadata={"help": "with an eval_annotator, also score the held-out answers with the training annotator (the proxy): eval/proxy_score rising while eval/score falls is the annotator being hacked"})
     eval_win_rate: bool = field(default=False, metadata={"help": "also judge held-out answers against reference answers (the eval set's reference/output column, else the starting policy's) in both orders: eval/win_rate"})
-    shuffle_rewards: bool = field(default=False, metadata={"help": "control run: permute rewards across the batch (learning vs drift)"})
+    shuffle_rewards: bool = field(default=False, metadata={"help": "control run (learning vs drift): rewards permuted across the batch; for preference methods (online and offline DPO/IPO/SLiC) every label replaced by a fair coin flip (ties stay ties)"})
     # --- output
     output_dir: str = field(default="runs/daralign", metadata={"help": "metrics, checkpoints and final model"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})

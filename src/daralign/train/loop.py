@@ -222,10 +222,17 @@ class OnlineTrainer:
         return rollout, timing
 
     def feedback(self, rollout, step: int):
-        if self.kind == "offline":
-            return offline_feedback(rollout)
-        if self.kind == "compare":
-            return compare_feedback(self.annotator, rollout, best_vs_worst=self.algo_config.best_vs_worst)
+        if self.kind in ("offline", "compare"):
+            fb = offline_feedback(rollout) if self.kind == "offline" else \
+                compare_feedback(self.annotator, rollout, best_vs_worst=self.algo_config.best_vs_worst)
+            if self.cfg.shuffle_rewards:
+                # The control for preferences: every label replaced by a fair coin flip (seeded by seed,
+                # step and process), so which response "won" says nothing about the responses.
+                # Ties stay ties: the control has exactly as many labels as the run it controls.
+                g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * 8191 + self.rank)
+                coins = torch.bernoulli(torch.full((len(fb.pairs),), 0.5), generator=g).to(fb.preference)
+                fb.preference = torch.where((fb.preference - 0.5).abs() > 1e-6, coins, fb.preference)
+            return fb
         fb = score_feedback(self.annotator, rollout, missing_eos_penalty=self.cfg.missing_eos_penalty)
         if self.cfg.shuffle_rewards:
             # The control permutes (reward, valid) across the *global* batch, identically on every process.
