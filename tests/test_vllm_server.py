@@ -117,8 +117,12 @@ def test_colocate_agrees_with_the_trainer_after_a_push(monkeypatch):
     try:
         mean, worst = _push_and_compare(engine, engine.sync_weights)
     finally:
+        llm = engine.llm
         engine.close()
     assert mean < 1e-4 and worst < 1e-3, (mean, worst)
+    again = VLLMColocate(path, load_tokenizer(path, False), settings())  # built the same way: the idle engine, taken over
+    assert again.llm is llm
+    again.close()
 
 
 @pytest.mark.slow

@@ -58,11 +58,18 @@ class VLLMColocate(RolloutEngine):
         from vllm import LLM
 
         self.tokenizer, self.s = tokenizer, settings
-        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=settings.dtype, seed=settings.seed,
-                       max_model_len=settings.max_prompt_length + settings.max_completion_length + 16,
-                       enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                       logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True,
-                       worker_extension_cls=WORKER_EXTENSION)
+        kwargs = dict(model=model_path, tokenizer=model_path, dtype=settings.dtype, seed=settings.seed,
+                      max_model_len=settings.max_prompt_length + settings.max_completion_length + 16,
+                      enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
+                      logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True,
+                      worker_extension_cls=WORKER_EXTENSION)
+        self.key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        # An engine a finished run left idle in this process (a notebook, `compare` running several
+        # methods, a test session) is taken over when built the same way: starting one takes tens of
+        # seconds. Its weights are whatever it held: the loop syncs the policy into it before sampling.
+        idle = _IDLE.pop(self.key, None)
+        _IDLE.clear()  # an idle engine built otherwise: freed before a new one takes its memory
+        self.llm = idle if idle is not None else LLM(**kwargs)
 
     @classmethod
     def from_config(cls, train, settings: SamplingSettings, tokenizer, device) -> "VLLMColocate":
@@ -102,7 +109,15 @@ class VLLMColocate(RolloutEngine):
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
+        """Hand the engine back: it stays idle for a run built the same way (one at most, so an idle
+        engine never holds a second engine's memory)."""
+        if self.llm is not None:
+            _IDLE.clear()
+            _IDLE[self.key] = self.llm
         self.llm = None
+
+
+_IDLE: dict[tuple, object] = {}  # at most one idle engine: its construction arguments → the engine
 
 
 def sample_seed(seed: int, step: int, prompt: int) -> int:
