@@ -17,7 +17,7 @@ from conftest import chat_reply, http_judge
 import daralign
 import tiny
 from daralign.cli import main as daralign_main
-from daralign.core.errors import AnnotationError, ConfigError
+from daralign.core.errors import AnnotationError, ConfigError, DataError
 
 ROWS = [{"prompt": p, "target": i} for i, p in enumerate(tiny.PROMPTS)]
 
@@ -115,7 +115,8 @@ def not_finite(prompts, completions, **kw):
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(reward_funcs=wrong_count), AnnotationError, "reward function test_python_api:wrong_count returned 1 scores for 4"),
     (dict(reward_funcs=not_finite), AnnotationError, "score 0 is inf"),
-    (dict(train_dataset=[{"question": "hi"}]), ConfigError, "train_dataset: no 'prompt' column (columns: question)"),
+    (dict(train_dataset=[{"question": "hi"}]), DataError, "train_dataset: no 'prompt' column (columns: question)"),
+    (dict(train_dataset=42), DataError, "train_dataset: expected a datasets.Dataset, a list of dicts or a path, got int"),
     (dict(model="LOADED"), ConfigError, "model: a loaded model needs its tokenizer as processing_class="),
     (dict(reward_funcs=[tiny.length_reward], reward_weights=[1.0, 2.0]), ConfigError, "reward_weights: 2 weights for 1"),
     (dict(args=daralign.TrainConfig(learning_rat=1.0)), ConfigError, "unknown config key(s) ['learning_rat']"),

@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from daralign.core.errors import ConfigError
+from daralign.core.errors import ConfigError, DataError
 from daralign.core.tracking import console
 
 REWARD_ARGS = "reward_funcs"
@@ -167,17 +167,14 @@ class Trainer:
 def _in_memory(dataset: Any, argument: str, out: Path) -> tuple[list[dict] | None, str]:
     """(rows to hand to the loop, the path the config records). A path passes through; rows in
     memory go into the run folder (the loop writes them) so config.yaml re-runs."""
+    from daralign.core.data import rows_in_memory
+
     if isinstance(dataset, (str, Path)):
         return None, str(dataset)
-    try:
-        rows = [dict(r) for r in dataset]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{argument}: expected a datasets.Dataset, a list of dicts or a path, got {type(dataset).__name__}") from None
-    if not rows:
-        raise ConfigError(f"{argument}: no rows")
+    rows = rows_in_memory(dataset, argument)
     columns = sorted({k for r in rows for k in r})
     if "prompt" not in columns and not (argument == "train_dataset" and {"chosen", "rejected"} <= set(columns)):
-        raise ConfigError(f"{argument}: no 'prompt' column (columns: {', '.join(columns)})")
+        raise DataError(f"{argument}: no 'prompt' column (columns: {', '.join(columns)})")
     return rows, str(out / f"{argument}.jsonl")
 
 

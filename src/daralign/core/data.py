@@ -96,18 +96,22 @@ def check_prompt(value: Any, where: str, column: str = "prompt") -> None:
     )
 
 
+def rows_in_memory(source: Any, name: str) -> list[dict]:
+    """The rows of a ``datasets.Dataset`` or a list of dicts, or one line naming the argument."""
+    try:
+        rows = [dict(r) for r in source]
+    except (TypeError, ValueError):
+        raise DataError(f"{name}: expected a datasets.Dataset, a list of dicts or a path, got {type(source).__name__}") from None
+    if not rows:
+        raise DataError(f"{name}: no rows")
+    return rows
+
+
 def _read_source(source: Any, split: str, config: str | None, name: str | None = None) -> tuple[list[dict], str]:
     """(rows, name for messages) of a file, a ``datasets`` name, or rows in memory (a
     ``datasets.Dataset`` or a list of dicts, from the Python API: ``name`` says which argument)."""
     if not isinstance(source, (str, Path)):
-        name = name or "dataset"
-        try:
-            rows = [dict(r) for r in source]
-        except (TypeError, ValueError):
-            raise DataError(f"{name}: expected a datasets.Dataset, a list of dicts or a path, got {type(source).__name__}") from None
-        if not rows:
-            raise DataError(f"{name}: no rows")
-        return rows, name
+        return rows_in_memory(source, name or "dataset"), name or "dataset"
     path = Path(source)
     if path.suffix in (".jsonl", ".json", ".gz", ".csv", ".parquet") or path.exists():
         rows, name = read_rows(path), str(path)
