@@ -165,3 +165,15 @@ def test_a_flaky_judge_never_passes_the_budget_and_evaluation_is_counted_apart(t
     err = capsys.readouterr().err
     assert "annotation budget reached" in err and "no valid label" not in err
     assert 4 < m[-1]["eval_annotation_requests"] <= 8  # the "before" check, reported in the step's metrics
+
+
+def test_a_priced_judge_reports_what_training_cost(tmp_path, tiny_policy_dir, tiny_prompts_file, judge_http):
+    """Usage the server reports (6 prompt + 1 completion tokens a request), priced per 1k tokens."""
+    judge_http.handler = lambda path, body, n: (200, chat_reply("Yes"), {})
+    judge = http_judge(judge_http, price_per_1k_input_tokens=1.0, price_per_1k_output_tokens=2.0)
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, annotator=judge, max_steps=2, report=True)
+    m = train(cfg, tmp_path / "run")
+    assert [x["judge/cost"] for x in m] == pytest.approx([4 * 0.008, 4 * 0.008])  # 4 requests a step
+    assert [x["annotation_cost"] for x in m] == pytest.approx([0.032, 0.064])
+    assert json.loads((tmp_path / "run" / "annotation_requests.json").read_text())["annotation_cost"] == pytest.approx(0.064)
+    assert "training requests cost 0.064 at the judge's prices" in (tmp_path / "run" / "report.md").read_text()

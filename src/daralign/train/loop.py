@@ -326,6 +326,8 @@ class OnlineTrainer:
              "annotation_requests": spent["annotation_requests"] + int(self._sum(feedback.num_requests)),
              "annotation_cache_hits": spent["annotation_cache_hits"] + int(self._sum(feedback.num_cache_hits)),
              "eval_annotation_requests": spent["eval_annotation_requests"] + int(self._sum(self._eval_requests_since())),
+             # what training's judge requests cost at the configured prices (0 without prices)
+             "annotation_cost": spent["annotation_cost"] + self._sum(feedback.metrics.get("judge/cost", 0.0)),
              "num_prompts": float(num_prompts)}
         if feedback.rewards is not None:
             r = feedback.rewards[feedback.valid] if feedback.valid is not None else feedback.rewards
@@ -419,7 +421,8 @@ class OnlineTrainer:
             checkpoint.clean_partial(self.out)  # half-written folders of a killed run (ours: the folder is marked)
         acc.wait_for_everyone()
         start = 0
-        spent = {"annotations": 0, "annotation_requests": 0, "annotation_cache_hits": 0, "eval_annotation_requests": 0}
+        spent = {"annotations": 0, "annotation_requests": 0, "annotation_cache_hits": 0, "eval_annotation_requests": 0,
+                 "annotation_cost": 0.0}
         resume_from = checkpoint.latest(self.out) if cfg.resume else None
         if cfg.resume and resume_from is None:
             console.print(f"[yellow]--resume: no checkpoint in {self.out}; starting from scratch[/yellow]")

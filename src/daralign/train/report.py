@@ -98,8 +98,9 @@ def write_report(run_dir: str | Path, control_dir: str | Path | None = None, n_s
         spent = Path(path) / "annotation_requests.json"
         if spent.is_file():
             s = json.loads(spent.read_text())
+            cost = f"; training requests cost {s['annotation_cost']:.4g} at the judge's prices" if s.get("annotation_cost") else ""
             lines.append(f"- annotator requests ({label}): {s.get('annotation_requests', 0)} for training (the budget's unit), "
-                         f"{s.get('eval_annotation_requests', 0)} for evaluation")
+                         f"{s.get('eval_annotation_requests', 0)} for evaluation{cost}")
     if prov:
         lines.append(f"- daralign {prov.get('daralign')} (commit {prov.get('git_commit') or 'unknown'}), "
                      + ", ".join(f"{k} {v}" for k, v in prov.get("libraries", {}).items() if v))
