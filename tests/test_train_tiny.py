@@ -316,3 +316,18 @@ def test_the_shuffled_control_flips_fair_coins_for_preference_methods(algorithm,
     finally:
         trainer.close()
     assert 0 < sum(flips) < len(flips)  # some labels kept, some flipped: coins, not the labels
+
+
+def test_an_eval_seed_shares_the_held_out_answers_across_training_seeds(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    heldout = tiny.write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:2]])
+    before = []
+    for seed in (1, 2):
+        out = tmp_path / f"seed{seed}"
+        cfg = base_config(tmp_path, tiny_policy_dir, tiny_prompts_file, seed=seed, eval_seed=5, eval_samples_per_prompt=3,
+                          eval_dataset=str(heldout), max_steps=1)
+        m = train(cfg, out)
+        before.append(json.loads((out / "heldout_before.json").read_text()))
+        spent = json.loads((out / "annotation_requests.json").read_text())
+        assert spent["eval_annotation_requests"] == 2 * 3 * 2  # 2 prompts × 3 answers, before and after
+        assert m[0]["eval_annotation_requests"] == 2 * 3
+    assert before[0]["per_prompt"] == before[1]["per_prompt"] and before[0]["completions"] == before[1]["completions"]

@@ -60,8 +60,8 @@ FORCED = {"algorithm": "--algorithms", "seed": "--seeds", "annotation_budget": "
 NOT_COMPARED = {"resume", "overwrite_output_dir", "report", "report_to", "logging_steps", "save_steps", "save_total_limit",
                 "log_completions"}
 HELDOUT_KEYS = ("model_name_or_path", "dtype", "bf16", "trust_remote_code", "use_peft", "eval_dataset",
-                "eval_max_prompts", "prompt_column", "seed", "max_completion_length", "eval_temperature",
-                "generation_batch_size", "max_prompt_length")
+                "eval_max_prompts", "prompt_column", "max_completion_length", "eval_temperature",
+                "generation_batch_size", "max_prompt_length", "eval_samples_per_prompt", "heldout_seed")
 
 
 @dataclass

@@ -89,6 +89,8 @@ class TrainConfig:
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out prompts: judged before/after and every eval_steps"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0 = only before and after)"})
     eval_max_prompts: int = field(default=64, metadata={"help": "held-out prompts used"})
+    eval_samples_per_prompt: int = field(default=2, metadata={"help": "held-out answers sampled per prompt (more answers: a smaller standard error of the held-out score)"})
+    eval_seed: int | None = field(default=None, metadata={"help": "seed of the held-out sampling, independent of the training seed: runs of every seed then share their before-training answers and score (compare scores them once); default: seed + 7919"})
     eval_temperature: float = field(default=0.7, metadata={"help": "sampling temperature for held-out answers"})
     eval_proxy_score: bool = field(default=True, metadata={"help": "with an eval_annotator, also score the held-out answers with the training annotator (the proxy): eval/proxy_score rising while eval/score falls is the annotator being hacked"})
     eval_win_rate: bool = field(default=False, metadata={"help": "also judge held-out answers against reference answers (the eval set's reference/output column, else the starting policy's) in both orders: eval/win_rate"})
@@ -105,7 +107,7 @@ class TrainConfig:
     log_completions: bool = field(default=True, metadata={"help": "write every sampled completion and its reward to completions.jsonl"})
 
     def validate(self) -> None:
-        positive = ["num_generations", "max_completion_length", "per_device_train_batch_size",
+        positive = ["num_generations", "max_completion_length", "per_device_train_batch_size", "eval_samples_per_prompt",
                     "gradient_accumulation_steps", "max_steps", "generation_batch_size", "num_updates_per_batch"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -147,6 +149,11 @@ class TrainConfig:
         """The vLLM engine's own settings group (read by ``rollout/vllm_*.py`` only)."""
         return VLLMSettings(mode=self.vllm_mode, server_url=self.vllm_server_url, sync_dir=self.vllm_sync_dir,
                             gpu_memory_utilization=self.vllm_gpu_memory_utilization, enforce_eager=self.vllm_enforce_eager)
+
+    @property
+    def heldout_seed(self) -> int:
+        """The held-out sampling seed: ``eval_seed``, else derived from the training seed."""
+        return self.eval_seed if self.eval_seed is not None else self.seed + 7919
 
     @property
     def prompts_per_step(self) -> int:

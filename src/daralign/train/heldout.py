@@ -152,7 +152,8 @@ class HeldoutCheck:
         with self.autocast():
             res = judge_heldout(self.policy(), self.tokenizer, self.evaluator, self.rows,
                                 max_new_tokens=self.cfg.max_completion_length, temperature=T,
-                                seed=self.cfg.seed + 7919, batch_size=self.cfg.generation_batch_size,
+                                seed=self.cfg.heldout_seed, batch_size=self.cfg.generation_batch_size,
+                                samples_per_prompt=self.cfg.eval_samples_per_prompt,
                                 ref_token_logps=lambda rollout: self.reference_token_logps(rollout, T),
                                 proxy=self.proxy, progress=progress)
         res["evaluator"] = self.evaluator_name
@@ -175,7 +176,7 @@ class HeldoutCheck:
             res = evaluate_win_rate(self.policy(), self.tokenizer, [r["prompt"] for r in self.rows], self._win_rate_refs,
                                     self.evaluator.single_order(), rows=self.rows,
                                     max_new_tokens=self.cfg.max_completion_length, temperature=self.cfg.eval_temperature,
-                                    batch_size=self.cfg.generation_batch_size, seed=self.cfg.seed + 7919)
+                                    batch_size=self.cfg.generation_batch_size, seed=self.cfg.heldout_seed)
         return {k: v for k, v in res.items() if k.startswith("eval/") and isinstance(v, (int, float))}
 
     def _reference_answers(self) -> list[str]:
