@@ -111,7 +111,8 @@ def run_daralign(algorithm: str, model: str, texts: list[str], K: int, length: i
     algo = cls.Config(**({"kl_coef": 0.05} if algorithm == "rloo" else {})) if cls.Config else None
     trainer = OnlineTrainer(train, algo)
     times, parts = [], {}
-    spent = {"annotations": 0, "annotation_requests": 0, "annotation_cache_hits": 0}
+    spent = {"annotations": 0, "annotation_requests": 0, "annotation_cache_hits": 0, "eval_annotation_requests": 0,
+             "annotation_cost": 0.0}
     try:
         for step in range(iterations):
             t0 = time.perf_counter()
