@@ -106,7 +106,8 @@ def run_daralign(algorithm: str, model: str, texts: list[str], K: int, length: i
     train = TrainConfig(algorithm=algorithm, model_name_or_path=model, dataset=str(data), num_generations=K,
                         max_completion_length=length, temperature=1.0, per_device_train_batch_size=len(texts),
                         learning_rate=lr, max_steps=iterations, output_dir=str(tmp / "run"), report=False,
-                        log_completions=False, annotator={"type": "function", "function": f"{__file__}:upbeat_reward"})
+                        log_completions=False, annotator={"type": "function", "function": f"{__file__}:upbeat_reward"},
+                        bf16=__import__("torch").cuda.is_available())
     cls = get_objective(algorithm)
     algo = cls.Config(**({"kl_coef": 0.05} if algorithm == "rloo" else {})) if cls.Config else None
     trainer = OnlineTrainer(train, algo)
@@ -130,8 +131,11 @@ def run_daralign(algorithm: str, model: str, texts: list[str], K: int, length: i
 
 # ---------------------------------------------------------------- TRL
 def _trl_common(tmp: str, lr: float, iterations: int) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()  # on a GPU both sides run there, in bf16 autocast
     return dict(output_dir=tmp, learning_rate=lr, max_steps=iterations, logging_steps=10_000, save_strategy="no",
-                report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=42,
+                report_to="none", use_cpu=not cuda, bf16=cuda, gradient_checkpointing=False, seed=42,
                 lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                 dataloader_num_workers=0, disable_dropout=True)
 
