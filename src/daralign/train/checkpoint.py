@@ -57,6 +57,24 @@ def load(accelerator, path: Path, modules: dict | None = None) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
+def check_resume_config(path: Path, now: dict, may_change: set[str]) -> None:
+    """--resume continues *this* run: a change that would alter training is refused, naming the
+    fields; ``may_change`` (length, checkpoint, logging and eval cadence) may differ."""
+    from daralign.core.errors import ConfigError
+
+    saved = json.loads((path / "trainer_state.json").read_text()).get("config")
+    if saved is None:
+        return  # a checkpoint from before configs were recorded
+    # a field added to daralign after the checkpoint was written is not a change
+    changed = sorted(k for k in saved if k not in may_change and saved.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in changed[:3])
+        raise ConfigError(f"--resume: {path} was trained with another config (changed: {', '.join(changed)}; {shown}"
+                          f"{', ...' if len(changed) > 3 else ''}); resume with the same "
+                          f"config (only {', '.join(sorted(may_change - {'resume'}))} may change), "
+                          f"or start a new run in another output_dir")
+
+
 def clean_partial(output_dir: str | Path) -> None:
     """Remove half-written checkpoints/final folders left by a killed run."""
     root = Path(output_dir)

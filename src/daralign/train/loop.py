@@ -38,11 +38,12 @@ from accelerate.utils import set_seed
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from daralign.train import checkpoint, outputs
-from daralign.annotators import Meter, build_annotator, describe_annotator, requests_per_label
+from daralign.annotators import Meter, build_annotator, describe_annotator
 from daralign.core.config import TrainConfig, to_dict
 from daralign.core.data import PromptSchedule, load_pairs, load_prompts
 from daralign.core.errors import AnnotationError, ConfigError
-from daralign.train.annotate import compare_feedback, labels_per_prompt, offline_feedback, score_feedback, shuffle_rewards
+from daralign.train.annotate import compare_feedback, offline_feedback, score_feedback, shuffle_rewards
+from daralign.train.budget import Budget
 from daralign.train.heldout import HeldoutCheck
 from daralign.train.model_card import write_model_card
 from daralign.core.models import disable_dropout, load_causal_lm, load_tokenizer, token_logps
@@ -121,6 +122,9 @@ class OnlineTrainer:
                               f"must be divisible by the number of processes ({world})")
         self.schedule = PromptSchedule(self.rows, train.prompts_per_step * world, train.seed)
         self.rank, self.world = rank, world
+        self.budget = Budget(train.annotation_budget, train.annotator if self.annotator is not None else None, self.meter,
+                             kind=self.kind, K=self.K, best_vs_worst=getattr(algo_config, "best_vs_worst", True),
+                             prompts_per_step=train.prompts_per_step, world=world)
         self.heldout_check = HeldoutCheck(
             train, self.eval_rows, self.annotator, self.meter, policy=lambda: self.unwrapped, tokenizer=self.tokenizer,
             reference_token_logps=self.reference_token_logps, autocast=self.accelerator.autocast, out=self.out,
@@ -363,22 +367,8 @@ class OnlineTrainer:
 
     # ---------------------------------------------------------------- budget
     def prompts_affordable(self, spent: dict) -> tuple[int, str | None]:
-        """(prompts the next step may take, why it takes none). Cuts the last step of a budget to
-        the prompts whose requests fit, in multiples of the process count, and caps the meter at
-        the requests left (retries and invalid answers can only make a step cost more, and the cap
-        is applied before each request is sent)."""
-        cfg, full = self.cfg, self.cfg.prompts_per_step * self.world
-        if not cfg.annotation_budget or self.annotator is None:
-            return full, None
-        left = cfg.annotation_budget - spent["annotation_requests"]
-        per_prompt = labels_per_prompt(self.kind, self.K, getattr(self.algo_config, "best_vs_worst", True)) \
-            * requests_per_label(cfg.annotator, self.kind)
-        n = min(full, left // per_prompt // self.world * self.world)
-        if n == 0:
-            return 0, (f"annotation budget reached: {spent['annotation_requests']} of {cfg.annotation_budget} requests "
-                       f"spent; a prompt costs {per_prompt}")
-        self.meter.allow(left // self.world)
-        return n, None
+        """(prompts the next step may take, why it takes none): ``budget.py``."""
+        return self.budget.prompts(spent["annotation_requests"])
 
     def _eval_requests_since(self) -> int:
         """Evaluation requests on this process since the last call (held-out scoring, win rates)."""
@@ -391,22 +381,6 @@ class OnlineTrainer:
     def config_dict(self) -> dict:
         """The resolved config as JSON values (secrets redacted), as checkpoints record it."""
         return json.loads(json.dumps(to_dict(self.cfg, self.algo_config), default=str))
-
-    def _check_resume_config(self, path: Path) -> None:
-        """--resume continues *this* run: a change that would alter training is refused, naming the
-        fields; the length, the checkpoint cadence, logging and eval cadence may change."""
-        saved = json.loads((path / "trainer_state.json").read_text()).get("config")
-        if saved is None:
-            return  # a checkpoint from before configs were recorded
-        now = self.config_dict
-        # a field added to daralign after the checkpoint was written is not a change
-        changed = sorted(k for k in saved if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
-        if changed:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in changed[:3])
-            raise ConfigError(f"--resume: {path} was trained with another config (changed: {', '.join(changed)}; {shown}"
-                              f"{', ...' if len(changed) > 3 else ''}); resume with the same "
-                              f"config (only {', '.join(sorted(RESUME_MAY_CHANGE - {'resume'}))} may change), "
-                              f"or start a new run in another output_dir")
 
     def _finished(self, step: int, spent: dict) -> str | None:
         if step >= self.cfg.max_steps:
@@ -427,7 +401,7 @@ class OnlineTrainer:
         if cfg.resume and resume_from is None:
             console.print(f"[yellow]--resume: no checkpoint in {self.out}; starting from scratch[/yellow]")
         if resume_from is not None:
-            self._check_resume_config(resume_from)
+            checkpoint.check_resume_config(resume_from, self.config_dict, RESUME_MAY_CHANGE)
             state = checkpoint.load(acc, resume_from, self.extra)
             start = state["step"]
             spent |= {k: state[k] for k in spent if k in state}

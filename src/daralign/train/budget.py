@@ -1,0 +1,32 @@
+"""The annotation budget, in annotator *requests* (what the user pays for): how many prompts the
+next step may take, and the meter's cap that keeps retries from passing it.
+
+The last step of a budget is cut to the prompts whose nominal requests still fit (in multiples of
+the process count); the meter is capped at the requests left, reserved before each request is
+sent, so a step that costs more than nominal (retries, invalid answers) ends with invalid labels
+and the run stops at its budget."""
+
+from __future__ import annotations
+
+from daralign.annotators import Meter, requests_per_label
+from daralign.train.annotate import labels_per_prompt
+
+
+class Budget:
+    def __init__(self, budget: int, annotator_config: dict | None, meter: Meter, *, kind: str, K: int,
+                 best_vs_worst: bool, prompts_per_step: int, world: int) -> None:
+        self.budget, self.meter, self.world, self.full = budget, meter, world, prompts_per_step * world
+        self.per_prompt = (labels_per_prompt(kind, K, best_vs_worst) * requests_per_label(annotator_config, kind)
+                           if budget and annotator_config is not None else 0)
+
+    def prompts(self, spent_requests: int) -> tuple[int, str | None]:
+        """(prompts the next step may take, why it takes none); caps the meter for that step."""
+        if not self.per_prompt:
+            return self.full, None
+        left = self.budget - spent_requests
+        n = min(self.full, left // self.per_prompt // self.world * self.world)
+        if n == 0:
+            return 0, (f"annotation budget reached: {spent_requests} of {self.budget} requests spent; "
+                       f"a prompt costs {self.per_prompt}")
+        self.meter.allow(left // self.world)
+        return n, None
