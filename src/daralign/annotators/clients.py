@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from daralign.core.errors import AnnotationError, ConfigError
-from daralign.core.registry import registrar
+from daralign.annotators.backends import BACKENDS, register_backend  # noqa: F401  (re-exported)
 from daralign.core.rng import fork_rng
 
 OnReply = Callable[[int, "Reply"], None]
@@ -144,8 +144,6 @@ def _common_prefix_length(rows: list[list[int]]) -> int:
     return max(n, 0)
 
 
-BACKENDS: dict[str, type[Client]] = {}
-register_backend = registrar(BACKENDS, "backend_name")  # ``@register_backend("openai")``: ``backend: openai`` builds it
 
 
 @register_backend("transformers")

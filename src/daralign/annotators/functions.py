@@ -91,11 +91,6 @@ def load_callable(spec: str):
     return fn
 
 
-def validate_scores(scores, expected: int, who: str) -> list[float | None]:
-    """A list of ``expected`` finite floats or None; anything else is an ``AnnotationError``."""
-    return checked_values(scores, expected, who)
-
-
 @register_annotator("function")
 class FunctionAnnotator(Annotator):
     """``{type: function, function: "pkg.mod:fn", kwargs: {...}, timeout_s: 60}``"""
@@ -128,7 +123,7 @@ class FunctionAnnotator(Annotator):
             frame = traceback.extract_tb(e.__traceback__)[-1]
             raise AnnotationError(f"reward function {self.spec} raised {type(e).__name__}: {e} "
                                   f"(at {frame.filename}:{frame.lineno}, in {frame.name})") from None
-        scores = validate_scores(raw, len(completions), f"reward function {self.spec}")
+        scores = checked_values(raw, len(completions), f"reward function {self.spec}")  # named here: the base would say "function"
         metrics = _source_metrics(self.label, scores)
         if self.is_async:
             metrics[f"rewards/{self.label}/timeouts"] = float(timed_out)

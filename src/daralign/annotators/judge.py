@@ -28,7 +28,8 @@ from typing import Any
 from daralign.annotators.base import Annotator, CompareResult, ScoreResult, register_annotator
 from daralign.annotators.cache import ResponseCache, cache_key
 from daralign.annotators import llama_cpp_client  # noqa: F401  (registers backend llama_cpp; imports llama_cpp only when used)
-from daralign.annotators.clients import BACKENDS, Client, Reply, Request
+from daralign.annotators.backends import BACKENDS, acquire_client, release_client
+from daralign.annotators.clients import Client, Reply, Request
 from daralign.annotators.judge_text import (  # noqa: F401  (re-exported: the judge's public text helpers)
     Scale, fit_prompt, format_prompt, load_template, neutralise, parse_label, parse_scale, render, template_names,
 )
@@ -128,34 +129,6 @@ class JudgeConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# loaded backends, shared
-
-# The fields a backend is built from: two judges agreeing on all of them are one loaded model (or
-# one HTTP client) — whatever their template, scale, mode or cache.
-CLIENT_KEYS = ("backend", "model", "dtype", "device", "batch_size", "reuse_prefix", "trust_remote_code", "base_url",
-               "api_key_env", "endpoint", "timeout_s", "max_retries", "max_concurrency", "top_logprobs", "backoff_s",
-               "tokenizer", "n_ctx", "n_threads")
-_SHARED: dict[tuple, list] = {}  # key -> [client, number of judges using it]
-
-
-def _acquire_client(config: JudgeConfig) -> tuple[tuple, Client]:
-    key = tuple(str(getattr(config, k)) for k in CLIENT_KEYS)
-    if key not in _SHARED:
-        _SHARED[key] = [BACKENDS[config.backend].from_config(config), 0]
-    _SHARED[key][1] += 1
-    return key, _SHARED[key][0]
-
-
-def _release_client(key: tuple) -> None:
-    entry = _SHARED.get(key)
-    if entry is not None:
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del _SHARED[key]
-            entry[0].close()
-
-
-# ---------------------------------------------------------------------------------------------
 # the annotator
 
 
@@ -220,7 +193,7 @@ class JudgeAnnotator(Annotator):
     def client(self) -> Client:
         """The backend, loaded on first use (seconds) and shared by every judge on the same one."""
         if self._client is None:
-            self._client_key, self._client = _acquire_client(self.config)
+            self._client_key, self._client = acquire_client(self.config)
         return self._client
 
     def template(self, mode: str) -> str:
@@ -491,7 +464,7 @@ class JudgeAnnotator(Annotator):
 
     def close(self) -> None:
         if self._client_key is not None:
-            _release_client(self._client_key)
+            release_client(self._client_key)
             self._client_key = None
         self._client = None
         if self._cache is not None:

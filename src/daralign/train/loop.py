@@ -22,9 +22,7 @@ is sent, so retries can never pass the budget, and a run that reaches it mid-ste
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -115,6 +113,7 @@ class OnlineTrainer:
                                   num_training_steps=train.max_steps)  # one scheduler step per online batch
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy, optimizer, scheduler)
         self.meter = Meter()  # every annotator request of this run: training (capped) and evaluation
+        self._eval_seen = 0  # evaluation requests already reported
         self.annotator = build_annotator(train.annotator).use_meter(self.meter) if train.annotator is not None else None
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         if train.prompts_per_step % world:
@@ -352,18 +351,9 @@ class OnlineTrainer:
             "timing/update": t4 - t3, "step_time": t4 - t0,
         }
         if self.cfg.log_completions and self.accelerator.is_main_process:
-            self._log_completions(step, rollout, feedback)
+            ids = self.schedule.indices(step)[:len(rollout.rows) * self.world][self.rank::self.world]
+            outputs.log_completions(self.out / "completions.jsonl", step, rollout, feedback, ids)
         return m
-
-    def _log_completions(self, step: int, rollout, feedback) -> None:
-        K = rollout.num_generations
-        ids = self.schedule.indices(step)[:len(rollout.rows) * self.world][self.rank::self.world]
-        rewards = feedback.rewards.reshape(-1).tolist() if feedback.rewards is not None else [None] * len(rollout.completions)
-        valid = feedback.valid.reshape(-1).tolist() if feedback.valid is not None else [True] * len(rollout.completions)
-        with open(self.out / "completions.jsonl", "a") as f:
-            for i, text in enumerate(rollout.completions):
-                f.write(json.dumps({"step": step + 1, "prompt_index": ids[i // K], "completion": text,
-                                    "reward": rewards[i] if valid[i] else None, "eos": bool(rollout.is_eos[i])}) + "\n")
 
     # ---------------------------------------------------------------- budget
     def prompts_affordable(self, spent: dict) -> tuple[int, str | None]:
@@ -373,7 +363,7 @@ class OnlineTrainer:
     def _eval_requests_since(self) -> int:
         """Evaluation requests on this process since the last call (held-out scoring, win rates)."""
         now = self.meter.requests["eval"]
-        new, self._eval_seen = now - getattr(self, "_eval_seen", 0), now
+        new, self._eval_seen = now - self._eval_seen, now
         return new
 
     # ---------------------------------------------------------------- run
@@ -413,7 +403,11 @@ class OnlineTrainer:
                 return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"],
                         "heldout_after": None, "finished_earlier": True}
         if acc.is_main_process:
-            self._write_in_memory_datasets()
+            # rows handed over in memory go where the config points, so config.yaml re-runs from the CLI
+            for path, rows in ((self.cfg.dataset, self.in_memory["train_dataset"]),
+                               (self.cfg.eval_dataset, self.in_memory["eval_dataset"])):
+                if rows is not None and path:
+                    outputs.write_rows(Path(path), rows)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg, self.algo_config), sort_keys=False))
             (self.out / "provenance.json").write_text(json.dumps(provenance(), indent=1))
         if cfg.report_to:
@@ -480,14 +474,6 @@ class OnlineTrainer:
         return {"annotations": spent["annotations"], "annotation_requests": spent["annotation_requests"],
                 "eval_annotation_requests": spent["eval_annotation_requests"], "heldout_after": after}
 
-    def _write_in_memory_datasets(self) -> None:
-        """Rows handed over in memory are written where the config points (the Python API points
-        it at ``train_dataset.jsonl`` / ``eval_dataset.jsonl`` in the run folder), so its
-        config.yaml re-runs from the CLI."""
-        for path, rows in ((self.cfg.dataset, self.in_memory["train_dataset"]), (self.cfg.eval_dataset, self.in_memory["eval_dataset"])):
-            if rows is not None and path:
-                Path(path).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-
     def _heldout_showing(self, tag: str, when: str) -> dict | None:
         """``heldout(tag)`` with a progress bar over its phases (sampling, then each scorer, the KL)."""
         if not (self.eval_rows and self.accelerator.is_main_process):
@@ -499,25 +485,9 @@ class OnlineTrainer:
                 task, description=f"{title}: {what}", completed=done, total=total))
 
     def save_final(self) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return
-        final, tmp = self.out / "final", self.out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = self.unwrapped
-        if self.cfg.use_peft and self.cfg.merge_lora:
-            import copy
-
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        for name, module in self.extra.items():
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            outputs.save_final(self.out, self.unwrapped, self.tokenizer, self.extra, merge_lora=self.cfg.use_peft and self.cfg.merge_lora)
 
     def close(self) -> None:
         if getattr(self, "heldout_check", None) is not None:

@@ -70,3 +70,38 @@ def prepare(out: Path, *, resume: bool, overwrite: bool, is_main: bool = True) -
 def finish(out: Path) -> None:
     """The new run is complete: the run it replaced can go."""
     shutil.rmtree(Path(out) / REPLACED, ignore_errors=True)
+
+
+def save_final(out: Path, model, tokenizer, extra: dict, *, merge_lora: bool) -> None:
+    """``final/``: a ``save_pretrained`` folder (LoRA merged, or the adapter alone), the tokenizer
+    and an objective's extra modules as safetensors, written aside and renamed into place."""
+    final, tmp = out / "final", out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if merge_lora:
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for name, module in extra.items():
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def log_completions(path: Path, step: int, rollout, feedback, prompt_indices: list[int]) -> None:
+    """Append every sampled completion of a step, its prompt's index and its reward, to ``path``."""
+    K = rollout.num_generations
+    n = len(rollout.completions)
+    rewards = feedback.rewards.reshape(-1).tolist() if feedback.rewards is not None else [None] * n
+    valid = feedback.valid.reshape(-1).tolist() if feedback.valid is not None else [True] * n
+    with open(path, "a") as f:
+        for i, text in enumerate(rollout.completions):
+            f.write(json.dumps({"step": step + 1, "prompt_index": prompt_indices[i // K], "completion": text,
+                                "reward": rewards[i] if valid[i] else None, "eos": bool(rollout.is_eos[i])}) + "\n")
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
