@@ -148,15 +148,27 @@ def judge_http():
     server.close()
 
 
-@pytest.fixture(scope="session")
-def qwen_judge_client():
-    """The bundled Qwen2.5-Coder-0.5B judge, in-process, loaded once per session (``dtype: auto``:
-    bf16 only on CPUs with bf16 units; elsewhere fp32 is ~2x faster for the same scores)."""
-    from daralign.annotators.clients import TransformersClient
+@pytest.fixture(scope="session", autouse=True)
+def judges_loaded_once():
+    """Every in-process judge model (``backend: transformers``) is loaded once per session: a judge
+    built the same way as an earlier one, in any test or any `daralign` command run in-process,
+    takes the loaded model (``keep_loaded``: the three most recent)."""
+    from daralign.annotators.backends import keep_loaded
 
-    client = TransformersClient("bundled:qwen2.5-coder-0.5b-instruct", dtype="auto", batch_size=8)
+    with keep_loaded(max_idle=3, backends=("transformers",)):
+        yield
+
+
+@pytest.fixture(scope="session")
+def qwen_judge_client(judges_loaded_once):
+    """The bundled Qwen2.5-Coder-0.5B judge as a judge config's defaults load it (``dtype: auto``:
+    bf16 only on CPUs with bf16 units; elsewhere fp32, ~2x faster for the same scores)."""
+    from daralign.annotators.backends import acquire_client, release_client
+    from daralign.annotators.judge import JudgeConfig
+
+    key, client = acquire_client(JudgeConfig())
     yield client
-    client.close()
+    release_client(key)
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def test_eval_mtbench_real_models(tmp_path):
     (tmp_path / "judge.yaml").write_text(JUDGE.format(template="helpfulness"))
     out = tmp_path / "mt"
     rc = daralign_main(["eval", "--benchmark", "mt-bench", "--model", POLICY, "--judge", str(tmp_path / "judge.yaml"),
-                        "--output_dir", str(out), "--limit", "1", "--max_new_tokens", "24", "--judge_max_tokens", "48"])
+                        "--output_dir", str(out), "--limit", "1", "--max_new_tokens", "16", "--judge_max_tokens", "24"])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())["scores"]
     assert s["num_ratings"] == 2 and set(s["categories"]) == {"writing"}
@@ -67,7 +67,10 @@ def test_eval_mtbench_real_models(tmp_path):
 def test_agreement_real_judge(tmp_path):
     (tmp_path / "judge.yaml").write_text(JUDGE.format(template="harmlessness"))
     out = tmp_path / "agr"
-    rc = daralign_main(["agreement", "--pairs", str(DATA / "hh-rlhf-harmless-base-test.head40.jsonl"), "--annotator",
+    rows = (DATA / "hh-rlhf-harmless-base-test.head40.jsonl").read_text().splitlines()
+    shortest = sorted(rows, key=lambda line: len(line))[:4]  # the real file's 4 shortest dialogues: 7x fewer tokens to judge
+    (tmp_path / "pairs.jsonl").write_text("\n".join(shortest) + "\n")
+    rc = daralign_main(["agreement", "--pairs", str(tmp_path / "pairs.jsonl"), "--annotator",
                         str(tmp_path / "judge.yaml"), "--limit", "4", "--output_dir", str(out), "--n_boot", "200"])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())

@@ -86,11 +86,11 @@ def test_injected_score_does_not_hijack_the_numeric_label(qwen_judge_client, yes
 
 def test_numeric_scale_two_step_expected_value(qwen_judge_client):
     j = tone(qwen_judge_client, scale="1-10")
-    res = j.score(PROMPTS + PROMPTS, POS + NEG)
-    pos, neg = res.scores[:6], res.scores[6:]
+    res = j.score(PROMPTS[:3] * 2, POS[:3] + NEG[:3])  # three pairs: ~0.4 apart at the closest
+    pos, neg = res.scores[:3], res.scores[3:]
     print("tone 1-10 enthusiastic", [round(x, 2) for x in pos], "flat", [round(x, 2) for x in neg])
     assert all(1.0 <= s <= 10.0 for s in pos + neg)
-    assert res.metrics["judge/requests"] == 24  # first digit + P("0" | "1") per response
+    assert res.metrics["judge/requests"] == 12  # first digit + P("0" | "1") per response
     assert sum(pos) > sum(neg)
 
 
@@ -111,15 +111,17 @@ def test_prefix_reuse_gives_the_same_labels():
     """The real judge with its template prefix's KV cache reused (the default) against full
     forwards of every request, in fp32: the same scores to 1e-4. (In bf16 the two differ by bf16
     rounding, as a change of padded batch shape does: up to 0.03, see the batching test.)"""
-    from daralign.annotators.clients import TransformersClient
+    from daralign.annotators.backends import acquire_client, release_client
 
-    client = TransformersClient("bundled:qwen2.5-coder-0.5b-instruct", dtype="float32", batch_size=8)
+    key, client = acquire_client(JudgeConfig(dtype="float32"))  # the session's fp32 judge (test_eval_e2e's)
     try:
-        prompts = [[{"role": "user", "content": p}] if i % 2 else p for i, p in enumerate(PROMPTS)] * 2
-        reused = tone(client).score(prompts, POS + NEG, [{}] * 12).scores
+        prompts = [[{"role": "user", "content": p}] if i % 2 else p for i, p in enumerate(PROMPTS[:3])] * 2
+        client._prefix = None
+        reused = tone(client).score(prompts, POS[:3] + NEG[:3], [{}] * 6).scores
         assert client._prefix is not None  # the shared-prefix path ran
         client.reuse_prefix = False
-        full = tone(client).score(prompts, POS + NEG, [{}] * 12).scores
+        full = tone(client).score(prompts, POS[:3] + NEG[:3], [{}] * 6).scores
     finally:
-        client.close()
+        client.reuse_prefix = True
+        release_client(key)
     assert reused == pytest.approx(full, abs=1e-4)

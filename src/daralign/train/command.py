@@ -42,17 +42,20 @@ def _share_heldout_before(run_dir: Path, control_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from daralign.annotators.backends import keep_loaded
+
     train, algo = parse_train_args(argv)
     pre = ArgumentParser(add_help=False, allow_abbrev=False)  # a train-command option, not a TrainConfig field
     pre.add_argument("--with_control", type=parse_bool, nargs="?", const=True, default=False)
     with_control = pre.parse_known_args(argv)[0].with_control
-    run(train, algo)
     control_dir = None
-    if with_control:
-        control_dir = str(Path(train.output_dir) / "control")
-        console.print("[bold]control run:[/bold] same config, rewards shuffled across each batch")
-        _share_heldout_before(Path(train.output_dir), Path(control_dir))
-        run(dataclasses.replace(train, output_dir=control_dir, shuffle_rewards=True, report=False), algo)
+    with keep_loaded():  # the control is judged by the run's loaded judge, not a second load
+        run(train, algo)
+        if with_control:
+            control_dir = str(Path(train.output_dir) / "control")
+            console.print("[bold]control run:[/bold] same config, rewards shuffled across each batch")
+            _share_heldout_before(Path(train.output_dir), Path(control_dir))
+            run(dataclasses.replace(train, output_dir=control_dir, shuffle_rewards=True, report=False), algo)
     if train.report:
         from daralign.train.report import control_gap, fmt, heldout_summary, write_report
 
