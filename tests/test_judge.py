@@ -309,3 +309,25 @@ def test_a_long_prompt_is_cut_from_the_left_and_the_response_kept_whole(judge_ht
     text = judge_http.requests[-1][1]["messages"][-1]["content"]
     assert "the actual question?" in text and "START" not in text and response.strip() in text
     assert res.metrics["judge/truncated_prompts"] == 1.0 and "cut from the left" in capsys.readouterr().err
+
+
+def test_a_released_backend_stays_loaded_only_inside_keep_loaded(judge_http):
+    """Judges built the same way share one backend; released inside ``keep_loaded`` it waits for
+    the next such judge (no second load), and leaving the block (or passing ``max_idle``) closes it."""
+    from daralign.annotators.backends import _SHARED, acquire_client, keep_loaded, release_client
+    from daralign.annotators.judge import JudgeConfig
+
+    config = JudgeConfig(backend="openai", base_url=judge_http.base_url, model="kept")
+    key, first = acquire_client(config)
+    release_client(key)
+    assert key not in _SHARED and first._http.is_closed  # outside the block: closed when the last judge lets go
+    with keep_loaded(max_idle=1):
+        key, client = acquire_client(config)
+        release_client(key)
+        assert not client._http.is_closed
+        assert acquire_client(config)[1] is client  # the next judge takes the loaded one
+        release_client(key)
+        other_key, other = acquire_client(JudgeConfig(backend="openai", base_url=judge_http.base_url, model="other"))
+        release_client(other_key)  # a second idle backend: max_idle=1 closes the older one
+        assert client._http.is_closed and not other._http.is_closed
+    assert other._http.is_closed

@@ -38,14 +38,15 @@ def release_client(key: tuple) -> None:
         entry[1] -= 1
         if entry[1] <= 0:
             del _SHARED[key]
-            if _KEEP and (_KEEP[-1][1] is None or key[0] in _KEEP[-1][1]):
-                _IDLE[key] = entry[0]
-                _close_idle(keep=_KEEP[-1][0])
-            else:
-                entry[0].close()
+            _IDLE[key] = entry[0]
+            _close_idle()
 
 
-def _close_idle(keep: int) -> None:
+def _close_idle() -> None:
+    """Close the idle backends the innermost ``keep_loaded`` does not keep (all, outside any)."""
+    keep, backends = _KEEP[-1] if _KEEP else (0, None)
+    for key in [k for k in _IDLE if backends is not None and k[0] not in backends]:
+        _IDLE.pop(key).close()
     while len(_IDLE) > keep:
         _IDLE.pop(next(iter(_IDLE))).close()
 
@@ -62,4 +63,4 @@ def keep_loaded(max_idle: int = 2, backends: tuple[str, ...] | None = None):
         yield
     finally:
         _KEEP.pop()
-        _close_idle(keep=_KEEP[-1][0] if _KEEP else 0)
+        _close_idle()
