@@ -161,3 +161,19 @@ def test_vllm_serve_prints_the_server_and_the_trainer_config(capsys):
 
     assert f"--gpu-memory-utilization {0.9 if torch.cuda.is_available() else 0.3}" in out
     assert "vllm_mode: server\nvllm_server_url: http://127.0.0.1:8123" in out
+
+
+def test_colocate_on_several_gpus_is_refused_before_any_model_loads():
+    """Every rank's in-process engine would land on cuda:0: refused in one line (CPU ranks and one
+    GPU are fine). The check runs where the loop calls it, right after the accelerator starts."""
+    from daralign.core.config import TrainConfig
+    from daralign.core.errors import ConfigError
+    from daralign.rollout.base import engine_class
+
+    engine = engine_class(TrainConfig(use_vllm=True), "score")
+    assert engine.__name__ == "VLLMColocate"
+    with pytest.raises(ConfigError, match="colocate with 2 processes on CUDA would start every rank's engine on one GPU"):
+        engine.check(TrainConfig(use_vllm=True), 2, torch.device("cuda", 1))
+    engine.check(TrainConfig(use_vllm=True), 2, torch.device("cpu"))
+    engine.check(TrainConfig(use_vllm=True), 1, torch.device("cuda", 0))
+    engine_class(TrainConfig(use_vllm=True, vllm_mode="server"), "score").check(TrainConfig(), 8, torch.device("cuda", 3))

@@ -54,6 +54,10 @@ class RolloutEngine:
     name: ClassVar[str] = "engine"
     gives_behaviour_logps: ClassVar[bool] = True
 
+    @classmethod
+    def check(cls, train, num_processes: int, device: torch.device) -> None:
+        """Refuse, with one ConfigError line, a setup this engine cannot run (before any model loads)."""
+
     def sample(self, model: torch.nn.Module, rows: list[dict[str, Any]], step: int) -> Rollout:
         raise NotImplementedError
 
@@ -80,7 +84,7 @@ def engine_name(train, feedback_kind: str) -> str:
     return "hf"
 
 
-def build_engine(train, feedback_kind: str, settings: SamplingSettings, tokenizer, device) -> RolloutEngine:
+def engine_class(train, feedback_kind: str) -> type[RolloutEngine]:
     from daralign.rollout import hf, offline  # noqa: F401  (register; the vLLM engines import vllm only when used)
 
     name = engine_name(train, feedback_kind)
@@ -88,7 +92,11 @@ def build_engine(train, feedback_kind: str, settings: SamplingSettings, tokenize
         from daralign.rollout import vllm_colocate, vllm_server  # noqa: F401
     if name not in ENGINES:
         raise ConfigError(f"rollout engine {name!r} is not registered (known: {sorted(ENGINES)})")
-    return ENGINES[name].from_config(train, settings, tokenizer, device)
+    return ENGINES[name]
+
+
+def build_engine(train, feedback_kind: str, settings: SamplingSettings, tokenizer, device) -> RolloutEngine:
+    return engine_class(train, feedback_kind).from_config(train, settings, tokenizer, device)
 
 
 def behaviour_check(rollout: Rollout) -> dict[str, float]:

@@ -72,6 +72,14 @@ class VLLMColocate(RolloutEngine):
         self.llm = idle if idle is not None else LLM(**kwargs)
 
     @classmethod
+    def check(cls, train, num_processes: int, device) -> None:
+        # vLLM started in-process without its external_launcher executor takes cuda:0 in every rank
+        if device.type == "cuda" and num_processes > 1:
+            raise ConfigError(f"vllm_mode: colocate with {num_processes} processes on CUDA would start every rank's "
+                              "engine on one GPU (not supported yet, docs/gpu.md): train in one process, or use "
+                              "vllm_mode: server with `daralign vllm-serve` on GPUs of its own")
+
+    @classmethod
     def from_config(cls, train, settings: SamplingSettings, tokenizer, device) -> "VLLMColocate":
         from daralign.core import bundled
 

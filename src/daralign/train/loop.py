@@ -48,7 +48,7 @@ from daralign.core.models import disable_dropout, load_causal_lm, load_tokenizer
 from daralign.objectives import get_objective
 from daralign.objectives.base import RECORDED_TOKEN_LOGPS
 from daralign.core.provenance import provenance
-from daralign.rollout.base import SamplingSettings, behaviour_check, build_engine
+from daralign.rollout.base import SamplingSettings, behaviour_check, build_engine, engine_class
 from daralign.core.tracking import MetricsLog, console
 
 MB_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -86,10 +86,14 @@ class OnlineTrainer:
         # DAR weights of far-below-average samples can be ~1e-30; denormal floats make CPU matmuls
         # ~100x slower. Flushing them to zero changes nothing measurable in the update.
         torch.set_flush_denormal(True)
+        # ...which numpy then notices when it first measures a float type ("smallest subnormal is
+        # zero", printed four times by the report's plots): expected here, not the user's problem
+        warnings.filterwarnings("ignore", message="The value of the smallest subnormal", category=UserWarning)
         # statistics of the global batch (advantage normalisation, means over valid samples) sum over processes
         self.objective = get_objective(train.algorithm)(algo_config, train, reduce_sum=self._reduce_sum)
         self.kind = self.objective.feedback_kind  # score | compare | offline
         self.K = self.objective.num_generations()
+        engine_class(train, self.kind).check(train, self.accelerator.num_processes, self.accelerator.device)
         load = load_pairs if self.kind == "offline" else load_prompts
         self.rows = load(rows if rows is not None else train.dataset, column=train.prompt_column, split=train.dataset_split,
                          config=train.dataset_config, name="train_dataset")
