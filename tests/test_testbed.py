@@ -200,8 +200,16 @@ def test_compare_writes_gold_curves_and_statistics(gold_compare):
     assert [p["n"] for p in bon["curve"]] == [1, 2, 4] and bon["curve"][2]["proxy"] >= bon["curve"][0]["proxy"]
     page = (out / "report.html").read_text()
     assert "P1 = DAR" in page and 'src="gold_vs_requests_and_kl.png"' in page and (out / "proxy_vs_gold.png").exists()
+    # paired within seeds against DAR: each seed's (method − DAR), averaged
+    by_seed = {(r["algorithm"], r["seed"]): r for r in summary["runs"]}
+    diffs = [by_seed["online-dpo", s]["gold_after"] - by_seed["dar", s]["gold_after"] for s in (1, 2)]
+    paired = gold["paired"]["online-dpo"]["gold_after"]
+    assert gold["paired_reference"] == "dar" and paired["n"] == 2 and paired["mean"] == pytest.approx(sum(diffs) / 2)
+    assert paired["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)  # two seeds: SE = |d1 − d2| / 2
+    assert g["gold_curve_mean"] is not None and "p1_ci_low" in gold and g["gao_fit"]["form"] == "rl"
     table = (out / "gold.md").read_text()
-    assert table.count("\n| ") == 3 and "| dar |" in table and "P1" in table
+    assert table.count("\n| ") == 3 + 3 and "| dar |" in table and "P1" in table  # 3 methods, paired: header + 2
+    assert "| online-dpo | " in table.split("paired within seeds")[1]
 
 
 def test_offline_dpo_buys_its_pairs_from_the_budget(gold_compare):

@@ -132,21 +132,29 @@ def change_over_seeds(runs: list[dict], key: str) -> dict:
 
 def gold_section(summary: dict, root: Path) -> dict:
     """Per-group gold curves and statistics for ``summary.json`` (needs per-run ``curve``)."""
+    from daralign.compare.paired import curve_mean, fit_gao, gao_points, p1_bootstrap, paired_differences
+
     groups = {}
     for g in summary["groups"]:
         runs = [r for r in summary["runs"] if r["group"] == g["group"] and r.get("curve")]
         curve = group_curve([r["curve"] for r in runs])
         final = curve[-1] if curve else {}
+        whole, whole_ci = mean_ci([curve_mean(r["curve"]) for r in runs])
         groups[g["group"]] = {"curve": curve, "gold_at_budget": final.get("gold"), "gold_at_budget_ci": final.get("gold_ci"),
+                              "gold_curve_mean": whole, "gold_curve_mean_ci": whole_ci,
                               **change_over_seeds(runs, "gold"), **change_over_seeds(runs, "proxy"),
                               "proxy_at_budget": final.get("proxy"), "kl_at_budget": final.get("kl"), **peak(curve),
-                              "wall_time_s": g["mean"].get("wall_time_s")}
+                              "gao_fit": fit_gao(gao_points(runs), "rl"), "wall_time_s": g["mean"].get("wall_time_s")}
     target = (groups.get("online-dpo") or {}).get("gold_at_budget")
     for name, g in groups.items():
         g["requests_to_reach_oaif_dpo"] = requests_to_reach(g["curve"], target) if name != "dpo" else None
-    dar, dpo = (groups.get(k, {}).get("requests_to_reach_oaif_dpo") for k in ("dar", "online-dpo"))
-    return {"groups": groups, "oaif_dpo_final_gold": target,
-            "p1": dar / dpo if dar is not None and dpo else None,
+    traced = [r for r in summary["runs"] if r.get("curve")]
+    reference = "dar" if "dar" in groups else next(iter(groups), None)
+    boot = p1_bootstrap(traced)
+    return {"groups": groups, "oaif_dpo_final_gold": target, "p1": boot["p1"], "p1_ci_low": boot["p1_ci_low"],
+            "p1_ci_high": boot["p1_ci_high"], "p1_undefined_frac": boot["p1_undefined_frac"],
+            "paired_reference": reference,
+            "paired": paired_differences(traced, reference) if reference else {},
             "bon_reference": json.loads((root / "best_of_n.json").read_text()) if (root / "best_of_n.json").exists() else None}
 
 

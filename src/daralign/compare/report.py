@@ -330,15 +330,39 @@ def gold_rows(summary: dict) -> list[list[str]]:
         def change(key):
             return "—" if g.get(f"{key}_change") is None else f"{g[f'{key}_change']:+.3f}" + (
                 f" ± {g[f'{key}_change_se']:.3f}" if g.get(f"{key}_change_se") is not None else "")
-        rows.append([name, num(g["gold_at_budget"]) + ci, change("gold"), num(g["proxy_at_budget"]), change("proxy"),
+        whole = num(g.get("gold_curve_mean")) + (f" ± {g['gold_curve_mean_ci']:.3f}" if g.get("gold_curve_mean_ci") is not None else "")
+        rows.append([name, num(g["gold_at_budget"]) + ci, whole, change("gold"), num(g["proxy_at_budget"]), change("proxy"),
                      num(g["kl_at_budget"], 2),
                      num(g["requests_to_reach_oaif_dpo"], 0), f"{num(g['peak_gold'])} @ {num(g['peak_requests'], 0)}",
                      {True: "yes", False: "no", None: "—"}[g["turn_down"]], num(g["wall_time_s"], 0)])
     return rows
 
 
-GOLD_HEAD = ["method", "gold at budget (95% CI)", "gold Δ (± SE over seeds)", "proxy at budget", "proxy Δ (± SE)", "KL at budget", "requests to OAIF-DPO's final gold",
+GOLD_HEAD = ["method", "gold at budget (95% CI)", "gold over the curve (95% CI)", "gold Δ (± SE over seeds)", "proxy at budget", "proxy Δ (± SE)", "KL at budget", "requests to OAIF-DPO's final gold",
              "gold peak @ requests", "turns down while proxy rises", "wall time (s)"]
+
+
+PAIRED_HEAD = ["method − {ref}, paired within seeds", "gold at budget (± SE, 95% CI)", "gold over the curve",
+               "proxy at budget", "seeds"]
+
+
+def paired_rows(summary: dict) -> list[list[str]]:
+    """Per method: (method − the reference method) per seed, mean ± SE [95% CI] over seeds."""
+    def cell(d):
+        if d["mean"] is None:
+            return "—"
+        return f"{d['mean']:+.3f}" + (f" ± {d['se']:.3f} [{d['mean'] - d['ci95']:+.3f}, {d['mean'] + d['ci95']:+.3f}]"
+                                      if d["se"] is not None else "")
+    return [[name, cell(d["gold_after"]), cell(d["gold_curve_mean"]), cell(d["proxy_after"]), str(d["gold_after"]["n"])]
+            for name, d in summary["gold"].get("paired", {}).items()]
+
+
+def p1_text(g: dict) -> str:
+    if g["p1"] is None:
+        return "not measured (DAR or OAIF-DPO never reached the target)"
+    ci = (f" (95% bootstrap CI over seeds {g['p1_ci_low']:.2f}–{g['p1_ci_high']:.2f}; "
+          f"{g['p1_undefined_frac']:.0%} of resamples never reached it)") if g.get("p1_ci_low") is not None else ""
+    return f"{g['p1']:.2f}{ci}"
 
 
 def gold_table(summary: dict) -> str:
@@ -346,12 +370,15 @@ def gold_table(summary: dict) -> str:
         return ""
     esc = html.escape
     g = summary["gold"]
-    p1 = "not measured (DAR or OAIF-DPO never reached the target)" if g["p1"] is None else f"{g['p1']:.2f}"
-    head = "".join(f"<th>{esc(h)}</th>" for h in GOLD_HEAD)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in gold_rows(summary))
-    return (f"<h2>Gold (the evaluator) against the proxy (the training annotator)</h2><table><tr>{head}</tr>{body}</table>"
+    def table(head, rows):
+        cells = "".join(f"<th>{esc(h)}</th>" for h in head)
+        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><tr>{cells}</tr>{body}</table>"
+
+    paired_head = [PAIRED_HEAD[0].format(ref=g.get("paired_reference")), *PAIRED_HEAD[1:]]
+    return (f"<h2>Gold (the evaluator) against the proxy (the training annotator)</h2>{table(GOLD_HEAD, gold_rows(summary))}"
             f"<p>P1 = DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold ({num_or_dash(g['oaif_dpo_final_gold'])}): "
-            f"{esc(p1)}.</p>")
+            f"{esc(p1_text(g))}.</p>" + (table(paired_head, paired_rows(summary)) if g.get("paired") else ""))
 
 
 def gold_markdown(summary: dict) -> str:
@@ -359,8 +386,13 @@ def gold_markdown(summary: dict) -> str:
     g = summary["gold"]
     lines = ["| " + " | ".join(GOLD_HEAD) + " |", "|" + "---|" * len(GOLD_HEAD)]
     lines += ["| " + " | ".join(row) + " |" for row in gold_rows(summary)]
-    p1 = "not measured" if g["p1"] is None else f"{g['p1']:.2f}"
-    return "\n".join(lines) + f"\n\nP1 (DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold, {num_or_dash(g['oaif_dpo_final_gold'])}): {p1}\n"
+    text = "\n".join(lines) + (f"\n\nP1 (DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold, "
+                               f"{num_or_dash(g['oaif_dpo_final_gold'])}): {p1_text(g)}\n")
+    if g.get("paired"):
+        head = [PAIRED_HEAD[0].format(ref=g["paired_reference"]), *PAIRED_HEAD[1:]]
+        text += "\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
+        text += "\n".join("| " + " | ".join(row) + " |" for row in paired_rows(summary)) + "\n"
+    return text
 
 
 def num_or_dash(x) -> str:

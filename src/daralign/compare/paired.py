@@ -1,0 +1,130 @@
+"""Statistics that use a comparison's design: within a seed every method shares the prompt order,
+the evaluation seed and the "before" score, so methods are compared by **paired** within-seed
+differences (their seed-to-seed noise largely cancels), with Student-t intervals over seeds.
+
+- ``paired_differences``: per method, (method − reference) per seed on the gold at the budget, the
+  gold over the whole curve and the proxy at the budget; mean, SE and 95% CI over seeds.
+- ``curve_mean``: a run's gold over its whole curve (the mean over its evaluations after training
+  began), beside the gold at the budget, which one noisy evaluation decides.
+- ``fit_gao``: Gao et al. (2022)'s functional forms of gold gain against d = √KL(π‖π_ref),
+  RL: R(d) = d(α − β log d) and best-of-n: R(d) = d(α − β d), fitted by least squares, with the
+  peak the fit implies.
+- ``p1_bootstrap``: P1 = DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final mean gold, with a
+  percentile CI from resampling seeds (the same seeds for both methods, as they were run).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from daralign.compare.curves import group_curve, mean_ci, requests_to_reach, t95
+
+
+def t_interval(xs: list[float]) -> dict:
+    """Mean, standard error and 95% CI half-width (Student t, n − 1 df) of ``xs`` over seeds."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    mean, ci = mean_ci(xs)
+    se = ci / t95(len(xs) - 1) if ci is not None else None
+    return {"mean": mean, "se": se, "ci95": ci, "n": len(xs)}
+
+
+def curve_mean(curve: list[dict]) -> float | None:
+    """The gold over a run's whole curve: the mean over its evaluations after training began."""
+    golds = [p["gold"] for p in curve if p["step"] > 0 and p.get("gold") is not None]
+    return sum(golds) / len(golds) if golds else None
+
+
+def _per_seed(runs: list[dict], group: str, key: str) -> dict:
+    return {r["seed"]: r[key] for r in runs if r["group"] == group and r.get(key) is not None}
+
+
+PAIRED_KEYS = ("gold_after", "gold_curve_mean", "proxy_after")
+
+
+def paired_differences(runs: list[dict], reference: str, keys: tuple[str, ...] = PAIRED_KEYS) -> dict:
+    """{method: {key: t_interval of (method − reference) over the seeds both ran}} for every method
+    but ``reference``. Runs need ``group``, ``seed`` and the keys (``gold_curve_mean`` is added
+    from a run's ``curve`` when missing)."""
+    for r in runs:
+        if "gold_curve_mean" not in r and r.get("curve"):
+            r["gold_curve_mean"] = curve_mean(r["curve"])
+    groups = sorted({r["group"] for r in runs} - {reference})
+    out = {}
+    for g in groups:
+        out[g] = {}
+        for key in keys:
+            ours, theirs = _per_seed(runs, g, key), _per_seed(runs, reference, key)
+            out[g][key] = t_interval([ours[s] - theirs[s] for s in sorted(ours.keys() & theirs.keys())])
+    return out
+
+
+def fit_gao(points: list[tuple[float, float]], form: str = "rl") -> dict:
+    """Least-squares fit of gold gain R against d = √KL: ``rl``: R = d(α − β log d); ``bon``:
+    R = d(α − β d). Both are linear in (α, β): R = α·d − β·d·g(d). The fitted peak: rl at
+    d* = exp(α/β − 1) (R* = β d*), bon at d* = α / 2β (R* = α² / 4β); none when β ≤ 0."""
+    pts = [(d, r) for d, r in points if d is not None and r is not None and d > 0 and math.isfinite(r)]
+    if len(pts) < 2:
+        return {"form": form, "alpha": None, "beta": None, "peak_sqrt_kl": None, "peak_gain": None, "n": len(pts)}
+    g = (lambda d: math.log(d)) if form == "rl" else (lambda d: d)
+    x1 = [d for d, _ in pts]
+    x2 = [-d * g(d) for d, _ in pts]
+    y = [r for _, r in pts]
+    s11, s22, s12 = sum(a * a for a in x1), sum(b * b for b in x2), sum(a * b for a, b in zip(x1, x2))
+    s1y, s2y = sum(a * v for a, v in zip(x1, y)), sum(b * v for b, v in zip(x2, y))
+    det = s11 * s22 - s12 * s12
+    if abs(det) < 1e-12:
+        return {"form": form, "alpha": None, "beta": None, "peak_sqrt_kl": None, "peak_gain": None, "n": len(pts)}
+    alpha = (s22 * s1y - s12 * s2y) / det  # the 2×2 normal equations
+    beta = (s11 * s2y - s12 * s1y) / det
+    rmse = math.sqrt(sum((alpha * a + beta * b - v) ** 2 for a, b, v in zip(x1, x2, y)) / len(pts))
+    peak_d = peak_r = None
+    if beta > 0:
+        if form == "rl":
+            peak_d = math.exp(alpha / beta - 1.0)
+            peak_r = beta * peak_d
+        else:
+            peak_d = alpha / (2 * beta)
+            peak_r = alpha * alpha / (4 * beta)
+    return {"form": form, "alpha": alpha, "beta": beta, "peak_sqrt_kl": peak_d, "peak_gain": peak_r, "n": len(pts),
+            "rmse": rmse}
+
+
+def gao_points(runs: list[dict]) -> list[tuple[float, float]]:
+    """(√KL, gold − the run's gold before) at every evaluation after training began, all seeds."""
+    pts = []
+    for r in runs:
+        curve = r.get("curve") or []
+        before = next((p["gold"] for p in curve if p["step"] == 0), None)
+        pts += [(math.sqrt(max(p["kl"], 0.0)), p["gold"] - before) for p in curve
+                if p["step"] > 0 and before is not None and p.get("gold") is not None and p.get("kl") is not None]
+    return pts
+
+
+def p1_bootstrap(runs: list[dict], n_boot: int = 2000, seed: int = 0, dar: str = "dar", dpo: str = "online-dpo") -> dict:
+    """P1 on the seeds as run, and its 95% percentile CI from resampling seeds with replacement
+    (the same resample for both methods). A resample where either never reaches the target has
+    no P1; their share is ``p1_undefined_frac`` and the CI is over the rest."""
+    def curves(group, seeds):
+        by_seed = {r["seed"]: r["curve"] for r in runs if r["group"] == group and r.get("curve")}
+        return [by_seed[s] for s in seeds]
+
+    def p1(seeds):
+        dar_curve, dpo_curve = group_curve(curves(dar, seeds)), group_curve(curves(dpo, seeds))
+        if not dar_curve or not dpo_curve:
+            return None
+        target = dpo_curve[-1]["gold"]
+        a, b = requests_to_reach(dar_curve, target), requests_to_reach(dpo_curve, target)
+        return a / b if a is not None and b else None
+
+    seeds = sorted({r["seed"] for r in runs if r["group"] == dar and r.get("curve")}
+                   & {r["seed"] for r in runs if r["group"] == dpo and r.get("curve")})
+    if not seeds:
+        return {"p1": None, "p1_ci_low": None, "p1_ci_high": None, "p1_undefined_frac": None, "seeds": 0}
+    rng = random.Random(seed)
+    draws = [p1([rng.choice(seeds) for _ in seeds]) for _ in range(n_boot)]
+    valid = sorted(d for d in draws if d is not None)
+    low = valid[int(0.025 * (len(valid) - 1))] if valid else None
+    high = valid[int(math.ceil(0.975 * (len(valid) - 1)))] if valid else None
+    return {"p1": p1(seeds), "p1_ci_low": low, "p1_ci_high": high,
+            "p1_undefined_frac": 1 - len(valid) / n_boot, "seeds": len(seeds)}

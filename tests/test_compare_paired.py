@@ -1,0 +1,71 @@
+"""The paired statistics of compare/paired.py against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from daralign.compare.paired import curve_mean, fit_gao, gao_points, p1_bootstrap, paired_differences, t_interval
+
+
+def curve(golds, requests=(0, 100, 200), kls=(0.0, 1.0, 4.0)):
+    return [{"requests": r, "step": i * 2, "gold": g, "proxy": g, "kl": k, "length": 10.0, "after": i == len(golds) - 1}
+            for i, (r, g, k) in enumerate(zip(requests, golds, kls))]
+
+
+def test_t_interval_by_hand():
+    s = t_interval([0.1, 0.3])
+    # mean 0.2; sd = √((0.01 + 0.01) / 1) = 0.14142; SE = sd/√2 = 0.1; 95% CI = t(1 df) 12.706 × 0.1
+    assert s["mean"] == pytest.approx(0.2) and s["se"] == pytest.approx(0.1) and s["ci95"] == pytest.approx(1.2706)
+    assert t_interval([0.4])["se"] is None and t_interval([0.4])["n"] == 1
+
+
+def test_paired_differences_by_hand():
+    runs = [{"group": g, "seed": s, "gold_after": v, "proxy_after": 0.0, "gold_curve_mean": None}
+            for g, vals in {"dar": [0.5, 0.6, 0.7], "rloo": [0.55, 0.62, 0.74]}.items() for s, v in zip((1, 2, 3), vals)]
+    runs.append({"group": "rloo", "seed": 9, "gold_after": 5.0})  # a seed dar did not run: not paired, left out
+    d = paired_differences(runs, reference="dar")["rloo"]["gold_after"]
+    # differences 0.05, 0.02, 0.04: mean 0.036667; sd = √(0.00046667 / 2) = 0.015275; SE = 0.0088192; × t(2) 4.303
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.036667, abs=1e-6)
+    assert d["se"] == pytest.approx(0.0088192, abs=1e-6) and d["ci95"] == pytest.approx(0.037949, abs=1e-5)
+    assert paired_differences(runs, reference="dar")["rloo"]["proxy_after"]["mean"] == 0.0
+
+
+def test_curve_mean_leaves_out_the_start():
+    assert curve_mean(curve([0.5, 0.6, 0.7])) == pytest.approx(0.65)  # (0.6 + 0.7) / 2: step 0 is before training
+
+
+@pytest.mark.parametrize("form, alpha, beta, peak_d, peak_r", [
+    ("rl", 0.2, 0.1, math.e, 0.1 * math.e),   # d* = exp(α/β − 1) = e, R* = β d*
+    ("bon", 0.3, 0.05, 3.0, 0.45),            # d* = α / 2β = 3, R* = α² / 4β = 0.45
+])
+def test_gao_forms_are_recovered_with_their_peak(form, alpha, beta, peak_d, peak_r):
+    g = math.log if form == "rl" else (lambda d: d)
+    pts = [(d, d * (alpha - beta * g(d))) for d in (0.5, 1.0, 2.0, 3.0, 4.5)]
+    fit = fit_gao(pts, form)
+    assert fit["alpha"] == pytest.approx(alpha) and fit["beta"] == pytest.approx(beta) and fit["rmse"] < 1e-9
+    assert fit["peak_sqrt_kl"] == pytest.approx(peak_d) and fit["peak_gain"] == pytest.approx(peak_r)
+    rising = fit_gao([(d, 0.1 * d) for d in (1.0, 2.0, 3.0)], form)  # no turn in sight: β ≈ 0 or below, no peak
+    assert rising["peak_sqrt_kl"] is None or rising["beta"] <= 1e-9
+
+
+def test_gao_points_are_gains_against_root_kl():
+    pts = gao_points([{"curve": curve([0.5, 0.6, 0.7])}])
+    assert pts == [(pytest.approx(1.0), pytest.approx(0.1)), (pytest.approx(2.0), pytest.approx(0.2))]
+
+
+def test_p1_with_its_bootstrap_interval():
+    dpo = [0.5, 0.6, 0.7]  # OAIF-DPO's final mean gold 0.7, reached at 200 requests
+    runs = [{"group": "online-dpo", "seed": s, "curve": curve(dpo)} for s in (1, 2)]
+    runs += [{"group": "dar", "seed": s, "curve": curve([0.5, 0.7, 0.8])} for s in (1, 2)]  # DAR: at 100
+    res = p1_bootstrap(runs, n_boot=200)
+    assert res["p1"] == pytest.approx(0.5) and res["p1_ci_low"] == res["p1_ci_high"] == pytest.approx(0.5)
+    assert res["p1_undefined_frac"] == 0.0 and res["seeds"] == 2
+    # seeds that differ: DAR's seed 2 reaches 0.65 at 100 and 0.7 at 200; the resamples spread P1
+    runs[3]["curve"] = curve([0.5, 0.65, 0.75])
+    res = p1_bootstrap(runs, n_boot=400, seed=1)
+    # as run: DAR's mean curve 0.5, 0.675, 0.775 reaches 0.7 at 100 + (0.025 / 0.1) × 100 = 125: P1 = 0.625
+    assert res["p1"] == pytest.approx(0.625)
+    # both resampled seeds 1: 0.5; both seeds 2: DAR reaches 0.7 at 150, P1 = 0.75
+    assert res["p1_ci_low"] == pytest.approx(0.5) and res["p1_ci_high"] == pytest.approx(0.75)
