@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("daralign.evaluation.cli:eval_main", "win rate vs a reference, or MT-bench"),
     "agreement": ("daralign.evaluation.cli:agreement_main", "AI reward vs AI preference agreement with humans"),
     "annotate": ("daralign.annotators.cli:annotate_main", "score or compare rows of a jsonl file with an annotator"),
+    "fit-proxy": ("daralign.annotators.fit_proxy:main", "fit a learned proxy reward on gold-labelled pairs of the policy's answers"),
     "serve-judge": ("daralign.annotators.cli:serve_main", "serve a GGUF judge on 127.0.0.1 (OpenAI-compatible)"),
     "vllm-serve": ("daralign.rollout.vllm_server:serve_main", "serve the policy with vLLM for `vllm_mode: server`"),
     "env": ("daralign.cli:env_main", "print versions for bug reports"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from daralign.annotators.base import ANNOTATORS, Annotator, CompareResult, Meter, ScoreResult, register_annotator
 from daralign.core.errors import ConfigError
-from daralign.annotators import ensemble, functions, judge, reward_model  # noqa: F401  (register)
+from daralign.annotators import ensemble, functions, judge, learned, reward_model  # noqa: F401  (register)
 
 
 def build_annotator(cfg: dict | str) -> Annotator:
