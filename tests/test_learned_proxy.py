@@ -122,3 +122,20 @@ def test_fit_proxy_end_to_end_on_smollm2(tmp_path):
     assert len(samples) == 24 and all(0 <= s["gold"] <= 1 for s in samples)
     proxy = build_annotator({"type": "learned", "path": str(out)})
     assert len(proxy.score([samples[0]["prompt"]], [samples[0]["completion"]]).scores) == 1
+
+
+@needs_minilm
+def test_refit_from_an_earlier_samples_file_asks_the_gold_nothing(tmp_path):
+    """--samples reuses answers and gold scores (knob sweeps); a file of other groups is one line."""
+    from daralign.annotators.fit_proxy import fit_proxy
+
+    warm = ["Lovely, I'm so glad to help!", "Sure, happy to help with that.", "No.", "Ugh, whatever, go away."]
+    rows = [{"prompt": p, "completion": c, "gold": g} for p in ("Plan a picnic.", "Name a fruit.", "Say hi.", "Greet me.")
+            for c, g in zip(warm, (0.9, 0.7, 0.3, 0.1))]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = fit_proxy(FitProxyConfig(samples=str(path), samples_per_prompt=4, features="reply", epochs=100), tmp_path / "out")
+    assert res["gold_requests"] == 0 and res["num_pairs"] + res["num_heldout_pairs"] == 4 * 6  # 6 pairs a prompt
+    assert res["pairwise_agreement"] is not None and (tmp_path / "out" / "proxy.safetensors").is_file()
+    with pytest.raises(ConfigError, match="row 4: samples_per_prompt 3 does not match"):
+        fit_proxy(FitProxyConfig(samples=str(path), samples_per_prompt=3), tmp_path / "bad")

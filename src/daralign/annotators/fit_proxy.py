@@ -45,6 +45,7 @@ class FitProxyConfig:
     learning_rate: float = field(default=0.05, metadata={"help": "Adam's step size"})
     weight_decay: float = field(default=1e-3, metadata={"help": "L2 penalty on the head's weights"})
     seed: int = field(default=0, metadata={"help": "sampling, pair choice, split, label noise and head initialisation"})
+    samples: str | None = field(default=None, metadata={"help": "a samples.jsonl an earlier fit-proxy wrote: its answers and gold scores are reused (no sampling, no gold requests), to try other knobs"})
 
     def __post_init__(self):
         if self.features not in ("reply", "prompt_reply"):
@@ -93,6 +94,20 @@ def agreement(r: torch.Tensor, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor
     return float(right.mean())
 
 
+def read_samples(path: str, K: int) -> tuple[list, list[str], list[float | None]]:
+    """(prompts, answers, gold scores) of a samples.jsonl, checked to hold K answers a prompt."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for i, r in enumerate(rows):
+        for key in ("prompt", "completion", "gold"):
+            if key not in r:
+                raise ConfigError(f"{path}: row {i} has no {key!r} (a samples.jsonl written by fit-proxy)")
+        if r["prompt"] != rows[i - i % K]["prompt"]:
+            raise ConfigError(f"{path}: row {i}: samples_per_prompt {K} does not match the file's groups of answers")
+    if len(rows) % K:
+        raise ConfigError(f"{path}: {len(rows)} rows are not groups of samples_per_prompt {K}")
+    return [r["prompt"] for r in rows], [r["completion"] for r in rows], [r["gold"] for r in rows]
+
+
 def fit_proxy(cfg: FitProxyConfig, out: Path) -> dict:
     from daralign.annotators import build_annotator
     from daralign.annotators.learned import features, save_proxy
@@ -101,18 +116,23 @@ def fit_proxy(cfg: FitProxyConfig, out: Path) -> dict:
     from daralign.core.tracking import console
     from daralign.evaluation.generate import generate_responses
 
-    rows = load_prompts(cfg.dataset, name="dataset")[: cfg.num_prompts]
-    prompts = [r["prompt"] for r in rows]
-    K = cfg.samples_per_prompt
-    console.print(f"fit-proxy: sampling {K} answers for each of {len(prompts)} prompts from {cfg.model_name_or_path}")
-    model, tokenizer = load_causal_lm(cfg.model_name_or_path), load_tokenizer(cfg.model_name_or_path)
-    answers = [generate_responses(model, tokenizer, prompts, cfg.max_completion_length, cfg.temperature, seed=cfg.seed + k)
-               for k in range(K)]
-    del model
-    flat_prompts = [p for p in prompts for _ in range(K)]
-    flat_answers = [answers[k][i] for i in range(len(prompts)) for k in range(K)]
-    gold = build_annotator(cfg.gold)
-    scores = gold.score(flat_prompts, flat_answers).scores
+    K, gold_requests = cfg.samples_per_prompt, 0
+    if cfg.samples:
+        flat_prompts, flat_answers, scores = read_samples(cfg.samples, K)
+        console.print(f"fit-proxy: {len(flat_answers)} answers and their gold scores from {cfg.samples}")
+    else:
+        prompts = [r["prompt"] for r in load_prompts(cfg.dataset, name="dataset")[: cfg.num_prompts]]
+        console.print(f"fit-proxy: sampling {K} answers for each of {len(prompts)} prompts from {cfg.model_name_or_path}")
+        model, tokenizer = load_causal_lm(cfg.model_name_or_path), load_tokenizer(cfg.model_name_or_path)
+        answers = [generate_responses(model, tokenizer, prompts, cfg.max_completion_length, cfg.temperature, seed=cfg.seed + k)
+                   for k in range(K)]
+        del model
+        flat_prompts = [p for p in prompts for _ in range(K)]
+        flat_answers = [answers[k][i] for i in range(len(prompts)) for k in range(K)]
+        gold = build_annotator(cfg.gold)
+        scores = gold.score(flat_prompts, flat_answers).scores
+        gold_requests = gold.num_requests
+    prompts = flat_prompts[::K]
     golds = [scores[i * K:(i + 1) * K] for i in range(len(prompts))]
 
     rng = random.Random(cfg.seed)
@@ -139,7 +159,7 @@ def fit_proxy(cfg: FitProxyConfig, out: Path) -> dict:
               "train_agreement_with_noisy_labels": agreement(r, *index(noisy)),
               "train_agreement_with_gold": agreement(r, *index(train)),
               "label_noise": cfg.label_noise, "features": cfg.features, "hidden_size": cfg.hidden_size,
-              "gold_requests": gold.num_requests, "config": dataclasses.asdict(cfg)}
+              "gold_requests": gold_requests, "config": dataclasses.asdict(cfg)}
     save_proxy(out, head, {"features": cfg.features, "encoder": cfg.encoder, "in_features": f.shape[1],
                            "hidden_size": cfg.hidden_size, "fitted_by": "daralign fit-proxy", "agreement": result["pairwise_agreement"]})
     (out / "agreement.json").write_text(json.dumps(result, indent=1) + "\n")
