@@ -244,6 +244,15 @@ def test_testbed_config_parses_for_every_method():
                               "--annotator", str(ROOT / "examples" / "testbed" / "ensemble_uwo.yaml"), "--algorithms", "dar,rloo",
                               "--eval_requests", "192", "--output_dir", "/tmp/never-written"])
     assert {r.per_step for r in ensemble.runs} == {96} and {r.train.eval_steps for r in ensemble.runs} == {2}
+    learned, _ = build_plan(["--config", str(ROOT / "examples" / "testbed" / "testbed.yaml"), "--annotation_budget", "320",
+                             "--annotator", str(ROOT / "examples" / "testbed" / "learned.yaml"), "--algorithms", "dar,online-dpo",
+                             "--eval_requests", "64", "--output_dir", "/tmp/never-written"])
+    # the learned proxy: 1 request a score, 2 a comparison (8 prompts × 4 answers; 8 pairs)
+    assert {r.algorithm: r.per_step for r in learned.runs} == {"dar": 32, "online-dpo": 16}
+    from daralign.annotators import build_annotator
+
+    path = ROOT / learned.runs[0].train.annotator["path"]
+    assert build_annotator({"type": "learned", "path": str(path)}).spec["features"] == "prompt_reply"
     for member in ensemble.runs[0].train.annotator["members"]:  # the templates exist and fit score mode
         from daralign.annotators.judge import load_template
 
