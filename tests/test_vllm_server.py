@@ -177,3 +177,27 @@ def test_colocate_on_several_gpus_is_refused_before_any_model_loads():
     engine.check(TrainConfig(use_vllm=True), 2, torch.device("cpu"))
     engine.check(TrainConfig(use_vllm=True), 1, torch.device("cuda", 0))
     engine_class(TrainConfig(use_vllm=True, vllm_mode="server"), "score").check(TrainConfig(), 8, torch.device("cuda", 3))
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_a_sync_dir_without_room_is_one_clear_line(vllm_server, tmp_path):
+    """A 1 MiB tmpfs (a container's small /dev/shm, in miniature) cannot hold SmolLM2's weights: the
+    push says so in one line, naming the folder and both sizes, before writing anything."""
+    from daralign.core.errors import ConfigError
+    from daralign.core.models import load_causal_lm, load_tokenizer
+    from daralign.rollout.vllm_server import VLLMServer
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        path = str(bundled.resolve(POLICY))
+        server = VLLMServer(vllm_server, load_tokenizer(path, False), settings(), sync_dir=str(small))
+        with pytest.raises(ConfigError, match=r"vllm_sync_dir: .*small has \d+ MiB free and the policy's weights need \d+ MiB"):
+            server.sync_weights(load_causal_lm(path, "float32", False))
+        assert list(server.sync_dir.iterdir()) == []  # nothing half-written
+        server.close()
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

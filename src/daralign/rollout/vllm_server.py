@@ -111,7 +111,14 @@ class VLLMServer(RolloutEngine):
                 continue
             seen.add(t.data_ptr())
             tensors[name] = t.detach().to("cpu").contiguous()
-        save_file(tensors, str(self.sync_dir / "model.safetensors"))
+        target = self.sync_dir / "model.safetensors"
+        needed = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)  # + the header's room
+        free = shutil.disk_usage(self.sync_dir).free + (target.stat().st_size if target.exists() else 0)
+        if needed > free:  # a container's /dev/shm is 64 MB: say so, rather than fail inside safetensors
+            raise ConfigError(f"vllm_sync_dir: {self.sync_dir.parent} has {free / 2**20:.0f} MiB free and the policy's weights "
+                              f"need {needed / 2**20:.0f} MiB at every push; point vllm_sync_dir at a folder with room (a "
+                              "container's /dev/shm is 64 MB unless it was started with --shm-size)")
+        save_file(tensors, str(target))
         for path, body in (("/collective_rpc", {"method": "daralign_load_weights", "kwargs": {"weights_path": str(self.sync_dir)}}),
                            ("/reset_prefix_cache", None)):
             r = self.http.post(path, json=body)
