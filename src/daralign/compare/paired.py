@@ -35,8 +35,15 @@ def curve_mean(curve: list[dict]) -> float | None:
     return sum(golds) / len(golds) if golds else None
 
 
+def _value(run: dict, key: str) -> float | None:
+    if key == "gold_curve_mean":
+        return curve_mean(run["curve"]) if run.get("curve") else None
+    return run.get(key)
+
+
 def _per_seed(runs: list[dict], group: str, key: str) -> dict:
-    return {r["seed"]: r[key] for r in runs if r["group"] == group and r.get(key) is not None}
+    values = {r["seed"]: _value(r, key) for r in runs if r["group"] == group}
+    return {seed: v for seed, v in values.items() if v is not None}
 
 
 PAIRED_KEYS = ("gold_after", "gold_curve_mean", "proxy_after")
@@ -44,11 +51,8 @@ PAIRED_KEYS = ("gold_after", "gold_curve_mean", "proxy_after")
 
 def paired_differences(runs: list[dict], reference: str, keys: tuple[str, ...] = PAIRED_KEYS) -> dict:
     """{method: {key: t_interval of (method − reference) over the seeds both ran}} for every method
-    but ``reference``. Runs need ``group``, ``seed`` and the keys (``gold_curve_mean`` is added
-    from a run's ``curve`` when missing)."""
-    for r in runs:
-        if "gold_curve_mean" not in r and r.get("curve"):
-            r["gold_curve_mean"] = curve_mean(r["curve"])
+    but ``reference``. Runs need ``group``, ``seed`` and the keys (``gold_curve_mean``: from the
+    run's ``curve``)."""
     groups = sorted({r["group"] for r in runs} - {reference})
     out = {}
     for g in groups:

@@ -44,7 +44,7 @@ from daralign.train.annotate import compare_feedback, offline_feedback, score_fe
 from daralign.train.budget import Budget
 from daralign.train.heldout import HeldoutCheck
 from daralign.train.model_card import write_model_card
-from daralign.core.models import disable_dropout, load_causal_lm, load_tokenizer, token_logps
+from daralign.core.models import disable_dropout, flush_denormals, load_causal_lm, load_tokenizer, token_logps
 from daralign.objectives import get_objective
 from daralign.objectives.base import RECORDED_TOKEN_LOGPS
 from daralign.core.provenance import provenance
@@ -83,12 +83,7 @@ class OnlineTrainer:
         self.accelerator = Accelerator(mixed_precision=precision, log_with=train.report_to or None,
                                        project_dir=str(self.out))
         set_seed(train.seed)
-        # DAR weights of far-below-average samples can be ~1e-30; denormal floats make CPU matmuls
-        # ~100x slower. Flushing them to zero changes nothing measurable in the update.
-        torch.set_flush_denormal(True)
-        # ...which numpy then notices when it first measures a float type ("smallest subnormal is
-        # zero", printed four times by the report's plots): expected here, not the user's problem
-        warnings.filterwarnings("ignore", message="The value of the smallest subnormal", category=UserWarning)
+        flush_denormals()
         # statistics of the global batch (advantage normalisation, means over valid samples) sum over processes
         self.objective = get_objective(train.algorithm)(algo_config, train, reduce_sum=self._reduce_sum)
         self.kind = self.objective.feedback_kind  # score | compare | offline
