@@ -2,7 +2,7 @@
 real run of a config, and a stacked bar plot comparing such measurements.
 
     # measure (the first step is a warm-up and left out): appends one labelled row to --results
-    OMP_NUM_THREADS=1 python benchmarks/step_breakdown.py --config examples/quickstart.yaml --steps 3 \\
+    OMP_NUM_THREADS=1 python benchmarks/step_breakdown.py --config examples/quickstart_tone.yaml --steps 3 \\
         --label after --results docs/img/performance/steps.json
     # plot every labelled row of --results as one stacked bar
     python benchmarks/step_breakdown.py --plot docs/img/performance/step_breakdown.png --results docs/img/performance/steps.json
@@ -56,7 +56,7 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="examples/quickstart.yaml")
+    p.add_argument("--config", default="examples/quickstart_tone.yaml")
     p.add_argument("--steps", type=int, default=3, help="steps run; the first is a warm-up and not counted")
     p.add_argument("--label", help="name of this measurement (a bar of the plot)")
     p.add_argument("--results", default="docs/img/performance/steps.json")

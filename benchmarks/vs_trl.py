@@ -226,11 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     a.model = resolve(a.model) if a.model.startswith("bundled:") else a.model
     a.texts = prompts(a.prompts)
     order = [x.strip() for x in a.order.split(",") if x.strip()]
-    try:
-        import trl.experimental.online_dpo  # noqa: F401
-    except ImportError:
-        order = [x for x in order if x not in ("trl-online-dpo", "dar-k2")]
-        print("this TRL has no online DPO: skipped")
+    if "trl-online-dpo" in order:  # importing it pulls TRL's vLLM client (~10 s on a CPU): only when asked
+        try:
+            import trl.experimental.online_dpo  # noqa: F401
+        except ImportError:
+            order = [x for x in order if x not in ("trl-online-dpo", "dar-k2")]
+            print("this TRL has no online DPO: skipped")
     print(f"trl {trl.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; model {a.model}; "
           f"{a.prompts} prompts × K={a.k}, {a.max_completion_length} new tokens, {a.iterations} iterations")
     results = {}

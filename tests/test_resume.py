@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -124,6 +125,25 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, tiny_policy_dir, tiny_
     assert daralign_main(["train", "--config", str(cfg), "--output_dir", str(out), "--max_steps", "1", "--resume"]) == 0
     assert "no checkpoint" in capsys.readouterr().err
     assert [m["step"] for m in _metrics(out)] == [1]
+
+
+def test_save_strategy_no_writes_final_only_and_trains_the_same(tmp_path, tiny_policy_dir, tiny_prompts_file, capsys):
+    """`save_strategy: no` (TRL's spelling) skips every checkpoint, final/ is the same model; a
+    --resume of such a run finds nothing to continue and says so; an unknown value is one line."""
+    cfg = _config(tmp_path, tiny_policy_dir, tiny_prompts_file)
+    runs = {}
+    for strategy in ("steps", "no"):
+        out = runs[strategy] = tmp_path / strategy
+        assert daralign_main(["train", "--config", str(cfg), "--output_dir", str(out), "--max_steps", "2",
+                              "--save_steps", "1", "--save_strategy", strategy]) == 0
+    assert sorted(p.name for p in runs["steps"].glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not list(runs["no"].glob("checkpoint-*"))
+    assert _metrics(runs["no"]) == _metrics(runs["steps"])
+    a, b = (load_file(str(runs[s] / "final" / "model.safetensors")) for s in ("steps", "no"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert daralign_main(["train", "--config", str(cfg), "--output_dir", str(tmp_path / "bad"), "--save_strategy", "epoch"]) == 1
+    assert "save_strategy: 'epoch' is not one of steps, no" in capsys.readouterr().err
 
 
 def test_resume_after_last_checkpoint_only_writes_final(tmp_path, tiny_policy_dir, tiny_prompts_file):

@@ -239,6 +239,10 @@ def test_testbed_config_parses_for_every_method():
     assert per_step == {"dar": 32, "online-dpo": 16, "online-ipo": 16, "online-slic": 16, "rloo": 32, "grpo": 32,
                         "ppo": 32, "bon-sft": 32, "dpo": 16}
     assert {r.algorithm: r.train.eval_steps for r in plan.runs}["online-dpo"] == 4
+    # ≥ 256 held-out answers, one evaluation seed shared by every training seed
+    heldout = len((ROOT / "examples" / "testbed" / "heldout.jsonl").read_text().splitlines())
+    assert {r.train.eval_samples_per_prompt * min(heldout, r.train.eval_max_prompts) for r in plan.runs} == {256}
+    assert {r.train.heldout_seed for r in plan.runs} == {7919}
     assert yaml.safe_load((ROOT / "examples" / "testbed" / "testbed.yaml").read_text())["eval_annotator"]["function"].endswith("gold.py:gold")
     ensemble, _ = build_plan(["--config", str(ROOT / "examples" / "testbed" / "testbed.yaml"), "--annotation_budget", "960",
                               "--annotator", str(ROOT / "examples" / "testbed" / "ensemble_uwo.yaml"), "--algorithms", "dar,rloo",

@@ -242,22 +242,21 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_policy_dir, tiny_prompts_file):
     cfg = base_config(tmp_path, tiny_policy_dir, tiny_prompts_file, max_steps=2)
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    # one launch runs the run and its shuffled-reward control (`--with_control`), as a user would
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "daralign.cli",
-                           "train", "--config", str(cfg), "--output_dir", str(out)],
+                           "train", "--config", str(cfg), "--output_dir", str(out), "--with_control", "true"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ctl = out / "control"
     per_step = 2 * PROMPTS_PER_STEP * K  # two ranks, each with its own prompts
-    assert [m["annotations"] for m in metrics] == [per_step, 2 * per_step]
-    assert [m["annotation_requests"] for m in metrics] == [per_step, 2 * per_step]  # summed over ranks too
-    assert (out / "final" / "model.safetensors").is_file()
+    for run in (out, ctl):
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["annotations"] for m in metrics] == [per_step, 2 * per_step]
+        assert [m["annotation_requests"] for m in metrics] == [per_step, 2 * per_step]  # summed over ranks too
+        assert (run / "final" / "model.safetensors").is_file()
+    assert "shuffle_rewards: true" in (ctl / "config.yaml").read_text()
     # the shuffled-reward control permutes across the global batch (gathered from both ranks, one
     # permutation on both): rank 0 then logs rewards that include rank 1's
-    ctl = tmp_path / "ddp_control"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "daralign.cli",
-                           "train", "--config", str(cfg), "--output_dir", str(ctl), "--shuffle_rewards", "true"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     plain = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     shuffled = [json.loads(line) for line in (ctl / "completions.jsonl").read_text().splitlines()]
     assert len(shuffled) == len(plain) == 2 * PROMPTS_PER_STEP * K  # rank 0's samples, 2 steps

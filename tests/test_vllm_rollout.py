@@ -25,7 +25,7 @@ def train_with_vllm(tmp_path, **overrides) -> list[dict]:
            "dataset": str(ROOT / "examples" / "data" / "quickstart_train.jsonl"),
            "annotator": {"type": "function", "function": f"{ROOT / 'tests' / 'tiny.py'}:length_reward"},
            "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 12, "max_steps": 2,
-           "learning_rate": 1e-5, "report": False, "use_vllm": True, **overrides}
+           "learning_rate": 1e-5, "report": False, "use_vllm": True, "save_strategy": "no", **overrides}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
     assert daralign_main(["train", "--config", str(tmp_path / "cfg.yaml"), "--output_dir", str(out)]) == 0

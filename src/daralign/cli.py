@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"daralign: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func = COMMANDS[argv[0]][0].split(":")
+    from daralign.core.tracking import quiet_libraries
+
+    quiet_libraries()
     try:
         return getattr(importlib.import_module(module), func)(argv[1:]) or 0
     except DaralignError as e:

@@ -65,6 +65,8 @@ def describe_annotator(cfg: dict) -> str:
         return f"reward model {cfg.get('model')}"
     if kind == "function":
         return f"reward function {cfg.get('function')}"
+    if kind == "learned":
+        return f"learned proxy {cfg.get('path')} (fitted by daralign fit-proxy; its agreement with the gold in agreement.json there)"
     if kind == "ensemble":
         lam = f" λ={cfg.get('uwo_lambda', 1.0)}" if cfg.get("aggregate") == "uwo" else ""
         return f"ensemble {cfg.get('aggregate', 'mean')}{lam}: " + " | ".join(f"[{describe_annotator(m)}]" for m in cfg.get("members", []))

@@ -57,7 +57,7 @@ from daralign.core.tracking import console
 
 FORCED = {"algorithm": "--algorithms", "seed": "--seeds", "annotation_budget": "--annotation_budget",
           "output_dir": "--output_dir", "max_steps": "--annotation_budget (compare derives max_steps from it)"}
-NOT_COMPARED = {"resume", "overwrite_output_dir", "report", "report_to", "logging_steps", "save_steps", "save_total_limit",
+NOT_COMPARED = {"resume", "overwrite_output_dir", "report", "report_to", "logging_steps", "save_strategy", "save_steps", "save_total_limit",
                 "log_completions"}
 HELDOUT_KEYS = ("model_name_or_path", "dtype", "bf16", "trust_remote_code", "use_peft", "eval_dataset",
                 "eval_max_prompts", "prompt_column", "max_completion_length", "eval_temperature",

@@ -97,6 +97,7 @@ class TrainConfig:
     shuffle_rewards: bool = field(default=False, metadata={"help": "control run (learning vs drift): rewards permuted across the batch; for preference methods (online and offline DPO/IPO/SLiC) every label replaced by a fair coin flip (ties stay ties)"})
     # --- output
     output_dir: str = field(default="runs/daralign", metadata={"help": "metrics, checkpoints and final model"})
+    save_strategy: str = field(default="steps", metadata={"help": "'steps': a checkpoint every save_steps and one at the end (what --resume continues from); 'no': no checkpoints, final/ only (TRL's save_strategy='no'; saves writing the optimizer state, ~1.6 GB and ~4 s for a 135M model on a CPU, but the run cannot be resumed)"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     logging_steps: int = field(default=1, metadata={"help": "print metrics every N steps"})
@@ -131,6 +132,8 @@ class TrainConfig:
         schedulers = [t.value for t in SchedulerType]
         if self.lr_scheduler_type not in schedulers:
             raise ConfigError(f"lr_scheduler_type: {self.lr_scheduler_type!r} is not one of {schedulers}")
+        if self.save_strategy not in ("steps", "no"):
+            raise ConfigError(f"save_strategy: {self.save_strategy!r} is not one of steps, no")
         for name in ("save_steps", "eval_steps", "warmup_steps", "annotation_budget", "max_micro_batch_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0 (got {getattr(self, name)})")

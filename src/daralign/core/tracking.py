@@ -11,6 +11,21 @@ from pathlib import Path
 from rich.console import Console
 
 console = Console(stderr=True, soft_wrap=True)  # a message stays one line, whatever the terminal width
+
+
+def quiet_libraries() -> None:
+    """The CLI's console shows daralign's progress and results. transformers' progress bar at every
+    load and save, its notices, and accelerate's note at every checkpoint that tied weights are saved
+    once are not for the user to act on; errors still print. (Python users keep their own settings.)"""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
+
+
 CONSOLE_KEYS = ("reward", "kl", "completions/mean_length", "dar/clip_frac", "loss", "annotations", "step_time")
 
 

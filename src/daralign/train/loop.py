@@ -54,7 +54,7 @@ from daralign.core.tracking import MetricsLog, console
 MB_KEYS = ("input_ids", "attention_mask", "completion_mask")
 MAX_STEPS_WITHOUT_LABELS = 3  # then the annotator is broken for this task: stop, saying what it answered
 # what --resume may change: how long, how often to save, log and evaluate — nothing that alters an update
-RESUME_MAY_CHANGE = {"max_steps", "annotation_budget", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
+RESUME_MAY_CHANGE = {"max_steps", "annotation_budget", "save_strategy", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
                      "report", "report_to", "log_completions", "resume", "overwrite_output_dir"}
 
 
@@ -418,6 +418,7 @@ class OnlineTrainer:
             self._heldout_showing("before", "before training")
         progress = _progress_bar(TimeRemainingColumn(), disable=not acc.is_main_process)
         step, saved, unlabelled = start, start if resume_from is not None else -1, 0
+        checkpoints = cfg.save_strategy != "no"
         with progress:
             task = progress.add_task(f"{cfg.algorithm} steps", total=cfg.max_steps, completed=start)
             for step in range(start, cfg.max_steps):
@@ -449,7 +450,7 @@ class OnlineTrainer:
                 stop = self.on_step is not None and self.on_step(step + 1, metrics)
                 reward = metrics.get("reward")
                 progress.update(task, advance=1, description=f"{cfg.algorithm}" + (f" reward={reward:.3f}" if reward is not None else ""))
-                if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+                if checkpoints and cfg.save_steps and (step + 1) % cfg.save_steps == 0:
                     checkpoint.save(acc, self.out, step + 1, {"step": step + 1, **spent, "config": self.config_dict}, cfg.save_total_limit, self.extra)
                     saved = step + 1
                 if stop:
@@ -458,7 +459,7 @@ class OnlineTrainer:
                     break
             else:
                 step = cfg.max_steps
-        if saved != step:  # always a checkpoint at the end: --resume of a finished run then does nothing
+        if checkpoints and saved != step:  # a checkpoint at the end: --resume of a finished run then does nothing
             checkpoint.save(acc, self.out, step, {"step": step, **spent, "config": self.config_dict}, cfg.save_total_limit, self.extra)
         after = self._heldout_showing("after", "after training")
         spent["eval_annotation_requests"] += int(self._sum(self._eval_requests_since()))

@@ -145,4 +145,28 @@ def write_report(run_dir: str | Path, control_dir: str | Path | None = None, n_s
                       f"- after ({fmt(after['per_prompt'][i], '.3f')}): {after['completions'][i]!r}", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
+    write_results(run_dir, summaries, gap)
+    return path
+
+
+def write_results(run_dir: Path, summaries: dict, gap: dict | None) -> Path:
+    """``results.json`` beside ``report.md``: the report's numbers for a script or a doc to quote.
+    "gold" is the held-out evaluator (``eval_annotator``; the training annotator where none is set,
+    which ``evaluator_is_training_annotator`` says), "proxy" the training annotator's score of the
+    same answers. Differences are paired over held-out prompts (each prompt's answers averaged)."""
+    trained, control = summaries.get("trained"), summaries.get("shuffled-reward control")
+    results = {"evaluator": (trained or {}).get("evaluator"),
+               "evaluator_is_training_annotator": (trained or {}).get("evaluator_is_training_annotator"),
+               "num_heldout_prompts": (trained or {}).get("n_prompts")}
+    for name, s in (("trained", trained), ("control", control)):
+        if s:
+            results[name] = {"gold_before": s["before"], "gold_after": s["after"], "gold_delta": s["diff"],
+                             "gold_delta_se": s["se"], "proxy_before": s["proxy_before"], "proxy_after": s["proxy_after"],
+                             "proxy_delta": s["proxy_diff"], "proxy_delta_se": s["proxy_se"], "kl_after": s["kl_after"],
+                             "length_before": s["length_before"], "length_after": s["length_after"]}
+    if gap:
+        results |= {"gold_delta_vs_control": gap["diff"], "gold_delta_vs_control_se": gap["se"],
+                    "proxy_delta_vs_control": gap["proxy_diff"], "proxy_delta_vs_control_se": gap["proxy_se"]}
+    path = run_dir / "results.json"
+    path.write_text(json.dumps(results, indent=1))
     return path
