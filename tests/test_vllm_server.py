@@ -163,20 +163,45 @@ def test_vllm_serve_prints_the_server_and_the_trainer_config(capsys):
     assert "vllm_mode: server\nvllm_server_url: http://127.0.0.1:8123" in out
 
 
-def test_colocate_on_several_gpus_is_refused_before_any_model_loads():
-    """Every rank's in-process engine would land on cuda:0: refused in one line (CPU ranks and one
-    GPU are fine). The check runs where the loop calls it, right after the accelerator starts."""
+def test_colocate_engine_settings_per_device_and_rank():
+    """What each rank's engine is built with (no GPU needed to decide it): on CUDA bf16 weights and
+    CUDA graphs by default, one engine per rank through vLLM's external_launcher with several
+    processes, a seed shared within a tensor-parallel group; on a CPU eager, in the policy's dtype.
+    Settings a CPU cannot honour, and TP sizes that do not divide the ranks, are refused in one line
+    where the loop checks, before any model loads."""
     from daralign.core.config import TrainConfig
     from daralign.core.errors import ConfigError
     from daralign.rollout.base import engine_class
+    from daralign.rollout.vllm_colocate import engine_kwargs
 
-    engine = engine_class(TrainConfig(use_vllm=True), "score")
+    cuda, cpu = torch.device("cuda", 1), torch.device("cpu")
+    one = TrainConfig(use_vllm=True, seed=5)
+    kw = engine_kwargs("m", settings(), one.vllm, cpu)
+    assert kw["dtype"] == "float32" and kw["enforce_eager"] is True and "distributed_executor_backend" not in kw
+    assert "tensor_parallel_size" not in kw and "enable_sleep_mode" not in kw and "max_num_batched_tokens" not in kw
+    kw = engine_kwargs("m", settings(), one.vllm, cuda)
+    assert kw["dtype"] == "bfloat16" and kw["enforce_eager"] is False and "distributed_executor_backend" not in kw
+    tp = TrainConfig(use_vllm=True, vllm_tensor_parallel_size=2, vllm_enable_sleep_mode=True, vllm_max_num_batched_tokens=4096,
+                     vllm_dtype="float16", vllm_enforce_eager=True)
+    ranks = [engine_kwargs("m", settings(), tp.vllm, cuda, process_index=r, num_processes=4) for r in range(4)]
+    assert {k["distributed_executor_backend"] for k in ranks} == {"external_launcher"}
+    assert [k["seed"] for k in ranks] == [0, 0, 1, 1]  # settings() has seed 0; ranks 0-1 and 2-3 are one engine each
+    assert ranks[0]["tensor_parallel_size"] == 2 and ranks[0]["enable_sleep_mode"] is True
+    assert ranks[0]["max_num_batched_tokens"] == 4096 and ranks[0]["dtype"] == "float16" and ranks[0]["enforce_eager"] is True
+
+    engine = engine_class(one, "score")
     assert engine.__name__ == "VLLMColocate"
-    with pytest.raises(ConfigError, match="colocate with 2 processes on CUDA would start every rank's engine on one GPU"):
-        engine.check(TrainConfig(use_vllm=True), 2, torch.device("cuda", 1))
-    engine.check(TrainConfig(use_vllm=True), 2, torch.device("cpu"))
-    engine.check(TrainConfig(use_vllm=True), 1, torch.device("cuda", 0))
+    engine.check(one, 2, cpu)
+    engine.check(one, 8, cuda)  # several GPUs: one engine per rank
+    engine.check(tp, 4, cuda)
+    with pytest.raises(ConfigError, match="vllm_tensor_parallel_size 2 must divide the number of training processes \\(3\\)"):
+        engine.check(tp, 3, cuda)
+    for cfg in (TrainConfig(use_vllm=True, vllm_enable_sleep_mode=True), TrainConfig(use_vllm=True, vllm_tensor_parallel_size=2)):
+        with pytest.raises(ConfigError, match="need CUDA GPUs \\(here: cpu\\)"):
+            engine.check(cfg, 2, cpu)
     engine_class(TrainConfig(use_vllm=True, vllm_mode="server"), "score").check(TrainConfig(), 8, torch.device("cuda", 3))
+    with pytest.raises(ConfigError, match="vllm_dtype: 'int8' is not one of"):
+        TrainConfig(use_vllm=True, vllm_dtype="int8", dataset="prompts.jsonl").validate()
 
 
 @pytest.mark.slow

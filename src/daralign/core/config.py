@@ -25,7 +25,11 @@ class VLLMSettings:
     server_url: str
     sync_dir: str | None
     gpu_memory_utilization: float
-    enforce_eager: bool
+    enforce_eager: bool | None  # None: eager on CPU, CUDA graphs on CUDA
+    dtype: str = "auto"  # the engine's weights: auto = bfloat16 on CUDA, else the policy's dtype
+    tensor_parallel_size: int = 1
+    max_num_batched_tokens: int | None = None
+    enable_sleep_mode: bool = False
 
 
 @dataclass
@@ -65,7 +69,11 @@ class TrainConfig:
     vllm_server_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "vllm_mode server: where `daralign vllm-serve` listens"})
     vllm_sync_dir: str | None = field(default=None, metadata={"help": "vllm_mode server: a folder the server can read, for the weights pushed after each step (default /dev/shm: one host; a shared filesystem across nodes)"})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU memory share of a colocated vLLM engine (CPU: VLLM_CPU_KVCACHE_SPACE sets its KV cache, in GiB)"})
-    vllm_enforce_eager: bool = field(default=True, metadata={"help": "no graph compilation (starts in seconds; compile mode took minutes on CPU)"})
+    vllm_enforce_eager: bool | None = field(default=None, metadata={"help": "no graph capture or compilation; default: eager on CPU (compiling took minutes there), CUDA graphs on CUDA"})
+    vllm_dtype: str = field(default="auto", metadata={"help": "the colocated engine's weight dtype: auto = bfloat16 on CUDA, else the policy's dtype (pushed weights are cast to it)"})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "colocate on CUDA: GPUs per engine; with N training processes, N / this engines, each rank in a group sampling the group's prompts (TRL's vllm_tensor_parallel_size)"})
+    vllm_max_num_batched_tokens: int | None = field(default=None, metadata={"help": "the colocated engine's cap on tokens per scheduler step, vLLM's own when unset; a lower cap lowers its activation memory"})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "colocate on CUDA: the engine frees its KV cache and weights through the update and wakes to the freshly pushed weights (never reloaded from disk)"})
     # --- annotation
     annotator: Any = field(default=None, metadata={"help": "the annotator training learns from: a mapping or a path to its YAML (see docs/annotators.md); not used by offline dpo"})
     eval_annotator: Any = field(default=None, metadata={"help": "the yardstick: scores held-out answers and judges win rates (same forms as annotator); default: the training annotator, which the report then says plainly"})
@@ -141,6 +149,10 @@ class TrainConfig:
             raise ConfigError("dataset: no prompt dataset given (a .jsonl/.json file or a datasets name)")
         if self.vllm_mode not in ("colocate", "server"):
             raise ConfigError(f"vllm_mode: {self.vllm_mode!r} is not one of colocate, server")
+        if self.vllm_tensor_parallel_size < 1 or (self.vllm_max_num_batched_tokens or 1) < 1:
+            raise ConfigError("vllm_tensor_parallel_size and vllm_max_num_batched_tokens must be ≥ 1")
+        if self.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"vllm_dtype: {self.vllm_dtype!r} is not one of auto, float32, bfloat16, float16")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1] (got {self.vllm_gpu_memory_utilization})")
         bad = set(self.report_to) - {"tensorboard", "wandb"}
@@ -151,7 +163,9 @@ class TrainConfig:
     def vllm(self) -> "VLLMSettings":
         """The vLLM engine's own settings group (read by ``rollout/vllm_*.py`` only)."""
         return VLLMSettings(mode=self.vllm_mode, server_url=self.vllm_server_url, sync_dir=self.vllm_sync_dir,
-                            gpu_memory_utilization=self.vllm_gpu_memory_utilization, enforce_eager=self.vllm_enforce_eager)
+                            gpu_memory_utilization=self.vllm_gpu_memory_utilization, enforce_eager=self.vllm_enforce_eager,
+                            dtype=self.vllm_dtype, tensor_parallel_size=self.vllm_tensor_parallel_size,
+                            max_num_batched_tokens=self.vllm_max_num_batched_tokens, enable_sleep_mode=self.vllm_enable_sleep_mode)
 
     @property
     def heldout_seed(self) -> int:

