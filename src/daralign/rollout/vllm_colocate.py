@@ -156,8 +156,9 @@ class VLLMColocate(RolloutEngine):
 
     def close(self) -> None:
         """Hand the engine back: it stays idle for a run built the same way (one at most, so an idle
-        engine never holds a second engine's memory)."""
-        if self.llm is not None:
+        engine never holds a second engine's memory). A sleep-mode engine is not kept: its sleep state
+        is this run's."""
+        if self.llm is not None and not self.sleep_mode:
             _IDLE.clear()
             _IDLE[self.key] = self.llm
         self.llm = None
