@@ -31,6 +31,7 @@ same engine behind HTTP (``vllm_mode: server``).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -151,7 +152,8 @@ class VLLMColocate(RolloutEngine):
         if self.weights_asleep:
             self.llm.wake_up(tags=["weights"])
             self.weights_asleep = False
-        self.llm.collective_rpc("daralign_load_weights", kwargs={"weights_iterator": iter(list(policy_weights(model)))})
+        with merged_weights(model) as weights:
+            self.llm.collective_rpc("daralign_load_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -236,14 +238,17 @@ def assemble_rollout(tokenizer, rows: list[dict], enc, samples: list[list[tuple[
     )
 
 
-def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of the policy as a plain causal LM: a PEFT model's LoRA deltas merged in."""
+@contextmanager
+def merged_weights(model):
+    """(HF name, tensor) of the policy as a plain causal LM, valid inside the block: a PEFT model's
+    LoRA deltas are merged into its base weights in place for the block and taken out after it, so
+    a push reads the weights themselves and never needs a copy of the model."""
     if hasattr(model, "merge_adapter") and hasattr(model, "get_base_model"):
         model.merge_adapter()
         try:
             state = model.get_base_model().state_dict()
-            out = [(k.replace(".base_layer", ""), v.detach().clone()) for k, v in state.items() if "lora_" not in k]
+            yield [(k.replace(".base_layer", ""), v.detach()) for k, v in state.items() if "lora_" not in k]
         finally:
             model.unmerge_adapter()
-        return out
-    return [(k, v.detach()) for k, v in model.state_dict().items()]
+    else:
+        yield [(k, v.detach()) for k, v in model.state_dict().items()]

@@ -30,7 +30,7 @@ import torch
 from daralign.core.errors import ConfigError
 from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
 from daralign.rollout.tokens import eos_token_ids, prompt_token_ids, tokenize_prompts
-from daralign.rollout.vllm_colocate import WORKER_EXTENSION, assemble_rollout, policy_weights, sample_seed
+from daralign.rollout.vllm_colocate import WORKER_EXTENSION, assemble_rollout, merged_weights, sample_seed
 from daralign.core.types import Rollout
 
 
@@ -105,20 +105,21 @@ class VLLMServer(RolloutEngine):
     def _push(self, model) -> None:
         from safetensors.torch import save_file
 
-        tensors, seen = {}, set()
-        for name, t in policy_weights(model):
-            if t.data_ptr() in seen:  # a tied LM head: vLLM loads it with the embedding
-                continue
-            seen.add(t.data_ptr())
-            tensors[name] = t.detach().to("cpu").contiguous()
         target = self.sync_dir / "model.safetensors"
-        needed = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)  # + the header's room
-        free = shutil.disk_usage(self.sync_dir).free + (target.stat().st_size if target.exists() else 0)
-        if needed > free:  # a container's /dev/shm is 64 MB: say so, rather than fail inside safetensors
-            raise ConfigError(f"vllm_sync_dir: {self.sync_dir.parent} has {free / 2**20:.0f} MiB free and the policy's weights "
-                              f"need {needed / 2**20:.0f} MiB at every push; point vllm_sync_dir at a folder with room (a "
-                              "container's /dev/shm is 64 MB unless it was started with --shm-size)")
-        save_file(tensors, str(target))
+        with merged_weights(model) as weights:  # written inside the block: on a CPU, tensors are the model's own
+            tensors, seen = {}, set()
+            for name, t in weights:
+                if t.data_ptr() in seen:  # a tied LM head: vLLM loads it with the embedding
+                    continue
+                seen.add(t.data_ptr())
+                tensors[name] = t.to("cpu").contiguous()
+            needed = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)  # + the header's room
+            free = shutil.disk_usage(self.sync_dir).free + (target.stat().st_size if target.exists() else 0)
+            if needed > free:  # a container's /dev/shm is 64 MB: say so, rather than fail inside safetensors
+                raise ConfigError(f"vllm_sync_dir: {self.sync_dir.parent} has {free / 2**20:.0f} MiB free and the policy's "
+                                  f"weights need {needed / 2**20:.0f} MiB at every push; point vllm_sync_dir at a folder with "
+                                  "room (a container's /dev/shm is 64 MB unless it was started with --shm-size)")
+            save_file(tensors, str(target))
         for path, body in (("/collective_rpc", {"method": "daralign_load_weights", "kwargs": {"weights_path": str(self.sync_dir)}}),
                            ("/reset_prefix_cache", None)):
             r = self.http.post(path, json=body)
