@@ -11,28 +11,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import tiny` from any test module
-VLLM_SERVER = pytest.StashKey[tuple]()  # (process, url) of the session's `daralign vllm-serve`
-
-
-def pytest_collection_finish(session):
-    """A vLLM server takes ~40 s to start: when a selected test needs one, it starts now in the
-    background and the ``vllm_server`` fixture waits for it while the tests before it run."""
-    import importlib.util
-
-    if session.config.option.collectonly:
-        return
-    if importlib.util.find_spec("vllm") and any("vllm_server" in getattr(item, "fixturenames", ()) for item in session.items):
-        from test_vllm_server import start_vllm_server
-
-        session.config.stash[VLLM_SERVER] = start_vllm_server()
-
-
-def pytest_sessionfinish(session):
-    server = session.config.stash.get(VLLM_SERVER, None)
-    if server is not None:
-        from test_vllm_server import stop_vllm_server
-
-        stop_vllm_server(server[0])
 
 
 @pytest.fixture(scope="session")

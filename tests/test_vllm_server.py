@@ -34,35 +34,14 @@ ROWS = [{"prompt": [{"role": "user", "content": "Name a fruit."}]},
         {"prompt": [{"role": "user", "content": "Say something kind about rain."}]}]
 
 
-def start_vllm_server() -> tuple[subprocess.Popen, str]:
-    """`daralign vllm-serve` with SmolLM2 on a free loopback port, not yet waited for: (process, url)."""
+@pytest.fixture(scope="module")
+def vllm_server():
     port = free_port()
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: plenty for a few short sequences
     proc = subprocess.Popen([sys.executable, "-m", "daralign.cli", "vllm-serve", "--model", POLICY, "--port", str(port),
                              "--dtype", "float32", "--max_model_len", "512"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def stop_vllm_server(proc: subprocess.Popen) -> None:
-    proc.terminate()  # the server itself (vllm-serve execs it): it stops its engine processes
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # and anything of its session left behind
-
-
-@pytest.fixture(scope="session")
-def vllm_server(request):
-    """The server conftest started in the background when the session's tests were collected (it
-    takes ~40 s to start; other tests run meanwhile), or one started now."""
-    from conftest import VLLM_SERVER
-
-    proc, url = request.config.stash.get(VLLM_SERVER, None) or start_vllm_server()
-    request.config.stash[VLLM_SERVER] = (proc, url)
+    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         assert proc.poll() is None, "daralign vllm-serve exited while starting"
@@ -74,7 +53,13 @@ def vllm_server(request):
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("daralign vllm-serve did not answer /health within 300 s")
-    yield url  # stopped at the session's end (conftest), started or not
+    yield url
+    proc.terminate()  # the server itself (vllm-serve execs it): it stops its engine processes
+    try:
+        proc.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # and anything of its session left behind
 
 
 def settings():
