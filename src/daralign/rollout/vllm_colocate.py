@@ -78,7 +78,7 @@ class VLLMColocate(RolloutEngine):
 
         self.tokenizer, self.s, self.sleep_mode = tokenizer, settings, v.enable_sleep_mode
         self.tp_group, self.rank_in_group = tensor_parallel_group(v.tensor_parallel_size, state)
-        self.key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        self.key = tuple(sorted((k, str(x)) for k, x in kwargs.items()))
         # An engine a finished run left idle in this process (a notebook, `compare` running several
         # methods, a test session) is taken over when built the same way: starting one takes tens of
         # seconds. Its weights are whatever it held: the loop syncs the policy into it before sampling.
