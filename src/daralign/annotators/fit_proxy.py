@@ -48,8 +48,10 @@ class FitProxyConfig:
     samples: str | None = field(default=None, metadata={"help": "a samples.jsonl an earlier fit-proxy wrote: its answers and gold scores are reused (no sampling, no gold requests), to try other knobs"})
 
     def __post_init__(self):
-        if self.features not in ("reply", "prompt_reply"):
-            raise ConfigError(f"fit-proxy: features {self.features!r} is not reply or prompt_reply")
+        from daralign.annotators.learned import FEATURES
+
+        if self.features not in FEATURES:
+            raise ConfigError(f"fit-proxy: features {self.features!r} is not one of {', '.join(FEATURES)}")
         if not 0 <= self.label_noise <= 0.5:
             raise ConfigError(f"fit-proxy: label_noise must be in [0, 0.5] (got {self.label_noise})")
         if not 0 < self.heldout_fraction < 1:

@@ -68,8 +68,9 @@ def fit_gao(points: list[tuple[float, float]], form: str = "rl") -> dict:
     R = d(α − β d). Both are linear in (α, β): R = α·d − β·d·g(d). The fitted peak: rl at
     d* = exp(α/β − 1) (R* = β d*), bon at d* = α / 2β (R* = α² / 4β); none when β ≤ 0."""
     pts = [(d, r) for d, r in points if d is not None and r is not None and d > 0 and math.isfinite(r)]
+    no_fit = {"form": form, "alpha": None, "beta": None, "peak_sqrt_kl": None, "peak_gain": None, "n": len(pts)}
     if len(pts) < 2:
-        return {"form": form, "alpha": None, "beta": None, "peak_sqrt_kl": None, "peak_gain": None, "n": len(pts)}
+        return no_fit
     g = (lambda d: math.log(d)) if form == "rl" else (lambda d: d)
     x1 = [d for d, _ in pts]
     x2 = [-d * g(d) for d, _ in pts]
@@ -78,7 +79,7 @@ def fit_gao(points: list[tuple[float, float]], form: str = "rl") -> dict:
     s1y, s2y = sum(a * v for a, v in zip(x1, y)), sum(b * v for b, v in zip(x2, y))
     det = s11 * s22 - s12 * s12
     if abs(det) < 1e-12:
-        return {"form": form, "alpha": None, "beta": None, "peak_sqrt_kl": None, "peak_gain": None, "n": len(pts)}
+        return no_fit
     alpha = (s22 * s1y - s12 * s2y) / det  # the 2×2 normal equations
     beta = (s11 * s2y - s12 * s1y) / det
     rmse = math.sqrt(sum((alpha * a + beta * b - v) ** 2 for a, b, v in zip(x1, x2, y)) / len(pts))

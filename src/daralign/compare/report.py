@@ -346,6 +346,10 @@ PAIRED_HEAD = ["method − {ref}, paired within seeds", "gold at budget (± SE, 
                "proxy at budget", "seeds"]
 
 
+def paired_head(g: dict) -> list[str]:
+    return [PAIRED_HEAD[0].format(ref=g.get("paired_reference")), *PAIRED_HEAD[1:]]
+
+
 def paired_rows(summary: dict) -> list[list[str]]:
     """Per method: (method − the reference method) per seed, mean ± SE [95% CI] over seeds."""
     def cell(d):
@@ -375,10 +379,9 @@ def gold_table(summary: dict) -> str:
         body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
         return f"<table><tr>{cells}</tr>{body}</table>"
 
-    paired_head = [PAIRED_HEAD[0].format(ref=g.get("paired_reference")), *PAIRED_HEAD[1:]]
     return (f"<h2>Gold (the evaluator) against the proxy (the training annotator)</h2>{table(GOLD_HEAD, gold_rows(summary))}"
             f"<p>P1 = DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold ({num_or_dash(g['oaif_dpo_final_gold'])}): "
-            f"{esc(p1_text(g))}.</p>" + (table(paired_head, paired_rows(summary)) if g.get("paired") else ""))
+            f"{esc(p1_text(g))}.</p>" + (table(paired_head(g), paired_rows(summary)) if g.get("paired") else ""))
 
 
 def gold_markdown(summary: dict) -> str:
@@ -389,7 +392,7 @@ def gold_markdown(summary: dict) -> str:
     text = "\n".join(lines) + (f"\n\nP1 (DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold, "
                                f"{num_or_dash(g['oaif_dpo_final_gold'])}): {p1_text(g)}\n")
     if g.get("paired"):
-        head = [PAIRED_HEAD[0].format(ref=g["paired_reference"]), *PAIRED_HEAD[1:]]
+        head = paired_head(g)
         text += "\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
         text += "\n".join("| " + " | ".join(row) + " |" for row in paired_rows(summary)) + "\n"
     return text
