@@ -308,11 +308,7 @@ def test_ablation_page_from_real_compare_folders(gold_compare, tmp_path):
     cut = sweep_argv.index("--best_of_n")
     del sweep_argv[cut:cut + 2]
     assert daralign_main(sweep_argv + ["--sweep", "dar_ratio=0.5"]) == 0
-    sys.path.insert(0, str(ROOT / "examples" / "testbed"))
-    try:
-        import ablations
-    finally:
-        sys.path.pop(0)
+    ablations = _example("ablations")
     page = tmp_path / "page"
     assert ablations.main(["--core", str(out), "--sweeps", str(sweep), "--ensemble", str(out), "--out", str(page)]) == 0
     table = json.loads((page / "ablations.json").read_text())
@@ -326,3 +322,50 @@ def test_ablation_page_from_real_compare_folders(gold_compare, tmp_path):
     assert ablations.main(["--core", str(out), "--default", str(sweep), "--sweeps", str(sweep), "--out", str(page)]) == 0
     rows = json.loads((page / "ablations.json").read_text())["dar_ratio"]
     assert rows[0]["gold_change"] == pytest.approx(swept["gold_change"]) and rows[0]["curve"] == "0.1 (default)"
+
+
+def _example(name: str):
+    sys.path.insert(0, str(ROOT / "examples" / "testbed"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_study_page_pairs_arms_across_folders(gold_compare, tmp_path):
+    """examples/testbed/study.py on a real compare folder given as the core, the dar_ratio-0 and the
+    noise folder: the pairs it reports are the per-seed differences, computed here by hand."""
+    out, _ = gold_compare
+    study = _example("study")
+    page = tmp_path / "page"
+    assert study.main(["--core", str(out), "--ratio0", str(out), "--noise", str(out), "--out", str(page)]) == 0
+    res = json.loads((page / "study.json").read_text())
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    after = {(r["group"], r["seed"]): r["gold_after"] for r in runs}
+    diffs = [after["dar", s] - after["online-dpo", s] for s in (1, 2)]
+    got = res["paired_asked"]["dar − online-dpo"]["gold_after"]
+    assert got["n"] == 2 and got["mean"] == pytest.approx(sum(diffs) / 2)
+    assert got["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)  # SD/√2 of two values = |a − b| / 2
+    assert res["paired_vs_dar"]["online-dpo"]["gold_after"]["mean"] == pytest.approx(-got["mean"])
+    same = res["paired_asked"]["dar_ratio 0 − dar_ratio 0.1"]["gold_after"]  # the same runs under two names
+    assert same["mean"] == 0 and same["se"] == 0
+    arms = {a["arm"]: a for a in res["arms"]}
+    assert set(arms) >= {"dar", "online-dpo", "dar, dar_ratio 0", "online-dpo, 25% noise"}
+    dar_runs = [r for r in runs if r["group"] == "dar"]
+    assert arms["dar"]["length_after"] == pytest.approx(sum(r["heldout_length_after"] for r in dar_runs) / 2)
+    assert res["max_paired_se"] == pytest.approx(max(v["gold_after"]["se"] for v in
+                                                     [*res["paired_vs_dar"].values(), *res["paired_asked"].values()]))
+    assert res["verdict"] in {"confirmed", "refuted", "undecided"} and (page / "study.png").is_file()
+    assert "Verdict on the paper's claim" in (page / "study.md").read_text()
+
+
+def test_study_verdict_rule():
+    verdict = _example("study").verdict
+    p1 = {"p1": 0.5, "p1_ci_low": 0.3, "p1_ci_high": 0.8, "p1_undefined_frac": 0.0}
+    level = {"gold_after": {"mean": 0.0, "ci95": 0.02}}
+    assert verdict(p1, level) == "confirmed"
+    assert verdict({**p1, "p1_undefined_frac": 0.2}, level) == "undecided"  # DAR often never gets there
+    assert verdict({**p1, "p1_ci_high": 1.4}, level) == "undecided"
+    assert verdict(p1, {"gold_after": {"mean": -0.05, "ci95": 0.02}}) == "refuted"  # ends below at the same budget
+    assert verdict({"p1": 1.5, "p1_ci_low": 1.2, "p1_ci_high": 2.0, "p1_undefined_frac": 0}, level) == "refuted"
+    assert verdict({"p1": None, "p1_ci_low": None, "p1_ci_high": None}, None) == "undecided"

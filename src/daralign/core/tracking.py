@@ -9,8 +9,15 @@ import os
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True, soft_wrap=True)  # a message stays one line, whatever the terminal width
+
+
+def progress_bar(*columns, disable: bool = False) -> Progress:
+    """A bar on daralign's console: description, bar, done/total, elapsed, then ``columns``."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), *columns, console=console, disable=disable)
 
 
 def quiet_libraries() -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from daralign.core.types import Rollout
 from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
 from daralign.rollout.tokens import eos_token_ids, tokenize_prompts
+from daralign.core.sharding import in_lockstep
 
 
 def _autocast(bf16: bool):
@@ -61,6 +62,7 @@ def sample_rollout(
     pad = tokenizer.pad_token_id
     gen_tokens = torch.full((N, max_completion_length), pad, dtype=torch.long, device=device)
     gen_logps = torch.zeros((N, max_completion_length), dtype=torch.float32, device=device)
+    lockstep = in_lockstep(model)  # FSDP2: every forward gathers layers from all processes, so all keep stepping
     for s in range(0, N, generation_batch_size):
         e = min(s + generation_batch_size, N)
         with _autocast(bf16), neutral_generation_config(model, eos_ids, pad):
@@ -68,6 +70,7 @@ def sample_rollout(
                 input_ids=prompt_ids[s:e], attention_mask=prompt_mask[s:e], do_sample=True,
                 temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_completion_length,
                 pad_token_id=pad, eos_token_id=eos_ids, return_dict_in_generate=True, output_logits=True,
+                synced_gpus=lockstep,
             )
         new = out.sequences[:, Lp:]
         gen_tokens[s:e, : new.shape[1]] = new

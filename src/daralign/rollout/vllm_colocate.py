@@ -39,6 +39,7 @@ from daralign.core.config import VLLMSettings
 from daralign.core.errors import ConfigError
 from daralign.core.types import Rollout
 from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
+from daralign.core.sharding import is_sharded, whole_state
 from daralign.rollout.tokens import eos_token_ids, prompt_token_ids, tokenize_prompts
 
 
@@ -243,7 +244,9 @@ def merged_weights(model):
     """(HF name, tensor) of the policy as a plain causal LM, valid inside the block: a PEFT model's
     LoRA deltas are merged into its base weights in place for the block and taken out after it, so
     a push reads the weights themselves and never needs a copy of the model."""
-    if hasattr(model, "merge_adapter") and hasattr(model, "get_base_model"):
+    if is_sharded(model):  # FSDP2 (no LoRA: refused at launch): gathered one tensor at a time, on every process
+        yield whole_state(model)
+    elif hasattr(model, "merge_adapter") and hasattr(model, "get_base_model"):
         model.merge_adapter()
         try:
             state = model.get_base_model().state_dict()

@@ -29,6 +29,7 @@ import torch
 
 from daralign.core.errors import ConfigError
 from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
+from daralign.core.sharding import is_sharded, whole_state
 from daralign.rollout.tokens import eos_token_ids, prompt_token_ids, tokenize_prompts
 from daralign.rollout.vllm_colocate import WORKER_EXTENSION, assemble_rollout, merged_weights, sample_seed
 from daralign.core.types import Rollout
@@ -100,6 +101,9 @@ class VLLMServer(RolloutEngine):
         the others wait until it is loaded."""
         if self.is_main:
             self._push(model)
+        elif is_sharded(model):  # the main process gathers FSDP2 shards: a collective every process walks
+            for _ in whole_state(model):
+                pass
         self.s.wait_for_everyone()
 
     def _push(self, model) -> None:

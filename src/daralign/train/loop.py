@@ -33,7 +33,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import TimeRemainingColumn
 
 from daralign.train import checkpoint, outputs
 from daralign.annotators import Meter, build_annotator, describe_annotator
@@ -47,20 +47,16 @@ from daralign.train.model_card import write_model_card
 from daralign.core.models import disable_dropout, flush_denormals, load_causal_lm, load_tokenizer, token_logps
 from daralign.objectives import get_objective
 from daralign.objectives.base import RECORDED_TOKEN_LOGPS
+from daralign.core import sharding
 from daralign.core.provenance import provenance
 from daralign.rollout.base import SamplingSettings, behaviour_check, build_engine, engine_class
-from daralign.core.tracking import MetricsLog, console
+from daralign.core.tracking import MetricsLog, console, progress_bar
 
 MB_KEYS = ("input_ids", "attention_mask", "completion_mask")
 MAX_STEPS_WITHOUT_LABELS = 3  # then the annotator is broken for this task: stop, saying what it answered
 # what --resume may change: how long, how often to save, log and evaluate — nothing that alters an update
 RESUME_MAY_CHANGE = {"max_steps", "annotation_budget", "save_strategy", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
                      "report", "report_to", "log_completions", "resume", "overwrite_output_dir"}
-
-
-def _progress_bar(*columns, disable: bool = False) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), *columns, console=console, disable=disable)
 
 
 class OnlineTrainer:
@@ -95,6 +91,7 @@ class OnlineTrainer:
         eval_source = eval_rows if eval_rows is not None else train.eval_dataset
         self.eval_rows = (load_prompts(eval_source, column=train.prompt_column, name="eval_dataset")[: train.eval_max_prompts]
                           if eval_source else [])
+        sharding.check_launch(self.accelerator, use_peft=train.use_peft or peft_config is not None, has_eval=bool(self.eval_rows))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(train.model_name_or_path, train.trust_remote_code)
         # the reference is the starting weights: copied before the policy is wrapped or trained
         self.reference = self._load_reference(model)
@@ -416,7 +413,7 @@ class OnlineTrainer:
         self.engine.sync_weights(self.unwrapped)  # an engine holding other weights (a server, a resumed run) starts at these
         if start == 0 and not (self.out / "heldout_before.json").exists():
             self._heldout_showing("before", "before training")
-        progress = _progress_bar(TimeRemainingColumn(), disable=not acc.is_main_process)
+        progress = progress_bar(TimeRemainingColumn(), disable=not acc.is_main_process)
         step, saved, unlabelled = start, start if resume_from is not None else -1, 0
         checkpoints = cfg.save_strategy != "no"
         with progress:
@@ -479,15 +476,17 @@ class OnlineTrainer:
         if not (self.eval_rows and self.accelerator.is_main_process):
             return self.heldout_check.run(tag)
         title = f"held-out {when} ({len(self.eval_rows)} prompts)"
-        with _progress_bar() as bar:
+        with progress_bar() as bar:
             task = bar.add_task(title, total=None)
             return self.heldout_check.run(tag, progress=lambda what, done, total: bar.update(
                 task, description=f"{title}: {what}", completed=done, total=total))
 
     def save_final(self) -> None:
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            outputs.save_final(self.out, self.unwrapped, self.tokenizer, self.extra, merge_lora=self.cfg.use_peft and self.cfg.merge_lora)
+        main, model = self.accelerator.is_main_process, self.unwrapped
+        state = sharding.whole_state_dict(model, keep=main) if sharding.is_sharded(model) else None  # FSDP2: collective
+        if main:
+            outputs.save_final(self.out, model, self.tokenizer, self.extra, merge_lora=self.cfg.use_peft and self.cfg.merge_lora, state_dict=state)
 
     def close(self) -> None:
         if getattr(self, "heldout_check", None) is not None:

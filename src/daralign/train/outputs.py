@@ -72,16 +72,17 @@ def finish(out: Path) -> None:
     shutil.rmtree(Path(out) / REPLACED, ignore_errors=True)
 
 
-def save_final(out: Path, model, tokenizer, extra: dict, *, merge_lora: bool) -> None:
+def save_final(out: Path, model, tokenizer, extra: dict, *, merge_lora: bool, state_dict: dict | None = None) -> None:
     """``final/``: a ``save_pretrained`` folder (LoRA merged, or the adapter alone), the tokenizer
-    and an objective's extra modules as safetensors, written aside and renamed into place."""
+    and an objective's extra modules as safetensors, written aside and renamed into place.
+    ``state_dict``: the whole weights of a sharded model (``sharding.whole_state_dict``)."""
     final, tmp = out / "final", out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if merge_lora:
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     for name, module in extra.items():
         from safetensors.torch import save_file
