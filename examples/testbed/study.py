@@ -1,0 +1,179 @@
+"""The study's page (docs/testbed.md, "The study"): reads the ``summary.json`` of the folders
+``study.sh`` fills and writes, into ``--out``:
+
+- ``study.json``: per arm, the gold change ± SE over seeds, the gold at the budget and over the whole
+  curve, KL and answer length at the budget, where the gold peaks and whether it turns down, Gao's
+  RL form fitted to gold gain against √KL; every arm's **paired** within-seed difference to DAR
+  (gold at the budget, gold over the curve), and the pairs the study asks about (DAR's reference
+  term on and off, label noise, DAR against OAIF-DPO under noise); P1 with its bootstrap CI; and the
+  verdict on the paper's claim, by the rule written in ``verdict`` below, fixed before the runs;
+- ``study.md``: those tables; ``study.png``: gold against requests per arm, and the paired
+  differences with their 95% intervals.
+
+    python examples/testbed/study.py --core runs/study --ratio0 runs/study-ratio0 \\
+        --noise runs/study-noise25 --out docs/img/study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from daralign.compare.paired import curve_mean, fit_gao, gao_points, p1_bootstrap, paired_differences, t_interval  # noqa: E402
+
+SE_GOAL = 0.015  # the issue's goal: a 0.03 gold difference decided at 2 SE
+NOISE, RATIO0 = ", 25% noise", ", dar_ratio 0"
+
+
+def load(folder: Path | None, suffix: str = "") -> dict | None:
+    """A compare folder's summary, its groups renamed ``<group><suffix>`` (None: not given)."""
+    if folder is None:
+        return None
+    path = Path(folder) / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found (run examples/testbed/study.sh first)")
+    summary = json.loads(path.read_text())
+    for r in summary["runs"]:
+        r["group"] += suffix
+    summary["gold"]["groups"] = {g + suffix: v for g, v in summary["gold"]["groups"].items()}
+    return summary
+
+
+def arm(name: str, g: dict, runs: list[dict]) -> dict:
+    """One arm's row: its statistics over seeds from ``summary.json``'s gold section, plus length."""
+    mine = [r for r in runs if r["group"] == name]
+    fit = g.get("gao_fit") or fit_gao(gao_points(mine), "rl")
+    return {"arm": name, "seeds": len(mine), "gold_change": g["gold_change"], "gold_change_se": g["gold_change_se"],
+            "gold_at_budget": g["gold_at_budget"], "gold_curve_mean": t_interval([curve_mean(r["curve"]) for r in mine])["mean"],
+            "proxy_change": g["proxy_change"], "proxy_change_se": g["proxy_change_se"], "kl_at_budget": g["kl_at_budget"],
+            "length_after": t_interval([r.get("heldout_length_after") for r in mine])["mean"],
+            "peak_requests": g["peak_requests"], "turn_down": g["turn_down"],
+            "gao_peak_sqrt_kl": fit["peak_sqrt_kl"], "gao_peak_gain": fit["peak_gain"]}
+
+
+def pair(runs: list[dict], a: str, b: str) -> dict | None:
+    """(a − b) per seed on the gold at the budget and over the curve: mean, SE, 95% CI, n."""
+    both = [r for r in runs if r["group"] in (a, b)]
+    if not any(r["group"] == a for r in both) or not any(r["group"] == b for r in both):
+        return None
+    return paired_differences(both, b, keys=("gold_after", "gold_curve_mean"))[a]
+
+
+def verdict(p1: dict, dar_vs_dpo: dict | None) -> str:
+    """The paper's claim, "DAR reaches OAIF-DPO's quality with fewer annotations", on this testbed:
+    confirmed when P1's 95% CI lies below 1 (and at most 5% of resamples leave it undefined);
+    refuted when DAR ends below OAIF-DPO at the same budget (the paired gold difference's 95% CI
+    lies below 0) or P1's CI lies above 1; otherwise undecided at this power."""
+    gold = (dar_vs_dpo or {}).get("gold_after") or {}
+    below = gold.get("mean") is not None and gold.get("ci95") is not None and gold["mean"] + gold["ci95"] < 0
+    if below or (p1.get("p1_ci_low") is not None and p1["p1_ci_low"] > 1):
+        return "refuted"
+    if p1.get("p1_ci_high") is not None and p1["p1_ci_high"] < 1 and (p1.get("p1_undefined_frac") or 0) <= 0.05:
+        return "confirmed"
+    return "undecided"
+
+
+def analyse(core: dict, ratio0: dict | None, noise: dict | None) -> dict:
+    summaries = [s for s in (core, ratio0, noise) if s is not None]
+    runs = [r for s in summaries for r in s["runs"]]
+    groups = {name: g for s in summaries for name, g in s["gold"]["groups"].items()}
+    arms = [arm(name, g, runs) for name, g in groups.items()]
+    vs_dar = {name: pair(runs, name, "dar") for name in groups if name != "dar"}
+    asked = {"dar − online-dpo": pair(runs, "dar", "online-dpo"),
+             "dar_ratio 0 − dar_ratio 0.1": pair(runs, "dar" + RATIO0, "dar"),
+             "dar − online-dpo, 25% noise": pair(runs, "dar" + NOISE, "online-dpo" + NOISE),
+             "dar: 25% noise − clean": pair(runs, "dar" + NOISE, "dar"),
+             "online-dpo: 25% noise − clean": pair(runs, "online-dpo" + NOISE, "online-dpo")}
+    asked = {k: v for k, v in asked.items() if v is not None}
+    p1 = p1_bootstrap(core["runs"])
+    ses = [v["gold_after"]["se"] for v in [*vs_dar.values(), *asked.values()] if v and v["gold_after"]["se"] is not None]
+    return {"budget": core["annotation_budget"], "seeds": core["seeds"], "training_annotator": core["training_annotator"],
+            "evaluator": core["evaluator"], "arms": arms, "paired_vs_dar": vs_dar, "paired_asked": asked, "p1": p1,
+            "max_paired_se": max(ses) if ses else None, "se_goal": SE_GOAL,
+            "se_goal_met": bool(ses) and max(ses) <= SE_GOAL,
+            "verdict": verdict(p1, asked.get("dar − online-dpo")), "verdict_rule": " ".join(verdict.__doc__.split())}
+
+
+def fmt(x, spec: str = "+.3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def markdown(res: dict) -> str:
+    out = [f"Budget {res['budget']} training requests per run, seeds {res['seeds']}; trained on "
+           f"{res['training_annotator']}, graded by {res['evaluator']}.", "",
+           "| arm | seeds | gold Δ ± SE | gold at budget | gold over the curve | proxy Δ ± SE | KL at budget | "
+           "length | gold peak @ requests | turns down | Gao peak √KL (gain) |", "|---" * 11 + "|"]
+    for a in res["arms"]:
+        gao = "—" if a["gao_peak_sqrt_kl"] is None else f"{a['gao_peak_sqrt_kl']:.2f} ({a['gao_peak_gain']:+.3f})"
+        out.append(f"| {a['arm']} | {a['seeds']} | {fmt(a['gold_change'])} ± {fmt(a['gold_change_se'], '.3f')} | "
+                   f"{fmt(a['gold_at_budget'], '.3f')} | {fmt(a['gold_curve_mean'], '.3f')} | "
+                   f"{fmt(a['proxy_change'])} ± {fmt(a['proxy_change_se'], '.3f')} | {fmt(a['kl_at_budget'], '.2f')} | "
+                   f"{fmt(a['length_after'], '.1f')} | {a['peak_requests']} | {'yes' if a['turn_down'] else 'no'} | {gao} |")
+    out += ["", "Paired within-seed differences of the gold (mean ± SE [95% CI], n seeds):", "",
+            "| difference | at the budget | over the curve |", "|---|---|---|"]
+
+    def cell(t):
+        if t["mean"] is None:
+            return "—"
+        ci = "" if t["ci95"] is None else f" [{t['mean'] - t['ci95']:+.3f}, {t['mean'] + t['ci95']:+.3f}]"
+        return f"{t['mean']:+.3f} ± {fmt(t['se'], '.3f')}{ci}, n={t['n']}"
+    rows = {**{f"{k} − dar": v for k, v in res["paired_vs_dar"].items()}, **res["paired_asked"]}
+    for k, v in rows.items():
+        out.append(f"| {k} | {cell(v['gold_after'])} | {cell(v['gold_curve_mean'])} |")
+    p1 = res["p1"]
+    out += ["", f"P1 (DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold): {fmt(p1['p1'], '.2f')}, "
+            f"95% CI [{fmt(p1['p1_ci_low'], '.2f')}, {fmt(p1['p1_ci_high'], '.2f')}], undefined in "
+            f"{fmt(p1['p1_undefined_frac'], '.0%')} of resamples.",
+            f"Largest paired SE: {fmt(res['max_paired_se'], '.4f')} (goal ≤ {res['se_goal']}: "
+            f"{'met' if res['se_goal_met'] else 'not met'}).", "",
+            f"**Verdict on the paper's claim: {res['verdict']}.** Rule: {res['verdict_rule']}"]
+    return "\n".join(out) + "\n"
+
+
+def plot(res: dict, groups: dict, path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, g in groups.items():
+        xs = [p["requests"] for p in g["curve"]]
+        left.plot(xs, [p["gold"] for p in g["curve"]], marker="o", ls="--" if "," in name else "-", label=name)
+    left.set(xlabel="training annotator requests", ylabel="held-out gold (mean over seeds)", title="gold along training")
+    left.legend(fontsize=7)
+    rows = {**{f"{k} − dar": v for k, v in res["paired_vs_dar"].items()}, **res["paired_asked"]}
+    rows = {k: v["gold_after"] for k, v in rows.items() if v["gold_after"]["mean"] is not None}
+    ys = range(len(rows))
+    right.errorbar([v["mean"] for v in rows.values()], list(ys), xerr=[v["ci95"] or 0 for v in rows.values()], fmt="o", capsize=3)
+    right.axvline(0, color="k", lw=0.8)
+    for x in (-0.03, 0.03):
+        right.axvline(x, color="grey", lw=0.6, ls=":")
+    right.set_yticks(list(ys), list(rows), fontsize=7)
+    right.set(xlabel="paired gold difference at the budget (95% CI over seeds)", title="differences the study asks about")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--core", type=Path, required=True, help="dar, online-dpo, rloo, grpo on the learned proxy")
+    p.add_argument("--ratio0", type=Path, help="dar with dar_ratio 0, same seeds and config")
+    p.add_argument("--noise", type=Path, help="dar and online-dpo on the proxy fitted to 25%%-flipped labels")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    core, ratio0, noise = load(a.core), load(a.ratio0, RATIO0), load(a.noise, NOISE)
+    res = analyse(core, ratio0, noise)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "study.json").write_text(json.dumps(res, indent=1))
+    (a.out / "study.md").write_text(markdown(res))
+    groups = {n: g for s in (core, ratio0, noise) if s for n, g in s["gold"]["groups"].items()}
+    plot(res, groups, a.out / "study.png")
+    print((a.out / "study.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
