@@ -45,13 +45,17 @@ def vllm_tiny_policy(tmp_path_factory) -> str:
 
 
 # DAR on the real SmolLM2; LoRA and RLOO's extra forward are plumbing: the tiny model shows them in seconds
-@pytest.mark.parametrize("algorithm, peft, model", [("dar", False, "smollm2"), ("dar", True, "tiny"), ("rloo", False, "tiny")],
-                         ids=["dar-full", "dar-lora", "rloo-full"])
+@pytest.mark.parametrize("algorithm, peft, model", [("dar", False, "smollm2"), ("dar", True, "tiny"), ("rloo", False, "tiny"),
+                                                    ("dar", "adapter", "tiny")],
+                         ids=["dar-full", "dar-lora", "rloo-full", "dar-lora-adapter-sync"])
 def test_vllm_colocate_samples_the_current_policy(tmp_path, algorithm, peft, model, monkeypatch, request):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for 4 sequences of 12 tokens
     path = request.getfixturevalue("vllm_tiny_policy") if model == "tiny" else "bundled:smollm2-135m-instruct"
-    metrics = train_with_vllm(tmp_path, algorithm=algorithm, use_peft=peft, learning_rate=1e-3 if peft else 1e-5,
-                              model_name_or_path=path)
+    # adapter sync: the engine applies the pushed adapter as a vLLM LoRA; were it not applied, step 2's
+    # log-probs (after an update of KL > 1e-4) would disagree with the trainer's
+    lora_sync = {"vllm_lora_sync": "adapter"} if peft == "adapter" else {}
+    metrics = train_with_vllm(tmp_path, algorithm=algorithm, use_peft=bool(peft), learning_rate=1e-3 if peft else 1e-5,
+                              model_name_or_path=path, **lora_sync)
     for m in metrics:
         # DAR takes π_t from its update's forward; RLOO needs it before (its KL penalty): one forward
         assert ("timing/behaviour_forward" in m) == (algorithm == "rloo"), m

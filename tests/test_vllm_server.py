@@ -8,6 +8,7 @@ gets wrong on the CPU (its packed LM head stays stale, 0.02–0.06 nats off): pu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import signal
@@ -202,6 +203,15 @@ def test_colocate_engine_settings_per_device_and_rank():
     engine_class(TrainConfig(use_vllm=True, vllm_mode="server"), "score").check(TrainConfig(), 8, torch.device("cuda", 3))
     with pytest.raises(ConfigError, match="vllm_dtype: 'int8' is not one of"):
         TrainConfig(use_vllm=True, vllm_dtype="int8", dataset="prompts.jsonl").validate()
+    # adapter-only LoRA sync: an engine with vLLM LoRA at the smallest rank vLLM allows that holds lora_r
+    adapter = TrainConfig(use_vllm=True, use_peft=True, lora_r=12, vllm_lora_sync="adapter", dataset="prompts.jsonl")
+    adapter.validate()
+    kw = engine_kwargs("m", settings(), adapter.vllm, cuda)
+    assert kw["enable_lora"] is True and kw["max_lora_rank"] == 16 and kw["max_loras"] == 1
+    assert "enable_lora" not in engine_kwargs("m", settings(), TrainConfig(use_vllm=True, use_peft=True).vllm, cuda)  # merged
+    for bad in ({"use_peft": False}, {"vllm_mode": "server"}, {"vllm_enable_sleep_mode": True}, {"vllm_tensor_parallel_size": 2}):
+        with pytest.raises(ConfigError, match="vllm_lora_sync adapter: for a LoRA policy"):
+            dataclasses.replace(adapter, **bad).validate()
 
 
 @pytest.mark.slow

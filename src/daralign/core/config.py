@@ -30,6 +30,8 @@ class VLLMSettings:
     tensor_parallel_size: int = 1
     max_num_batched_tokens: int | None = None
     enable_sleep_mode: bool = False
+    lora_sync: str = "merged"  # merged | adapter
+    lora_rank: int = 0  # the LoRA rank of an adapter-synced policy (0: the engine serves no adapters)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class TrainConfig:
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "colocate on CUDA: GPUs per engine; with N training processes, N / this engines, each rank in a group sampling the group's prompts (TRL's vllm_tensor_parallel_size)"})
     vllm_max_num_batched_tokens: int | None = field(default=None, metadata={"help": "the colocated engine's cap on tokens per scheduler step, vLLM's own when unset; a lower cap lowers its activation memory"})
     vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "colocate on CUDA: the engine frees its KV cache and weights through the update and wakes to the freshly pushed weights (never reloaded from disk)"})
+    vllm_lora_sync: str = field(default="merged", metadata={"help": "use_peft, colocate: merged = the adapter merged into the base weights for each push (in place, no copy) | adapter = only the adapter's files pushed, the engine applies it as a vLLM LoRA (no merge; vLLM decodes adapters ~1.3x slower)"})
     # --- annotation
     annotator: Any = field(default=None, metadata={"help": "the annotator training learns from: a mapping or a path to its YAML (see docs/annotators.md); not used by offline dpo"})
     eval_annotator: Any = field(default=None, metadata={"help": "the yardstick: scores held-out answers and judges win rates (same forms as annotator); default: the training annotator, which the report then says plainly"})
@@ -149,6 +152,12 @@ class TrainConfig:
             raise ConfigError("dataset: no prompt dataset given (a .jsonl/.json file or a datasets name)")
         if self.vllm_mode not in ("colocate", "server"):
             raise ConfigError(f"vllm_mode: {self.vllm_mode!r} is not one of colocate, server")
+        if self.vllm_lora_sync not in ("merged", "adapter"):
+            raise ConfigError(f"vllm_lora_sync: {self.vllm_lora_sync!r} is not one of merged, adapter")
+        if self.use_vllm and self.vllm_lora_sync == "adapter" and (not self.use_peft or self.vllm_mode != "colocate"
+                                                                    or self.vllm_enable_sleep_mode or self.vllm_tensor_parallel_size > 1):
+            raise ConfigError("vllm_lora_sync adapter: for a LoRA policy (use_peft) in vllm_mode colocate, without sleep mode "
+                              "(level-2 sleep drops the base weights the adapter rides on) or tensor parallelism; use merged")
         if self.vllm_tensor_parallel_size < 1 or (self.vllm_max_num_batched_tokens or 1) < 1:
             raise ConfigError("vllm_tensor_parallel_size and vllm_max_num_batched_tokens must be ≥ 1")
         if self.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -165,7 +174,9 @@ class TrainConfig:
         return VLLMSettings(mode=self.vllm_mode, server_url=self.vllm_server_url, sync_dir=self.vllm_sync_dir,
                             gpu_memory_utilization=self.vllm_gpu_memory_utilization, enforce_eager=self.vllm_enforce_eager,
                             dtype=self.vllm_dtype, tensor_parallel_size=self.vllm_tensor_parallel_size,
-                            max_num_batched_tokens=self.vllm_max_num_batched_tokens, enable_sleep_mode=self.vllm_enable_sleep_mode)
+                            max_num_batched_tokens=self.vllm_max_num_batched_tokens, enable_sleep_mode=self.vllm_enable_sleep_mode,
+                            lora_sync=self.vllm_lora_sync,
+                            lora_rank=self.lora_r if self.use_peft and self.vllm_lora_sync == "adapter" else 0)
 
     @property
     def heldout_seed(self) -> int:

@@ -30,8 +30,12 @@ same engine behind HTTP (``vllm_mode: server``).
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -86,6 +90,9 @@ class VLLMColocate(RolloutEngine):
         idle = _IDLE.pop(self.key, None)
         _IDLE.clear()  # an idle engine built otherwise: freed before a new one takes its memory
         self.llm = idle if idle is not None else LLM(**kwargs)
+        # vllm_lora_sync adapter: each push writes the adapter alone to a new folder under a new id
+        self.adapter_dir = Path(tempfile.mkdtemp(prefix="daralign-adapter-")) if v.lora_rank else None
+        self.max_lora_rank, self.lora_request = kwargs.get("max_lora_rank", 0), None
         self.weights_asleep = False
         if self.sleep_mode:  # level 2 discards the weights: the loop pushes the policy's before the first sample
             self.llm.sleep(level=2)
@@ -136,7 +143,7 @@ class VLLMColocate(RolloutEngine):
                 ))
         if self.sleep_mode:
             self.llm.wake_up(tags=["kv_cache"])
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         if self.sleep_mode:  # through the update the engine holds no GPU memory; the next push wakes it
             self.llm.sleep(level=2)
             self.weights_asleep = True
@@ -150,12 +157,30 @@ class VLLMColocate(RolloutEngine):
     def sync_weights(self, model) -> None:
         """Push the policy's current weights (merged, for LoRA) into the engine; with sleep mode, wake
         its weights first — to these weights, never to the checkpoint on disk."""
+        if self.adapter_dir is not None:
+            return self._push_adapter(model)
         if self.weights_asleep:
             self.llm.wake_up(tags=["weights"])
             self.weights_asleep = False
         with merged_weights(model) as weights:
             self.llm.collective_rpc("daralign_load_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
+
+    def _push_adapter(self, model) -> None:
+        """The adapter's files (PEFT's ``save_pretrained``: a few MB) under a new LoRA id, which the next
+        ``generate`` loads; the base weights in the engine never change (LoRA freezes them)."""
+        from vllm.lora.request import LoRARequest
+
+        rank = max(c.r for c in model.peft_config.values())
+        if rank > self.max_lora_rank:
+            raise ConfigError(f"vllm_lora_sync adapter: the adapter's rank {rank} is above the engine's max_lora_rank "
+                              f"{self.max_lora_rank} (set from lora_r)")
+        n = next(_LORA_IDS)  # unique in the process: an engine taken over from an earlier run has cached its ids
+        folder = self.adapter_dir / str(n)
+        model.save_pretrained(folder, safe_serialization=True)
+        if self.lora_request is not None:  # the previous push's files: loaded at the sample since, or never used
+            shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
+        self.lora_request = LoRARequest(f"daralign-policy-{n}", n, str(folder))
 
     def close(self) -> None:
         """Hand the engine back: it stays idle for a run built the same way (one at most, so an idle
@@ -165,9 +190,12 @@ class VLLMColocate(RolloutEngine):
             _IDLE.clear()
             _IDLE[self.key] = self.llm
         self.llm = None
+        if self.adapter_dir is not None:
+            shutil.rmtree(self.adapter_dir, ignore_errors=True)
 
 
 _IDLE: dict[tuple, object] = {}  # at most one idle engine: its construction arguments → the engine
+_LORA_IDS = itertools.count(1)  # vLLM LoRA ids of adapter pushes, never reused in a process
 
 
 def engine_kwargs(model_path: str, settings: SamplingSettings, v: VLLMSettings, device, process_index: int = 0,
@@ -188,6 +216,9 @@ def engine_kwargs(model_path: str, settings: SamplingSettings, v: VLLMSettings, 
         kwargs["max_num_batched_tokens"] = v.max_num_batched_tokens
     if v.enable_sleep_mode:
         kwargs["enable_sleep_mode"] = True
+    if v.lora_rank:  # the smallest rank vLLM allows that holds the adapter's
+        allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+        kwargs |= {"enable_lora": True, "max_loras": 1, "max_lora_rank": next((r for r in allowed if r >= v.lora_rank), v.lora_rank)}
     if cuda and num_processes > 1:
         kwargs |= {"distributed_executor_backend": "external_launcher", "seed": settings.seed + process_index // v.tensor_parallel_size}
     return kwargs
