@@ -338,7 +338,7 @@ def test_study_page_pairs_arms_across_folders(gold_compare, tmp_path):
     out, _ = gold_compare
     study = _example("study")
     page = tmp_path / "page"
-    assert study.main(["--core", str(out), "--ratio0", str(out), "--noise", str(out), "--out", str(page)]) == 0
+    assert study.main(["--core", str(out), "--ratio0", str(out), "--noise", str(out), "--control", str(out), "--out", str(page)]) == 0
     res = json.loads((page / "study.json").read_text())
     runs = json.loads((out / "summary.json").read_text())["runs"]
     after = {(r["group"], r["seed"]): r["gold_after"] for r in runs}
@@ -347,10 +347,11 @@ def test_study_page_pairs_arms_across_folders(gold_compare, tmp_path):
     assert got["n"] == 2 and got["mean"] == pytest.approx(sum(diffs) / 2)
     assert got["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)  # SD/√2 of two values = |a − b| / 2
     assert res["paired_vs_dar"]["online-dpo"]["gold_after"]["mean"] == pytest.approx(-got["mean"])
-    same = res["paired_asked"]["dar_ratio 0 − dar_ratio 0.1"]["gold_after"]  # the same runs under two names
-    assert same["mean"] == 0 and same["se"] == 0
+    for name in ("dar_ratio 0 − dar_ratio 0.1", "dar − its shuffled-reward control"):  # the same runs under two names
+        same = res["paired_asked"][name]["gold_after"]
+        assert same["mean"] == 0 and same["se"] == 0 and same["n"] == 2
     arms = {a["arm"]: a for a in res["arms"]}
-    assert set(arms) >= {"dar", "online-dpo", "dar, dar_ratio 0", "online-dpo, 25% noise"}
+    assert set(arms) >= {"dar", "online-dpo", "dar, dar_ratio 0", "online-dpo, 25% noise", "dar, shuffled rewards"}
     dar_runs = [r for r in runs if r["group"] == "dar"]
     assert arms["dar"]["length_after"] == pytest.approx(sum(r["heldout_length_after"] for r in dar_runs) / 2)
     assert res["max_paired_se"] == pytest.approx(max(v["gold_after"]["se"] for v in

@@ -5,13 +5,13 @@
   curve, KL and answer length at the budget, where the gold peaks and whether it turns down, Gao's
   RL form fitted to gold gain against √KL; every arm's **paired** within-seed difference to DAR
   (gold at the budget, gold over the curve), and the pairs the study asks about (DAR's reference
-  term on and off, label noise, DAR against OAIF-DPO under noise); P1 with its bootstrap CI; and the
+  term on and off, DAR against its shuffled-reward control, label noise, DAR against OAIF-DPO under noise); P1 with its bootstrap CI; and the
   verdict on the paper's claim, by the rule written in ``verdict`` below, fixed before the runs;
 - ``study.md``: those tables; ``study.png``: gold against requests per arm, and the paired
   differences with their 95% intervals.
 
     python examples/testbed/study.py --core runs/study --ratio0 runs/study-ratio0 \\
-        --noise runs/study-noise25 --out docs/img/study
+        --noise runs/study-noise25 --control runs/study-control --out docs/img/study
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from daralign.compare.paired import curve_mean, fit_gao, gao_points, p1_bootstrap, paired_differences, t_interval  # noqa: E402
 
 SE_GOAL = 0.015  # the issue's goal: a 0.03 gold difference decided at 2 SE
-NOISE, RATIO0 = ", 25% noise", ", dar_ratio 0"
+NOISE, RATIO0, CONTROL = ", 25% noise", ", dar_ratio 0", ", shuffled rewards"
 
 
 def load(folder: Path | None, suffix: str = "") -> dict | None:
@@ -79,14 +79,15 @@ def verdict(p1: dict, dar_vs_dpo: dict | None) -> str:
     return "undecided"
 
 
-def analyse(core: dict, ratio0: dict | None, noise: dict | None) -> dict:
-    summaries = [s for s in (core, ratio0, noise) if s is not None]
+def analyse(core: dict, ratio0: dict | None, noise: dict | None, control: dict | None = None) -> dict:
+    summaries = [s for s in (core, ratio0, noise, control) if s is not None]
     runs = [r for s in summaries for r in s["runs"]]
     groups = {name: g for s in summaries for name, g in s["gold"]["groups"].items()}
     arms = [arm(name, g, runs) for name, g in groups.items()]
     vs_dar = {name: pair(runs, name, "dar") for name in groups if name != "dar"}
     asked = {"dar − online-dpo": pair(runs, "dar", "online-dpo"),
              "dar_ratio 0 − dar_ratio 0.1": pair(runs, "dar" + RATIO0, "dar"),
+             "dar − its shuffled-reward control": pair(runs, "dar", "dar" + CONTROL),
              "dar − online-dpo, 25% noise": pair(runs, "dar" + NOISE, "online-dpo" + NOISE),
              "dar: 25% noise − clean": pair(runs, "dar" + NOISE, "dar"),
              "online-dpo: 25% noise − clean": pair(runs, "online-dpo" + NOISE, "online-dpo")}
@@ -98,6 +99,12 @@ def analyse(core: dict, ratio0: dict | None, noise: dict | None) -> dict:
             "max_paired_se": max(ses) if ses else None, "se_goal": SE_GOAL,
             "se_goal_met": bool(ses) and max(ses) <= SE_GOAL,
             "verdict": verdict(p1, asked.get("dar − online-dpo")), "verdict_rule": " ".join(verdict.__doc__.split())}
+
+
+def shown_pairs(res: dict) -> dict:
+    """Every arm − DAR, then the pairs asked about that are not one of those turned round."""
+    rows = {f"{k} − dar": v for k, v in res["paired_vs_dar"].items()}
+    return rows | {k: v for k, v in res["paired_asked"].items() if k != "dar − online-dpo"}
 
 
 def fmt(x, spec: str = "+.3f") -> str:
@@ -114,7 +121,7 @@ def markdown(res: dict) -> str:
         out.append(f"| {a['arm']} | {a['seeds']} | {fmt(a['gold_change'])} ± {fmt(a['gold_change_se'], '.3f')} | "
                    f"{fmt(a['gold_at_budget'], '.3f')} | {fmt(a['gold_curve_mean'], '.3f')} | "
                    f"{fmt(a['proxy_change'])} ± {fmt(a['proxy_change_se'], '.3f')} | {fmt(a['kl_at_budget'], '.2f')} | "
-                   f"{fmt(a['length_after'], '.1f')} | {a['peak_requests']} | {'yes' if a['turn_down'] else 'no'} | {gao} |")
+                   f"{fmt(a['length_after'], '.1f')} | {fmt(a['peak_requests'], '.0f')} | {'yes' if a['turn_down'] else 'no'} | {gao} |")
     out += ["", "Paired within-seed differences of the gold (mean ± SE [95% CI], n seeds):", "",
             "| difference | at the budget | over the curve |", "|---|---|---|"]
 
@@ -123,8 +130,7 @@ def markdown(res: dict) -> str:
             return "—"
         ci = "" if t["ci95"] is None else f" [{t['mean'] - t['ci95']:+.3f}, {t['mean'] + t['ci95']:+.3f}]"
         return f"{t['mean']:+.3f} ± {fmt(t['se'], '.3f')}{ci}, n={t['n']}"
-    rows = {**{f"{k} − dar": v for k, v in res["paired_vs_dar"].items()}, **res["paired_asked"]}
-    for k, v in rows.items():
+    for k, v in shown_pairs(res).items():
         out.append(f"| {k} | {cell(v['gold_after'])} | {cell(v['gold_curve_mean'])} |")
     p1 = res["p1"]
     out += ["", f"P1 (DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold): {fmt(p1['p1'], '.2f')}, "
@@ -143,8 +149,7 @@ def plot(res: dict, groups: dict, path: Path) -> None:
         left.plot(xs, [p["gold"] for p in g["curve"]], marker="o", ls="--" if "," in name else "-", label=name)
     left.set(xlabel="training annotator requests", ylabel="held-out gold (mean over seeds)", title="gold along training")
     left.legend(fontsize=7)
-    rows = {**{f"{k} − dar": v for k, v in res["paired_vs_dar"].items()}, **res["paired_asked"]}
-    rows = {k: v["gold_after"] for k, v in rows.items() if v["gold_after"]["mean"] is not None}
+    rows = {k: v["gold_after"] for k, v in shown_pairs(res).items() if v["gold_after"]["mean"] is not None}
     ys = range(len(rows))
     right.errorbar([v["mean"] for v in rows.values()], list(ys), xerr=[v["ci95"] or 0 for v in rows.values()], fmt="o", capsize=3)
     right.axvline(0, color="k", lw=0.8)
@@ -162,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--core", type=Path, required=True, help="dar, online-dpo, rloo, grpo on the learned proxy")
     p.add_argument("--ratio0", type=Path, help="dar with dar_ratio 0, same seeds and config")
     p.add_argument("--noise", type=Path, help="dar and online-dpo on the proxy fitted to 25%%-flipped labels")
+    p.add_argument("--control", type=Path, help="dar with shuffled rewards (--shuffle_rewards true), same seeds")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    core, ratio0, noise = load(a.core), load(a.ratio0, RATIO0), load(a.noise, NOISE)
-    res = analyse(core, ratio0, noise)
+    core, ratio0, noise, control = load(a.core), load(a.ratio0, RATIO0), load(a.noise, NOISE), load(a.control, CONTROL)
+    res = analyse(core, ratio0, noise, control)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "study.json").write_text(json.dumps(res, indent=1))
     (a.out / "study.md").write_text(markdown(res))
-    groups = {n: g for s in (core, ratio0, noise) if s for n, g in s["gold"]["groups"].items()}
+    groups = {n: g for s in (core, ratio0, noise, control) if s for n, g in s["gold"]["groups"].items()}
     plot(res, groups, a.out / "study.png")
     print((a.out / "study.md").read_text())
     return 0

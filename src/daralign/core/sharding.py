@@ -84,4 +84,4 @@ def check_launch(accelerator, *, use_peft: bool, has_eval: bool) -> None:
                           "GPU, so launch it with DDP (docs/gpu.md)")
     if has_eval:
         raise ConfigError("FSDP with an eval_dataset is not built yet (the held-out check runs on the main process only): "
-                          "drop eval_dataset and evaluate final/ with `daralign evaluate`")
+                          "drop eval_dataset and evaluate final/ afterwards (`daralign eval`)")

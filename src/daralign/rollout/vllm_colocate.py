@@ -155,8 +155,8 @@ class VLLMColocate(RolloutEngine):
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
-        """Push the policy's current weights (merged, for LoRA) into the engine; with sleep mode, wake
-        its weights first — to these weights, never to the checkpoint on disk."""
+        """Push the policy's current weights (for LoRA merged, or the adapter alone) into the engine; with
+        sleep mode, wake its weights first — to these weights, never to the checkpoint on disk."""
         if self.adapter_dir is not None:
             return self._push_adapter(model)
         if self.weights_asleep:
