@@ -6,7 +6,7 @@
   RL form fitted to gold gain against √KL; every arm's **paired** within-seed difference to DAR
   (gold at the budget, gold over the curve), and the pairs the study asks about (DAR's reference
   term on and off, DAR against its shuffled-reward control, label noise, DAR against OAIF-DPO under noise); P1 with its bootstrap CI; and the
-  verdict on the paper's claim, by the rule written in ``verdict`` below, fixed before the runs;
+  verdict on the paper's claim, by the rule written in ``verdict`` below, fixed before any result was seen;
 - ``study.md``: those tables; ``study.png``: gold against requests per arm, and the paired
   differences with their 95% intervals.
 
