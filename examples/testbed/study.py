@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from daralign.compare.paired import curve_mean, fit_gao, gao_points, p1_bootstrap, paired_differences, t_interval  # noqa: E402
+from daralign.compare.paired import p1_bootstrap, paired_differences, t_interval  # noqa: E402
 
 SE_GOAL = 0.015  # the issue's goal: a 0.03 gold difference decided at 2 SE
 NOISE, RATIO0, CONTROL = ", 25% noise", ", dar_ratio 0", ", shuffled rewards"
@@ -48,9 +48,9 @@ def load(folder: Path | None, suffix: str = "") -> dict | None:
 def arm(name: str, g: dict, runs: list[dict]) -> dict:
     """One arm's row: its statistics over seeds from ``summary.json``'s gold section, plus length."""
     mine = [r for r in runs if r["group"] == name]
-    fit = g.get("gao_fit") or fit_gao(gao_points(mine), "rl")
+    fit = g["gao_fit"]
     return {"arm": name, "seeds": len(mine), "gold_change": g["gold_change"], "gold_change_se": g["gold_change_se"],
-            "gold_at_budget": g["gold_at_budget"], "gold_curve_mean": t_interval([curve_mean(r["curve"]) for r in mine])["mean"],
+            "gold_at_budget": g["gold_at_budget"], "gold_curve_mean": g["gold_curve_mean"],
             "proxy_change": g["proxy_change"], "proxy_change_se": g["proxy_change_se"], "kl_at_budget": g["kl_at_budget"],
             "length_after": t_interval([r.get("heldout_length_after") for r in mine])["mean"],
             "peak_requests": g["peak_requests"], "turn_down": g["turn_down"],

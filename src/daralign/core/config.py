@@ -30,8 +30,7 @@ class VLLMSettings:
     tensor_parallel_size: int = 1
     max_num_batched_tokens: int | None = None
     enable_sleep_mode: bool = False
-    lora_sync: str = "merged"  # merged | adapter
-    lora_rank: int = 0  # the LoRA rank of an adapter-synced policy (0: the engine serves no adapters)
+    lora_rank: int = 0  # vllm_lora_sync adapter: the policy's LoRA rank (0: merged pushes, no adapters in the engine)
 
 
 @dataclass
@@ -175,7 +174,6 @@ class TrainConfig:
                             gpu_memory_utilization=self.vllm_gpu_memory_utilization, enforce_eager=self.vllm_enforce_eager,
                             dtype=self.vllm_dtype, tensor_parallel_size=self.vllm_tensor_parallel_size,
                             max_num_batched_tokens=self.vllm_max_num_batched_tokens, enable_sleep_mode=self.vllm_enable_sleep_mode,
-                            lora_sync=self.vllm_lora_sync,
                             lora_rank=self.lora_r if self.use_peft and self.vllm_lora_sync == "adapter" else 0)
 
     @property
