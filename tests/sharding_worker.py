@@ -39,8 +39,8 @@ def main(folder: str, out: Path) -> None:
     assert [k for k, _ in got] == list(expect), "the state dict's keys and order"
     for k, v in got:
         assert torch.equal(v, expect[k]), k
-    with merged_weights(model) as weights:
-        pushed = dict(weights)
+    with merged_weights(model) as weights:  # shards, gathered where a push uses them
+        pushed = {k: sharding.whole(v) for k, v in weights}
     assert pushed.keys() == expect.keys() and all(torch.equal(pushed[k], expect[k]) for k in expect)
 
     # generation in lockstep: the ranks ask for answers of different lengths, so one finishes while

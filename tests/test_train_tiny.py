@@ -165,6 +165,22 @@ def test_a_lora_push_reads_the_merged_weights_in_place(tiny_policy_dir):
         assert {k: v.data_ptr() for k, v in weights} == {k: v.data_ptr() for k, v in plain.state_dict().items()}
 
 
+def test_a_push_sends_a_tied_weight_once(tiny_policy_dir):
+    """A tied LM head is the embedding itself: a push sends it once, under the embedding's name
+    (vLLM ties the head itself), and every process leaves out the same name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from daralign.rollout.vllm_colocate import merged_weights
+
+    config = AutoConfig.from_pretrained(tiny_policy_dir)
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    with merged_weights(model) as weights:
+        names = [k for k, _ in weights]
+    assert names == [k for k in model.state_dict() if k != "lm_head.weight"]
+
+
 def test_lora_merged_vs_adapter_only(lora_runs, tiny_policy_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -40,7 +40,7 @@ def vllm_server():
     port = free_port()
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: plenty for a few short sequences
     proc = subprocess.Popen([sys.executable, "-m", "daralign.cli", "vllm-serve", "--model", POLICY, "--port", str(port),
-                             "--dtype", "float32", "--max_model_len", "512"], env=env,
+                             "--dtype", "float32", "--max_model_len", "512", "--weight_transfer", "gloo"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -71,7 +71,7 @@ def settings():
                             temperature=1.0, top_p=1.0, top_k=0, generation_batch_size=32, seed=0, dtype="float32")
 
 
-def _push_and_compare(engine, sync, tmp_path=None) -> tuple[float, float]:
+def _push_and_compare(engine, sync, scale: float = 1.02) -> tuple[float, float]:
     """Scale the policy's tied embedding, push it, sample; (mean, max) |trainer − engine| per token."""
     from daralign.core.models import load_causal_lm, load_tokenizer, token_logps
     from daralign.rollout.base import behaviour_check
@@ -80,7 +80,7 @@ def _push_and_compare(engine, sync, tmp_path=None) -> tuple[float, float]:
     model = load_causal_lm(str(path), "float32", False)
     tok = load_tokenizer(str(path), False)
     with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(1.02)  # also the LM head: SmolLM2 ties them
+        model.get_input_embeddings().weight.mul_(scale)  # also the LM head: SmolLM2 ties them
     sync(model)
     rollout = engine.sample(model, ROWS, step=0)
     assert rollout.behaviour_token_logps is None and rollout.engine_token_logps is not None  # π_t: the trainer's
@@ -97,13 +97,34 @@ def test_server_agrees_with_the_trainer_after_a_push(vllm_server, tmp_path):
     from daralign.core.models import load_tokenizer
     from daralign.rollout.vllm_server import VLLMServer
 
-    server = VLLMServer(vllm_server, load_tokenizer(str(bundled.resolve(POLICY)), False), settings(), sync_dir=str(tmp_path))
+    server = VLLMServer(vllm_server, load_tokenizer(str(bundled.resolve(POLICY)), False), settings(), sync_dir=str(tmp_path),
+                        weight_transfer="file")
     mean, worst = _push_and_compare(server, server.sync_weights)
     assert mean < 1e-4 and worst < 1e-3, (mean, worst)
     ours = server.sync_dir
     assert (ours / "model.safetensors").is_file() and ours.parent == tmp_path
     server.close()
     assert not ours.exists() and tmp_path.is_dir()  # only what daralign wrote is removed
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_vllm_weight_transfer_agrees_with_the_trainer_after_a_push(vllm_server):
+    """vLLM's own weight transfer (its RL routes, the trainer in the workers' process group) over gloo:
+    what the NCCL path runs on GPUs, here without CUDA. ``auto`` follows the server's backend."""
+    from daralign.core.errors import ConfigError
+    from daralign.core.models import load_tokenizer
+    from daralign.rollout.vllm_server import VLLMServer
+
+    tok = load_tokenizer(str(bundled.resolve(POLICY)), False)
+    server = VLLMServer(vllm_server, tok, settings(), sync_dir=None)
+    assert server.transfer is not None and server.sync_dir is None  # no file anywhere
+    mean, worst = _push_and_compare(server, server.sync_weights, scale=0.97)  # not what the file test left there
+    server.close()
+    assert mean < 1e-4 and worst < 1e-3, (mean, worst)
+    with pytest.raises(ConfigError, match="vllm_weight_transfer nccl: the vLLM server at .* was started with gloo; "
+                                          "start it with `daralign vllm-serve --weight_transfer nccl`"):
+        VLLMServer(vllm_server, tok, settings(), sync_dir=None, weight_transfer="nccl")
 
 
 @pytest.mark.slow
@@ -129,11 +150,12 @@ def test_colocate_agrees_with_the_trainer_after_a_push(monkeypatch):
 @pytest.mark.slow
 @needs_vllm
 def test_train_samples_from_the_server(vllm_server, tmp_path):
-    """Runs after the push test left changed weights on the server: the run starts it at its policy."""
+    """Runs after the push tests left changed weights on the server: the run starts it at its policy.
+    The pushes go through vLLM's weight transfer (``auto``: the server's gloo), opened anew by this run."""
     metrics = train_with_vllm(tmp_path, vllm_mode="server", vllm_server_url=vllm_server, vllm_sync_dir=str(tmp_path / "sync"))
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-3)  # the server was reset to the starting policy
     assert "timing/weight_sync" in metrics[0] and "timing/behaviour_forward" not in metrics[0]  # π_t: the update's
-    assert list((tmp_path / "sync").iterdir()) == []  # the run removed its weights file, kept the folder
+    assert not (tmp_path / "sync").exists()  # no weights file was written
 
 
 def test_no_server_is_one_clear_line(tmp_path, capsys, tiny_policy_dir):
@@ -162,6 +184,11 @@ def test_vllm_serve_prints_the_server_and_the_trainer_config(capsys):
 
     assert f"--gpu-memory-utilization {0.9 if torch.cuda.is_available() else 0.3}" in out
     assert "vllm_mode: server\nvllm_server_url: http://127.0.0.1:8123" in out
+    transfer = "nccl" if torch.cuda.is_available() else "file"  # auto: vLLM's NCCL transfer with CUDA
+    assert f"vllm_weight_transfer: {transfer}" in out
+    assert ("""--weight-transfer-config '{"backend": "nccl"}'""" in out) == torch.cuda.is_available()
+    assert daralign_main(["vllm-serve", "--model", "m", "--weight_transfer", "gloo", "--print_command"]) == 0
+    assert """--weight-transfer-config '{"backend": "daralign_gloo"}'""" in capsys.readouterr().out
 
 
 def test_colocate_engine_settings_per_device_and_rank():
@@ -229,7 +256,7 @@ def test_a_sync_dir_without_room_is_one_clear_line(vllm_server, tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         path = str(bundled.resolve(POLICY))
-        server = VLLMServer(vllm_server, load_tokenizer(path, False), settings(), sync_dir=str(small))
+        server = VLLMServer(vllm_server, load_tokenizer(path, False), settings(), sync_dir=str(small), weight_transfer="file")
         with pytest.raises(ConfigError, match=r"vllm_sync_dir: .*small has \d+ MiB free and the policy's weights need \d+ MiB"):
             server.sync_weights(load_causal_lm(path, "float32", False))
         assert list(server.sync_dir.iterdir()) == []  # nothing half-written

@@ -30,6 +30,7 @@ class VLLMSettings:
     tensor_parallel_size: int = 1
     max_num_batched_tokens: int | None = None
     enable_sleep_mode: bool = False
+    weight_transfer: str = "auto"  # server mode: auto | nccl | gloo | file (rollout/vllm_transfer.py)
     lora_rank: int = 0  # vllm_lora_sync adapter: the policy's LoRA rank (0: merged pushes, no adapters in the engine)
 
 
@@ -69,6 +70,7 @@ class TrainConfig:
     vllm_mode: str = field(default="colocate", metadata={"help": "colocate: the engine in the training process (TRL's naming) | server: a `daralign vllm-serve` process at vllm_server_url"})
     vllm_server_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "vllm_mode server: where `daralign vllm-serve` listens"})
     vllm_sync_dir: str | None = field(default=None, metadata={"help": "vllm_mode server: a folder the server can read, for the weights pushed after each step (default /dev/shm: one host; a shared filesystem across nodes)"})
+    vllm_weight_transfer: str = field(default="auto", metadata={"help": "vllm_mode server: how pushed weights reach the server: nccl (vLLM's NCCL transfer, GPU to GPU, no file) | gloo (the same without CUDA) | file (safetensors through vllm_sync_dir) | auto (what the server was started with: `daralign vllm-serve --weight_transfer`, else file)"})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU memory share of a colocated vLLM engine (CPU: VLLM_CPU_KVCACHE_SPACE sets its KV cache, in GiB)"})
     vllm_enforce_eager: bool | None = field(default=None, metadata={"help": "no graph capture or compilation; default: eager on CPU (compiling took minutes there), CUDA graphs on CUDA"})
     vllm_dtype: str = field(default="auto", metadata={"help": "the colocated engine's weight dtype: auto = bfloat16 on CUDA, else the policy's dtype (pushed weights are cast to it)"})
@@ -151,6 +153,8 @@ class TrainConfig:
             raise ConfigError("dataset: no prompt dataset given (a .jsonl/.json file or a datasets name)")
         if self.vllm_mode not in ("colocate", "server"):
             raise ConfigError(f"vllm_mode: {self.vllm_mode!r} is not one of colocate, server")
+        if self.vllm_weight_transfer not in ("auto", "nccl", "gloo", "file"):
+            raise ConfigError(f"vllm_weight_transfer: {self.vllm_weight_transfer!r} is not one of auto, nccl, gloo, file")
         if self.vllm_lora_sync not in ("merged", "adapter"):
             raise ConfigError(f"vllm_lora_sync: {self.vllm_lora_sync!r} is not one of merged, adapter")
         if self.use_vllm and self.vllm_lora_sync == "adapter" and (not self.use_peft or self.vllm_mode != "colocate"
@@ -174,6 +178,7 @@ class TrainConfig:
                             gpu_memory_utilization=self.vllm_gpu_memory_utilization, enforce_eager=self.vllm_enforce_eager,
                             dtype=self.vllm_dtype, tensor_parallel_size=self.vllm_tensor_parallel_size,
                             max_num_batched_tokens=self.vllm_max_num_batched_tokens, enable_sleep_mode=self.vllm_enable_sleep_mode,
+                            weight_transfer=self.vllm_weight_transfer,
                             lora_rank=self.lora_r if self.use_peft and self.vllm_lora_sync == "adapter" else 0)
 
     @property

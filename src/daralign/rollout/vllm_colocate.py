@@ -43,7 +43,7 @@ from daralign.core.config import VLLMSettings
 from daralign.core.errors import ConfigError
 from daralign.core.types import Rollout
 from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
-from daralign.core.sharding import is_sharded, whole_state
+from daralign.core.sharding import whole
 from daralign.rollout.tokens import eos_token_ids, prompt_token_ids, tokenize_prompts
 
 
@@ -163,7 +163,8 @@ class VLLMColocate(RolloutEngine):
             self.llm.wake_up(tags=["weights"])
             self.weights_asleep = False
         with merged_weights(model) as weights:
-            self.llm.collective_rpc("daralign_load_weights", kwargs={"weights_iterator": iter(weights)})
+            gathered = ((name, whole(t)) for name, t in weights)  # FSDP2: one tensor at a time
+            self.llm.collective_rpc("daralign_load_weights", kwargs={"weights_iterator": gathered})
         self.llm.reset_prefix_cache()
 
     def _push_adapter(self, model) -> None:
@@ -272,17 +273,26 @@ def assemble_rollout(tokenizer, rows: list[dict], enc, samples: list[list[tuple[
 
 @contextmanager
 def merged_weights(model):
-    """(HF name, tensor) of the policy as a plain causal LM, valid inside the block: a PEFT model's
-    LoRA deltas are merged into its base weights in place for the block and taken out after it, so
-    a push reads the weights themselves and never needs a copy of the model."""
-    if is_sharded(model):  # FSDP2 (no LoRA: refused at launch): gathered one tensor at a time, on every process
-        yield whole_state(model)
-    elif hasattr(model, "merge_adapter") and hasattr(model, "get_base_model"):
-        model.merge_adapter()
-        try:
-            state = model.get_base_model().state_dict()
-            yield [(k.replace(".base_layer", ""), v.detach()) for k, v in state.items() if "lora_" not in k]
-        finally:
-            model.unmerge_adapter()
-    else:
-        yield [(k, v.detach()) for k, v in model.state_dict().items()]
+    """(HF name, tensor) of the policy as a plain causal LM, valid inside the block, each tied weight
+    once (under its first name: vLLM ties the head to the embedding itself). A PEFT model's LoRA
+    deltas are merged into its base weights in place for the block and taken out after it, so a push
+    reads the weights themselves and never needs a copy of the model. Under FSDP2 the tensors are
+    this process's shards: gather each with ``sharding.whole`` where it is used, on every process in
+    the same order."""
+    peft = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
+    base = model.get_base_model() if peft else model
+    all_names = {name for name, _ in base.named_parameters(remove_duplicate=False)}
+    aliases = all_names - {name for name, _ in base.named_parameters()}  # the later names of a shared tensor
+
+    def pairs():
+        return [(k.replace(".base_layer", ""), v.detach()) for k, v in base.state_dict().items()
+                if "lora_" not in k and k not in aliases]
+
+    if not peft:
+        yield pairs()
+        return
+    model.merge_adapter()
+    try:
+        yield pairs()
+    finally:
+        model.unmerge_adapter()

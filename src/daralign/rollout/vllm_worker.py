@@ -9,10 +9,25 @@ head's packed copy stale: measured here, the pushed model's log-probs were then 
 off. Re-packing the head after the reload makes them agree to ~1e-5 again. On GPUs nothing is
 packed and the re-pack does nothing.
 
+Importing it also registers the ``daralign_gloo`` weight-transfer backend (``rollout/vllm_gloo.py``)
+with vLLM, before a worker builds its transfer engine.
+
 Kept free of daralign imports: vLLM imports this module in its own worker processes.
 """
 
 from __future__ import annotations
+
+
+def _register_gloo_transfer() -> None:
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    try:  # by module path: imported only by a server started with this backend
+        WeightTransferEngineFactory.register_engine("daralign_gloo", "daralign.rollout.vllm_gloo", "GlooWeightTransferEngine")
+    except ValueError:  # registered already in this process
+        pass
+
+
+_register_gloo_transfer()
 
 
 class DaralignWorkerExtension:
