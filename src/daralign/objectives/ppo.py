@@ -91,6 +91,7 @@ class PPOConfig:
 class PPO(Objective):
     Config = PPOConfig
     feedback_kind = "score"
+    trains_extra_modules = True  # the value head
 
     def __init__(self, config, train, **kw) -> None:
         super().__init__(config if config is not None else PPOConfig(), train, **kw)

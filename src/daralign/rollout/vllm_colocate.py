@@ -277,15 +277,15 @@ def merged_weights(model):
     once (under its first name: vLLM ties the head to the embedding itself). A PEFT model's LoRA
     deltas are merged into its base weights in place for the block and taken out after it, so a push
     reads the weights themselves and never needs a copy of the model. Under FSDP2 the tensors are
-    this process's shards: gather each with ``sharding.whole`` where it is used, on every process in
-    the same order."""
+    this process's shards (ZeRO-3: placeholders): gather each with ``sharding.whole`` where it is
+    used, on every process in the same order; ``whole`` also detaches."""
     peft = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
     base = model.get_base_model() if peft else model
     all_names = {name for name, _ in base.named_parameters(remove_duplicate=False)}
     aliases = all_names - {name for name, _ in base.named_parameters()}  # the later names of a shared tensor
 
-    def pairs():
-        return [(k.replace(".base_layer", ""), v.detach()) for k, v in base.state_dict().items()
+    def pairs():  # the parameters themselves (keep_vars): a ZeRO-3 placeholder is gathered from its parameter
+        return [(k.replace(".base_layer", ""), v) for k, v in base.state_dict(keep_vars=True).items()
                 if "lora_" not in k and k not in aliases]
 
     if not peft:

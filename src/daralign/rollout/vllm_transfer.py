@@ -24,7 +24,7 @@ from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
 
 from daralign.core.errors import ConfigError
-from daralign.core.sharding import whole
+from daralign.core.sharding import whole, whole_shape
 
 SERVER_BACKENDS = {"nccl": "nccl", "daralign_gloo": "gloo"}  # vLLM's backend name → vllm_weight_transfer
 
@@ -37,7 +37,7 @@ class PushedWeights(WeightSource):
         self.pairs = pairs
 
     def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self.pairs]
+        return [ParamMeta(name, t.dtype, whole_shape(t)) for name, t in self.pairs]
 
     def __iter__(self):
         return ((name, whole(t)) for name, t in self.pairs)

@@ -91,7 +91,9 @@ class OnlineTrainer:
         eval_source = eval_rows if eval_rows is not None else train.eval_dataset
         self.eval_rows = (load_prompts(eval_source, column=train.prompt_column, name="eval_dataset")[: train.eval_max_prompts]
                           if eval_source else [])
-        sharding.check_launch(self.accelerator, use_peft=train.use_peft or peft_config is not None, has_eval=bool(self.eval_rows))
+        sharding.check_launch(self.accelerator, use_peft=train.use_peft or peft_config is not None, has_eval=bool(self.eval_rows),
+                              extra_modules=self.objective.trains_extra_modules,
+                              micro_batch=train.per_device_train_batch_size * self.K, max_grad_norm=train.max_grad_norm)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(train.model_name_or_path, train.trust_remote_code)
         # the reference is the starting weights: copied before the policy is wrapped or trained
         self.reference = self._load_reference(model)
@@ -173,7 +175,7 @@ class OnlineTrainer:
         else:
             ref = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
         ref.eval().requires_grad_(False)
-        return ref.to(self.accelerator.device)
+        return sharding.place_reference(ref, self.accelerator)  # sharded like the policy under ZeRO-3 / FSDP2
 
     @property
     def unwrapped(self):
@@ -258,6 +260,7 @@ class OnlineTrainer:
             for i, s in enumerate(starts):
                 mb = {k: v[s:s + rows_per_mb] for k, v in batch.items()}
                 sync = i == len(starts) - 1
+                self.accelerator.gradient_state._set_sync_gradients(sync)  # DeepSpeed steps at the boundary only
                 with (nullcontext() if sync else self.accelerator.no_sync(self.policy)), self.accelerator.autocast():
                     loss, m = self.objective.compute_loss(self.policy, mb)
                     loss = loss * (mb["input_ids"].shape[0] / N)  # mean over the whole online batch
