@@ -52,6 +52,29 @@ def launcher(mode: str):
                            device=torch.device("cpu"))
 
 
+def one_optimizer_step_per_update(folder: str) -> None:
+    """The loop's update under DeepSpeed: accelerate's ``backward`` with ``sync_gradients`` False on
+    every micro-batch but the last (the loop sets it), so the engine accumulates and steps once. The
+    result equals one AdamW step on the summed loss of the unsharded model."""
+    import deepspeed
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+    config = {**ZERO3, "gradient_clipping": 0.0}
+    model, plain = load_causal_lm(folder), load_causal_lm(folder)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=config)
+    batches = torch.randint(0, plain.config.vocab_size, (2, 2, 8), generator=torch.Generator().manual_seed(0))
+    wrapped = DeepSpeedEngineWrapper(engine)
+    for i, ids in enumerate(batches):
+        wrapped.backward(engine(input_ids=ids, labels=ids).loss, sync_gradients=i == len(batches) - 1)
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    sum(plain(input_ids=ids, labels=ids).loss for ids in batches).backward()
+    optimizer.step()
+    got, want = dict(sharding.whole_state(engine.module)), plain.state_dict()
+    assert not torch.equal(want["lm_head.weight"], load_causal_lm(folder).state_dict()["lm_head.weight"])  # it moved
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5, msg=k)
+
+
 def main(mode: str, folder: str, out: Path) -> None:
     if mode == "zero3":
         import deepspeed
@@ -104,6 +127,8 @@ def main(mode: str, folder: str, out: Path) -> None:
         back = load_causal_lm(str(out / "final")).state_dict()
         assert back.keys() == expect.keys() and all(torch.equal(back[k], expect[k]) for k in expect)
     dist.barrier()
+    if mode == "zero3":
+        one_optimizer_step_per_update(folder)
     print(f"rank {rank}: {mode}: sharded weights, lockstep generation, the sharded reference and final/ ok", flush=True)
     dist.destroy_process_group()
 
