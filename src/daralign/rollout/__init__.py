@@ -1,6 +1,7 @@
 """Rollout engines: K samples per prompt → ``Rollout`` (base.py holds the interface and registry).
-hf.py (transformers ``generate``), vllm_colocate.py and vllm_server.py (vLLM; the only modules that
-import it), offline.py (fixed preference pairs, offline DPO)."""
+hf.py (transformers ``generate``), vllm_colocate.py and vllm_server.py (vLLM; with vllm_worker.py,
+vllm_transfer.py and vllm_gloo.py the only modules that import it), offline.py (fixed preference
+pairs, offline DPO)."""
 
 from daralign.rollout.base import ENGINES, RolloutEngine, SamplingSettings, build_engine, register_engine
 from daralign.rollout.hf import sample_rollout
