@@ -20,6 +20,7 @@ from daralign.core import sharding
 from daralign.core.models import load_causal_lm, load_tokenizer, token_logps
 from daralign.rollout.hf import sample_rollout
 from daralign.rollout.vllm_colocate import merged_weights
+from daralign.train.heldout import judge_heldout
 from daralign.train import outputs
 
 
@@ -123,6 +124,17 @@ def main(mode: str, folder: str, out: Path) -> None:
         got = token_logps(reference, rollout.input_ids, rollout.attention_mask, completion_mask=rollout.completion_mask)
     assert torch.allclose(got[mask], ref[mask], atol=1e-4)
 
+    # the held-out check runs on every process: sampling in lockstep and the KL through the sharded
+    # reference give every process the whole model's answers and KL
+    def heldout(policy, ref_model):
+        kl_ref = lambda r: token_logps(ref_model, r.input_ids, r.attention_mask, completion_mask=r.completion_mask)  # noqa: E731
+        with torch.no_grad():
+            return judge_heldout(policy, tok, None, rows, max_new_tokens=4 + 8 * rank, temperature=1.0, seed=7,
+                                 samples_per_prompt=2, ref_token_logps=kl_ref)
+    sharded, whole_model = heldout(model, reference), heldout(plain, plain)
+    assert sharded["completions"] == whole_model["completions"]
+    assert abs(sharded["kl"] - whole_model["kl"]) < 1e-4
+
     # final/: gathered on every process, written by the main one
     state = sharding.whole_state_dict(model, keep=rank == 0)
     assert (state is None) == (rank != 0)
@@ -133,7 +145,8 @@ def main(mode: str, folder: str, out: Path) -> None:
     dist.barrier()
     if mode == "zero3":
         one_optimizer_step_per_update(folder)
-    print(f"rank {rank}: {mode}: sharded weights, lockstep generation, the sharded reference and final/ ok", flush=True)
+    print(f"rank {rank}: {mode}: sharded weights, lockstep generation, the sharded reference, the held-out check "
+          "and final/ ok", flush=True)
     dist.destroy_process_group()
 
 

@@ -1,6 +1,6 @@
 """FSDP2 and DeepSpeed ZeRO-3 on two CPU processes (torchrun + gloo; torch's own ``fully_shard``,
 DeepSpeed's CPU accelerator): whole weights for the push and ``final/`` gathered one tensor at a
-time, HF generation in lockstep, the frozen reference sharded like the policy. accelerate runs FSDP
+time, HF generation in lockstep, the frozen reference sharded like the policy, the held-out check. accelerate runs FSDP
 on GPUs only and DeepSpeed on CPUs as one process per rank (docs/gpu.md), so the loop's own
 sharded launches are not run here; their refusals and DeepSpeed's filled config are."""
 
@@ -35,7 +35,8 @@ def test_two_processes_gather_whole_weights_generate_in_lockstep_and_shard_the_r
                            str(tiny_policy_dir), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     for rank in (0, 1):
-        assert f"rank {rank}: {mode}: sharded weights, lockstep generation, the sharded reference and final/ ok" in proc.stdout
+        assert (f"rank {rank}: {mode}: sharded weights, lockstep generation, the sharded reference, the held-out check "
+                "and final/ ok") in proc.stdout
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
@@ -53,19 +54,17 @@ def _accelerator(fsdp=None, deepspeed=None):
 
 def test_launches_not_built_are_refused_in_one_line():
     fsdp = FullyShardedDataParallelPlugin(fsdp_version=2)
-    check_launch(_accelerator(), use_peft=True, has_eval=True, extra_modules=True)  # DDP / one process: everything goes
-    check_launch(_accelerator(fsdp), use_peft=False, has_eval=False, extra_modules=True)
+    check_launch(_accelerator(), use_peft=True, extra_modules=True)  # DDP / one process: everything goes
+    check_launch(_accelerator(fsdp), use_peft=False, extra_modules=True)
     zero3 = lambda **ds: DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3}, **ds})  # noqa: E731
-    check_launch(_accelerator(deepspeed=zero3()), use_peft=False, has_eval=False)
+    check_launch(_accelerator(deepspeed=zero3()), use_peft=False)
     for launch, name in ((_accelerator(fsdp), "FSDP"), (_accelerator(deepspeed=zero3()), "DeepSpeed")):
         with pytest.raises(ConfigError, match=f"{name} with LoRA"):
-            check_launch(launch, use_peft=True, has_eval=False)
-        with pytest.raises(ConfigError, match=f"{name} with an eval_dataset"):
-            check_launch(launch, use_peft=False, has_eval=True)
+            check_launch(launch, use_peft=True)
     with pytest.raises(ConfigError, match="DeepSpeed with an objective that trains a module beside the policy"):
-        check_launch(_accelerator(deepspeed=zero3()), use_peft=False, has_eval=False, extra_modules=True)
+        check_launch(_accelerator(deepspeed=zero3()), use_peft=False, extra_modules=True)
     with pytest.raises(ConfigError, match="gradient_accumulation_steps must be 1 or auto"):
-        check_launch(_accelerator(deepspeed=zero3(gradient_accumulation_steps=4)), use_peft=False, has_eval=False)
+        check_launch(_accelerator(deepspeed=zero3(gradient_accumulation_steps=4)), use_peft=False)
 
 
 def test_deepspeed_config_gets_what_accelerate_would_read_from_a_dataloader():
@@ -73,7 +72,7 @@ def test_deepspeed_config_gets_what_accelerate_would_read_from_a_dataloader():
     take from one; daralign marks the accumulation boundary itself (DeepSpeed's own stays 1)."""
     plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
                                            "train_batch_size": "auto", "gradient_clipping": "auto"})
-    check_launch(_accelerator(deepspeed=plugin), use_peft=False, has_eval=False, micro_batch=16, max_grad_norm=0.5)
+    check_launch(_accelerator(deepspeed=plugin), use_peft=False, micro_batch=16, max_grad_norm=0.5)
     config = plugin.deepspeed_config
     assert config["train_micro_batch_size_per_gpu"] == 16 and config["gradient_accumulation_steps"] == 1
     assert config["gradient_clipping"] == 0.5 and "train_batch_size" not in config  # DeepSpeed derives it

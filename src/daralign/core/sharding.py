@@ -14,9 +14,12 @@ single gathered parameter beside the shards, never a second whole model (verl an
 same way). HF generation runs in lockstep (``synced_gpus``): a process whose answers all ended
 keeps taking part in the others' forward passes, each of which gathers every layer.
 
-Refused in one line before any model loads (``check_launch``): a LoRA policy or a held-out set
-under either (the held-out check runs on the main process only), and under DeepSpeed an objective
-that trains modules beside the policy (PPO's value head) or DeepSpeed's own gradient accumulation.
+The held-out check runs on every process alike (the same answers, sampled in lockstep, and the
+KL through the sharded reference); the main process writes it.
+
+Refused in one line before any model loads (``check_launch``): a LoRA policy under either, and
+under DeepSpeed an objective that trains modules beside the policy (PPO's value head) or
+DeepSpeed's own gradient accumulation.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def in_lockstep(model) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and is_sharded(model)
 
 
-def check_launch(accelerator, *, use_peft: bool, has_eval: bool, extra_modules: bool = False,
+def check_launch(accelerator, *, use_peft: bool, extra_modules: bool = False,
                  micro_batch: int = 1, max_grad_norm: float = 1.0) -> None:
     """One line, on every process alike and before any model loads, for what is not built; under
     DeepSpeed, the config values accelerate would otherwise take from a dataloader we do not give it."""
@@ -102,9 +105,6 @@ def check_launch(accelerator, *, use_peft: bool, has_eval: bool, extra_modules: 
     if use_peft:
         raise ConfigError(f"{name} with LoRA (use_peft) is not built yet: a LoRA policy's base model is frozen and fits "
                           "each GPU, so launch it with DDP (docs/gpu.md)")
-    if has_eval:
-        raise ConfigError(f"{name} with an eval_dataset is not built yet (the held-out check runs on the main process "
-                          "only): drop eval_dataset and evaluate final/ afterwards (`daralign eval`)")
     if deepspeed is None:
         return
     if extra_modules:

@@ -16,6 +16,7 @@ import torch
 
 from daralign.core.data import render_prompt
 from daralign.core.rng import fork_rng
+from daralign.core.sharding import in_lockstep
 from daralign.rollout.hf import neutral_generation_config
 from daralign.rollout.tokens import eos_token_ids
 
@@ -64,7 +65,7 @@ def generate_responses(
                 eos_ids = eos_token_ids(model, tokenizer)
                 with neutral_generation_config(model, eos_ids, tokenizer.pad_token_id):
                     gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                         eos_token_id=eos_ids, **sampling)
+                                         eos_token_id=eos_ids, synced_gpus=in_lockstep(model), **sampling)
                 new = gen[:, enc["input_ids"].shape[1] :]
                 for i, text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
                     out[i] = text.strip()

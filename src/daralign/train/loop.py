@@ -91,7 +91,7 @@ class OnlineTrainer:
         eval_source = eval_rows if eval_rows is not None else train.eval_dataset
         self.eval_rows = (load_prompts(eval_source, column=train.prompt_column, name="eval_dataset")[: train.eval_max_prompts]
                           if eval_source else [])
-        sharding.check_launch(self.accelerator, use_peft=train.use_peft or peft_config is not None, has_eval=bool(self.eval_rows),
+        sharding.check_launch(self.accelerator, use_peft=train.use_peft or peft_config is not None,
                               extra_modules=self.objective.trains_extra_modules,
                               micro_batch=train.per_device_train_batch_size * self.K, max_grad_norm=train.max_grad_norm)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(train.model_name_or_path, train.trust_remote_code)
