@@ -97,3 +97,44 @@ def test_example_accelerate_configs_load(name, kind):
                                  gradient_accumulation_steps=ds["gradient_accumulation_steps"],
                                  offload_optimizer_device=ds["offload_optimizer_device"])
         assert plugin.zero_stage == 3
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_the_loop_under_zero3_trains_as_without_it(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    """The whole loop through `accelerate launch` with examples/accelerate/zero3.yaml, on one CPU
+    process (accelerate runs DeepSpeed multi-process on GPUs only): ZeRO-3's placeholders, the
+    filled config, the reference as a DeepSpeed engine, two micro-batches a step (one DeepSpeed step
+    at the boundary), the held-out check and the gathered final/. It trains what the plain loop
+    trains: the same per-step metrics and final weights, to float rounding."""
+    import json
+
+    import yaml
+    from safetensors.torch import load_file
+
+    launch = yaml.safe_load((WORKER.parents[1] / "examples" / "accelerate" / "zero3.yaml").read_text())
+    launch |= {"num_processes": 1, "mixed_precision": "no"}
+    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(launch))
+    cfg = {"algorithm": "dar", "model_name_or_path": str(tiny_policy_dir), "dataset": str(tiny_prompts_file),
+           "eval_dataset": str(tiny_prompts_file), "eval_max_prompts": 2,
+           "annotator": {"type": "function", "function": f"{WORKER.parent / 'tiny.py'}:length_reward"},
+           "num_generations": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2,
+           "max_completion_length": 8, "max_steps": 2, "report": False, "save_strategy": "no"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = ["train", "--config", str(tmp_path / "cfg.yaml"), "--output_dir"]
+    for cmd in ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
+                 str(WORKER.parent / "zero3_train.py"), *train, str(tmp_path / "zero3")],
+                [sys.executable, "-m", "daralign.cli", *train, str(tmp_path / "plain")]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    runs = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("zero3", "plain")}
+    for sharded, plain in zip(runs["zero3"], runs["plain"], strict=True):
+        for key in ("loss", "reward", "kl", "grad_norm", "annotation_requests"):
+            assert sharded[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6), key
+    weights = [load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("zero3", "plain")]
+    assert weights[0].keys() == weights[1].keys()
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[1]) < 1e-6
+    after = [json.loads((tmp_path / name / "heldout_after.json").read_text()) for name in ("zero3", "plain")]
+    assert after[0]["completions"] == after[1]["completions"] and after[0]["kl"] == pytest.approx(after[1]["kl"], abs=1e-6)
