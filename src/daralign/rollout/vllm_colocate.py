@@ -163,7 +163,7 @@ class VLLMColocate(RolloutEngine):
             self.llm.wake_up(tags=["weights"])
             self.weights_asleep = False
         with merged_weights(model) as weights:
-            gathered = ((name, whole(t)) for name, t in weights)  # FSDP2: one tensor at a time
+            gathered = ((name, whole(t)) for name, t in weights)  # a sharded policy: one tensor at a time
             self.llm.collective_rpc("daralign_load_weights", kwargs={"weights_iterator": gathered})
         self.llm.reset_prefix_cache()
 

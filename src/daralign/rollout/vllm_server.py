@@ -73,7 +73,6 @@ class VLLMServer(RolloutEngine):
         self.sync_dir = self.transfer = None
         if not self.is_main:
             return
-        self.weight_transfer = weight_transfer
         if weight_transfer == "file" or (weight_transfer == "auto" and not vllm_available()):
             kind = "file"
         else:  # vLLM's transfer classes live in the vllm package, on the trainer's side too
@@ -118,7 +117,8 @@ class VLLMServer(RolloutEngine):
     @torch.no_grad()
     def sync_weights(self, model) -> None:
         """Push the policy's current weights (merged, for LoRA) to the server from the main process;
-        the others walk the same FSDP2 gathers (collectives), then wait until the weights are loaded."""
+        the others walk the same gathers of a sharded policy (collectives), then wait until the
+        weights are loaded."""
         with merged_weights(model) as weights:
             if not self.is_main:
                 for _, t in weights:
