@@ -19,7 +19,6 @@ from torch.distributed.fsdp import fully_shard
 from daralign.core import sharding
 from daralign.core.models import load_causal_lm, load_tokenizer, token_logps
 from daralign.rollout.hf import sample_rollout
-from daralign.rollout.vllm_colocate import merged_weights
 from daralign.train.heldout import judge_heldout
 from daralign.train import outputs
 
@@ -76,6 +75,32 @@ def one_optimizer_step_per_update(folder: str) -> None:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5, msg=k)
 
 
+def lora_merged_from_gathered_factors(folder: str) -> None:
+    """A LoRA policy under ZeRO-3: what a push (and a merged final/) reads is W + BA from the whole
+    factors, as the unsharded LoRA model merges it."""
+    import deepspeed
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model():
+        torch.manual_seed(0)
+        model = get_peft_model(load_causal_lm(folder), LoraConfig(r=4, target_modules=["q_proj"], lora_alpha=8))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # B starts at zero: give the adapter a delta
+        return model
+
+    plain, model = lora_model(), lora_model()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3), config=ZERO3)
+    with sharding.merged_weights(plain) as weights:
+        want = {k: v.detach().clone() for k, v in weights}
+    with sharding.merged_weights(engine.module) as weights:  # valid inside the block: the merge is taken out after it
+        got = {k: sharding.whole(v).clone() for k, v in weights}
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    assert not torch.allclose(want["model.layers.0.self_attn.q_proj.weight"],
+                              load_causal_lm(folder).state_dict()["model.layers.0.self_attn.q_proj.weight"])  # merged
+
+
 def main(mode: str, folder: str, out: Path) -> None:
     if mode == "zero3":
         import importlib
@@ -103,7 +128,7 @@ def main(mode: str, folder: str, out: Path) -> None:
     assert [k for k, _ in got] == list(expect), "the state dict's keys and order"
     for k, v in got:
         assert torch.equal(v, expect[k]), k
-    with merged_weights(model) as weights:  # shards, gathered where a push uses them
+    with sharding.merged_weights(model) as weights:  # shards, gathered where a push uses them
         pushed = {k: sharding.whole(v) for k, v in weights}
     assert pushed.keys() == expect.keys() and all(torch.equal(pushed[k], expect[k]) for k in expect)
 
@@ -145,6 +170,7 @@ def main(mode: str, folder: str, out: Path) -> None:
     dist.barrier()
     if mode == "zero3":
         one_optimizer_step_per_update(folder)
+        lora_merged_from_gathered_factors(folder)
     print(f"rank {rank}: {mode}: sharded weights, lockstep generation, the sharded reference, the held-out check "
           "and final/ ok", flush=True)
     dist.destroy_process_group()

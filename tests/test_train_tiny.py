@@ -143,7 +143,7 @@ def test_a_lora_push_reads_the_merged_weights_in_place(tiny_policy_dir):
     from peft import LoraConfig, get_peft_model
 
     from daralign.core.models import load_causal_lm
-    from daralign.rollout.vllm_colocate import merged_weights
+    from daralign.core.sharding import merged_weights
 
     plain = load_causal_lm(str(tiny_policy_dir))
     model = get_peft_model(load_causal_lm(str(tiny_policy_dir)), LoraConfig(r=4, target_modules=["q_proj"], lora_alpha=8))
@@ -170,7 +170,7 @@ def test_a_push_sends_a_tied_weight_once(tiny_policy_dir):
     (vLLM ties the head itself), and every process leaves out the same name."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from daralign.rollout.vllm_colocate import merged_weights
+    from daralign.core.sharding import merged_weights
 
     config = AutoConfig.from_pretrained(tiny_policy_dir)
     config.tie_word_embeddings = True

@@ -17,15 +17,16 @@ keeps taking part in the others' forward passes, each of which gathers every lay
 The held-out check runs on every process alike (the same answers, sampled in lockstep, and the
 KL through the sharded reference); the main process writes it.
 
-Refused in one line before any model loads (``check_launch``): a LoRA policy under either, and
-under DeepSpeed an objective that trains modules beside the policy (PPO's value head) or
-DeepSpeed's own gradient accumulation.
+Refused in one line before any model loads (``check_launch``): a LoRA policy under FSDP (under
+ZeRO-3 its merge gathers every parameter: ``merged_weights``), and under DeepSpeed an objective
+that trains modules beside the policy (PPO's value head) or DeepSpeed's own gradient accumulation.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -85,6 +86,61 @@ def whole_state_dict(model, keep: bool = True) -> dict[str, torch.Tensor] | None
     return out if keep else None
 
 
+@contextmanager
+def merged_weights(model):
+    """(HF name, tensor) of the policy as a plain causal LM — what a vLLM push and a merged
+    ``final/`` hold — valid inside the block, each tied weight once (under its first name: vLLM ties
+    the head to the embedding itself). The tensors may be shards (FSDP2) or placeholders (ZeRO-3):
+    gather each with ``whole`` where it is used, on every process in the same order.
+
+    A PEFT model's LoRA deltas are merged into its base weights in place for the block and taken out
+    after it, so a push reads the weights themselves and never needs a copy of the model. Under
+    ZeRO-3 the merge needs every factor whole: all parameters are gathered for the block (as TRL
+    does for LoRA under ZeRO-3; a LoRA base model fits each GPU) and the tensors given are whole."""
+    peft = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
+    base = model.get_base_model() if peft else model
+    all_names = {name for name, _ in base.named_parameters(remove_duplicate=False)}
+    aliases = all_names - {name for name, _ in base.named_parameters()}  # the later names of a shared tensor
+
+    def pairs(gathered: bool):  # the parameters themselves (keep_vars): a placeholder is gathered from its parameter
+        return [(k.replace(".base_layer", ""), v.data if gathered else v) for k, v in base.state_dict(keep_vars=True).items()
+                if "lora_" not in k and k not in aliases]
+
+    if not peft:
+        yield pairs(False)
+        return
+    zero3 = any(_is_zero3(p) for p in model.parameters())
+    with gathered(model):
+        model.merge_adapter()
+        try:
+            yield pairs(zero3)
+        finally:
+            model.unmerge_adapter()
+
+
+def gathered(model):
+    """Under ZeRO-3, every parameter of ``model`` whole for the block (collective; changes are not
+    kept); else nothing to do."""
+    if not any(_is_zero3(p) for p in model.parameters()):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
+def final_state(model, *, keep: bool, merge_lora: bool) -> dict[str, torch.Tensor] | None:
+    """What ``final/`` saves of a sharded policy, gathered on every process (collective) and kept on
+    CPU where ``keep``: the merged plain weights of a LoRA policy when ``merge_lora``, else its whole
+    state dict. None for an unsharded policy, which saves itself."""
+    if not is_sharded(model):
+        return None
+    if not (merge_lora and hasattr(model, "merge_adapter")):
+        return whole_state_dict(model, keep)
+    with merged_weights(model) as weights:
+        state = {k: whole(v).to("cpu", copy=True) for k, v in weights}
+    return state if keep else None
+
+
 def in_lockstep(model) -> bool:
     """Whether generation must run in lockstep over processes (``generate(synced_gpus=True)``)."""
     import torch.distributed as dist
@@ -101,10 +157,9 @@ def check_launch(accelerator, *, use_peft: bool, extra_modules: bool = False,
     fsdp = getattr(state, "fsdp_plugin", None)
     if deepspeed is None and fsdp is None:
         return
-    name = "DeepSpeed" if deepspeed is not None else "FSDP"
-    if use_peft:
-        raise ConfigError(f"{name} with LoRA (use_peft) is not built yet: a LoRA policy's base model is frozen and fits "
-                          "each GPU, so launch it with DDP (docs/gpu.md)")
+    if use_peft and deepspeed is None:
+        raise ConfigError("FSDP with LoRA (use_peft) is not built yet: a LoRA policy's base model is frozen and fits "
+                          "each GPU, so launch it with DDP or DeepSpeed (docs/gpu.md)")
     if deepspeed is None:
         return
     if extra_modules:

@@ -34,7 +34,6 @@ import itertools
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from daralign.core.config import VLLMSettings
 from daralign.core.errors import ConfigError
 from daralign.core.types import Rollout
 from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
-from daralign.core.sharding import whole
+from daralign.core.sharding import gathered, merged_weights, whole
 from daralign.rollout.tokens import eos_token_ids, prompt_token_ids, tokenize_prompts
 
 
@@ -178,7 +177,8 @@ class VLLMColocate(RolloutEngine):
                               f"{self.max_lora_rank} (set from lora_r)")
         n = next(_LORA_IDS)  # unique in the process: an engine taken over from an earlier run has cached its ids
         folder = self.adapter_dir / str(n)
-        model.save_pretrained(folder, safe_serialization=True)
+        with gathered(model):  # ZeRO-3: the adapter's factors are placeholders outside the block
+            model.save_pretrained(folder, safe_serialization=True)
         if self.lora_request is not None:  # the previous push's files: loaded at the sample since, or never used
             shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
         self.lora_request = LoRARequest(f"daralign-policy-{n}", n, str(folder))
@@ -269,30 +269,3 @@ def assemble_rollout(tokenizer, rows: list[dict], enc, samples: list[list[tuple[
         behaviour_token_logps=None,  # the trainer's forward fills it
         is_eos=is_eos, num_generations=K, engine_token_logps=engine_logps,
     )
-
-
-@contextmanager
-def merged_weights(model):
-    """(HF name, tensor) of the policy as a plain causal LM, valid inside the block, each tied weight
-    once (under its first name: vLLM ties the head to the embedding itself). A PEFT model's LoRA
-    deltas are merged into its base weights in place for the block and taken out after it, so a push
-    reads the weights themselves and never needs a copy of the model. Under FSDP2 the tensors are
-    this process's shards (ZeRO-3: placeholders): gather each with ``sharding.whole`` where it is
-    used, on every process in the same order; ``whole`` also detaches."""
-    peft = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
-    base = model.get_base_model() if peft else model
-    all_names = {name for name, _ in base.named_parameters(remove_duplicate=False)}
-    aliases = all_names - {name for name, _ in base.named_parameters()}  # the later names of a shared tensor
-
-    def pairs():  # the parameters themselves (keep_vars): a ZeRO-3 placeholder is gathered from its parameter
-        return [(k.replace(".base_layer", ""), v) for k, v in base.state_dict(keep_vars=True).items()
-                if "lora_" not in k and k not in aliases]
-
-    if not peft:
-        yield pairs()
-        return
-    model.merge_adapter()
-    try:
-        yield pairs()
-    finally:
-        model.unmerge_adapter()

@@ -30,9 +30,9 @@ import torch
 
 from daralign.core.errors import ConfigError
 from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
-from daralign.core.sharding import whole
+from daralign.core.sharding import merged_weights, whole
 from daralign.rollout.tokens import eos_token_ids, prompt_token_ids, tokenize_prompts
-from daralign.rollout.vllm_colocate import WORKER_EXTENSION, assemble_rollout, merged_weights, sample_seed, vllm_available
+from daralign.rollout.vllm_colocate import WORKER_EXTENSION, assemble_rollout, sample_seed, vllm_available
 from daralign.core.types import Rollout
 
 

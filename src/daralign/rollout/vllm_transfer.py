@@ -103,7 +103,7 @@ class WeightTransfer:
                                     lambda: engine.trainer_init(init, client=self.client, source=PushedWeights([])))
 
     def push(self, pairs) -> None:
-        """Send one push's (name, tensor) pairs (``vllm_colocate.merged_weights``)."""
+        """Send one push's (name, tensor) pairs (``sharding.merged_weights``)."""
         self.engine.source = PushedWeights(list(pairs))
         self._guarded("/update_weights", self.engine.send_weights)
 

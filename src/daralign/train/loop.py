@@ -487,7 +487,7 @@ class OnlineTrainer:
     def save_final(self) -> None:
         self.accelerator.wait_for_everyone()
         main, model = self.accelerator.is_main_process, self.unwrapped
-        state = sharding.whole_state_dict(model, keep=main) if sharding.is_sharded(model) else None  # FSDP2: collective
+        state = sharding.final_state(model, keep=main, merge_lora=self.cfg.use_peft and self.cfg.merge_lora)  # collective
         if main:
             outputs.save_final(self.out, model, self.tokenizer, self.extra, merge_lora=self.cfg.use_peft and self.cfg.merge_lora, state_dict=state)
 

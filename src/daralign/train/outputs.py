@@ -75,10 +75,12 @@ def finish(out: Path) -> None:
 def save_final(out: Path, model, tokenizer, extra: dict, *, merge_lora: bool, state_dict: dict | None = None) -> None:
     """``final/``: a ``save_pretrained`` folder (LoRA merged, or the adapter alone), the tokenizer
     and an objective's extra modules as safetensors, written aside and renamed into place.
-    ``state_dict``: the whole weights of a sharded model (``sharding.whole_state_dict``)."""
+    ``state_dict``: the whole weights of a sharded model (``sharding.final_state``)."""
     final, tmp = out / "final", out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if merge_lora:
+    if merge_lora and state_dict is not None:  # a sharded policy's weights, merged already (sharding.final_state)
+        model = model.get_base_model()
+    elif merge_lora:
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
