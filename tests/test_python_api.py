@@ -143,6 +143,7 @@ def test_as_reward_func_is_a_trl_reward_function(judge_http):
     assert fn(prompts=["hi"], completions=["Wow!"], target=[3]) == [1.0]
 
 
+@pytest.mark.slow  # importing TRL's trainers imports vLLM where it is installed (~6 s)
 def test_trl_grpo_trains_on_a_daralign_judge(tmp_path, tiny_policy_dir, judge_http):
     """TRL's own GRPOTrainer, two steps on the tiny model, rewarded by a daralign judge served on
     127.0.0.1: TRL logs it under the function's name, and the server saw every request counted."""
