@@ -1,44 +1,55 @@
 #!/usr/bin/env bash
-# The study of docs/testbed.md ("The study"): dar, online-dpo, rloo and grpo on the learned proxy,
-# 8 paired seeds at one budget; then DAR's shuffled-reward control, DAR without its reference term
-# (dar_ratio 0), and dar and online-dpo on the proxy fitted to 25%-flipped labels. Two queues run
-# side by side, one thread each (a 2-core machine); a rerun skips finished runs and continues an
-# interrupted one. About 7–10 minutes a run on a 2-core AMD EPYC (fp32), 4–5 hours for all.
-#   bash examples/testbed/study.sh
+# The study of docs/testbed.md ("The study"), in three stated commands. Two queues run side by side,
+# one thread each (a 2-core machine); a rerun skips finished runs and continues an interrupted one.
+# A run takes about 7–8 minutes on a quiet 2-core AMD EPYC (fp32), so each stage about 2 hours.
+#   bash examples/testbed/study.sh core        # dar, online-dpo, rloo, grpo × seeds 1–8 on the learned proxy
+#   bash examples/testbed/study.sh secondary   # dar_ratio 0, 25% noise (dar, online-dpo), DAR's shuffled control
+#   bash examples/testbed/study.sh summary     # summary.json per folder (nothing retrained), then the page:
 #   python examples/testbed/study.py --core runs/study --ratio0 runs/study-ratio0 --noise runs/study-noise25 \
 #       --control runs/study-control --out runs/study-page
+# The secondary arms go seed by seed and the noise arms in pairs, so a stage stopped early still
+# leaves paired seeds; `summary` summarises the seeds finished in each folder.
 set -euo pipefail
 export OMP_NUM_THREADS=1
-SEEDS=${SEEDS:-1,2,3,4,5,6,7,8}
 # the operating point: 128 requests (4 DAR steps), 24-token answers, lr 5e-5: KL near 5 at the budget,
 # where seed noise lets a 0.03 gold difference show (docs/testbed.md says how it was chosen)
 POINT=(--config examples/testbed/testbed.yaml --bf16 auto --max_completion_length 24
-       --annotation_budget 128 --eval_requests 64 --seeds "$SEEDS")
+       --annotation_budget 128 --eval_requests 64)
 LEARNED=(--annotator examples/testbed/learned.yaml)
 NOISY=(--annotator examples/testbed/learned_noise25.yaml)
 run() { daralign compare "${POINT[@]}" "$@"; }
 # the starting policy's held-out answers and scores are the same in every folder on the learned proxy
 share_before() { mkdir -p "$1/.heldout_before" && cp -n runs/study/.heldout_before/*.json "$1/.heldout_before/"; }
+ratio0() { run --seeds "$1" "${LEARNED[@]}" --algorithms dar --override dar:dar_ratio=0 --output_dir runs/study-ratio0; }
+control() { run --seeds "$1" "${LEARNED[@]}" --algorithms dar --shuffle_rewards true --output_dir runs/study-control; }
+noise_pair() {
+  run --seeds "$1" "${NOISY[@]}" --algorithms online-dpo --output_dir runs/study-noise25
+  run --seeds "$1" "${NOISY[@]}" --algorithms dar --output_dir runs/study-noise25
+}
+finished() {  # the seeds of $1/$2 whose run has finished (what compare skips), comma-separated
+  local seeds=() s
+  for s in 1 2 3 4 5 6 7 8; do [ -d "$1/$2/seed$s/final" ] && [ -f "$1/$2/seed$s/compare_run.json" ] && seeds+=("$s"); done
+  (IFS=,; echo "${seeds[*]}")
+}
+two_queues() { "$1" > "runs/study-$1.log" 2>&1 & local a=$!; "$2" > "runs/study-$2.log" 2>&1 & wait "$a" $!; }
 
-queue_a() {
-  run "${LEARNED[@]}" --algorithms dar --output_dir runs/study
-  run "${LEARNED[@]}" --algorithms rloo --output_dir runs/study
-  share_before runs/study-ratio0
-  run "${LEARNED[@]}" --algorithms dar --override dar:dar_ratio=0 --output_dir runs/study-ratio0
-  run "${NOISY[@]}" --algorithms dar --output_dir runs/study-noise25
-}
-queue_b() {
-  run "${LEARNED[@]}" --algorithms online-dpo --output_dir runs/study
-  run "${LEARNED[@]}" --algorithms grpo --output_dir runs/study
-  share_before runs/study-control
-  run "${LEARNED[@]}" --algorithms dar --shuffle_rewards true --output_dir runs/study-control
-  run "${NOISY[@]}" --algorithms online-dpo --output_dir runs/study-noise25
-}
+core_a() { run --seeds 1,2,3,4,5,6,7,8 "${LEARNED[@]}" --algorithms dar,rloo --output_dir runs/study; }
+core_b() { run --seeds 1,2,3,4,5,6,7,8 "${LEARNED[@]}" --algorithms online-dpo,grpo --output_dir runs/study; }
+secondary_a() { for s in 1 2 3 4 5 6 7 8; do ratio0 $s; done; for s in 2 4 6 8; do noise_pair $s; done; }
+secondary_b() { for s in 1 2 3 4; do control $s; done; for s in 1 3 5 7; do noise_pair $s; done
+                for s in 5 6 7 8; do control $s; done; }
+
 mkdir -p runs
-queue_a > runs/study-queue-a.log 2>&1 &
-A=$!
-queue_b > runs/study-queue-b.log 2>&1 &
-wait $A $!
-# one summary per folder over every finished run (a rerun of the whole plan: nothing is retrained)
-run "${LEARNED[@]}" --algorithms dar,online-dpo,rloo,grpo --output_dir runs/study
-run "${NOISY[@]}" --algorithms dar,online-dpo --output_dir runs/study-noise25
+case "${1:-}" in
+  core) two_queues core_a core_b ;;
+  secondary) share_before runs/study-ratio0; share_before runs/study-control; two_queues secondary_a secondary_b ;;
+  summary)
+    run --seeds 1,2,3,4,5,6,7,8 "${LEARNED[@]}" --algorithms dar,online-dpo,rloo,grpo --output_dir runs/study
+    run --seeds "$(finished runs/study-ratio0 dar)" "${LEARNED[@]}" --algorithms dar --override dar:dar_ratio=0 \
+        --output_dir runs/study-ratio0
+    run --seeds "$(finished runs/study-control dar)" "${LEARNED[@]}" --algorithms dar --shuffle_rewards true \
+        --output_dir runs/study-control
+    pairs=$(comm -12 <(finished runs/study-noise25 dar | tr , '\n') <(finished runs/study-noise25 online-dpo | tr , '\n') | paste -sd,)
+    run --seeds "$pairs" "${NOISY[@]}" --algorithms dar,online-dpo --output_dir runs/study-noise25 ;;
+  *) echo "usage: bash examples/testbed/study.sh core | secondary | summary" >&2; exit 2 ;;
+esac
