@@ -141,3 +141,31 @@ def test_the_loop_under_zero3_trains_as_without_it(lora, tmp_path, tiny_policy_d
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[1]) < 1e-5
     after = [json.loads((tmp_path / name / "heldout_after.json").read_text()) for name in ("zero3", "plain")]
     assert after[0]["completions"] == after[1]["completions"] and after[0]["kl"] == pytest.approx(after[1]["kl"], abs=1e-6)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_a_cpu_run_does_not_print_deepspeeds_accelerator_warning(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    """accelerate imports DeepSpeed wherever it is installed (make install does), and DeepSpeed then
+    warns on stdout that it chose the CPU; the CLI tells it the CPU first (a fresh process: the
+    warning comes once, at DeepSpeed's import)."""
+    import yaml
+
+    cfg = {"algorithm": "dar", "model_name_or_path": str(tiny_policy_dir), "dataset": str(tiny_prompts_file),
+           "annotator": {"type": "function", "function": f"{WORKER.parent / 'tiny.py'}:length_reward"},
+           "num_generations": 2, "per_device_train_batch_size": 1, "max_completion_length": 4, "max_steps": 1,
+           "report": False, "save_strategy": "no"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "daralign.cli", "train", "--config", str(tmp_path / "cfg.yaml"),
+                           "--output_dir", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr
+    # the same import outside the CLI does print it: the check above is not vacuous
+    plain = subprocess.run([sys.executable, "-c", "import torch; from accelerate import Accelerator; "
+                            "Accelerator(cpu=True).unwrap_model(torch.nn.Linear(1, 1))"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    import torch
+
+    if not torch.accelerator.is_available():  # (on a GPU machine DeepSpeed finds CUDA and says nothing)
+        assert "Setting accelerator to CPU" in plain.stdout + plain.stderr

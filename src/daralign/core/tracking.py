@@ -22,11 +22,18 @@ def progress_bar(*columns, disable: bool = False) -> Progress:
 
 def quiet_libraries() -> None:
     """The CLI's console shows daralign's progress and results. transformers' progress bar at every
-    load and save, its notices, and accelerate's note at every checkpoint that tied weights are saved
-    once are not for the user to act on; errors still print. (Python users keep their own settings.)"""
+    load and save, its notices, accelerate's note at every checkpoint that tied weights are saved
+    once, and DeepSpeed's warning on a machine without an accelerator that it chose the CPU (it is
+    imported by accelerate's unwrap wherever it is installed) are not for the user to act on;
+    errors still print. (Python users keep their own settings.)"""
     import logging
+    import os
 
+    import torch
     from transformers.utils import logging as hf_logging
+
+    if not torch.accelerator.is_available():  # what DeepSpeed would detect; told, it does not warn
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
