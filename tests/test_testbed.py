@@ -360,6 +360,31 @@ def test_study_page_pairs_arms_across_folders(gold_compare, tmp_path):
     assert "Verdict on the paper's claim" in (page / "study.md").read_text()
 
 
+def test_study_merges_seeds_kept_in_several_summaries(gold_compare, tmp_path):
+    """Seeds run in different sessions, each kept as a summary.json: merged, the statistics are
+    those of the one folder holding them all; a (method, seed) recorded twice differently is refused."""
+    out, _ = gold_compare
+    study = _example("study")
+    whole = json.loads((out / "summary.json").read_text())
+    parts = []
+    for seed in (1, 2):
+        part = {**whole, "runs": [r for r in whole["runs"] if r["seed"] == seed]}
+        parts.append(tmp_path / f"seed{seed}.json")
+        parts[-1].write_text(json.dumps(part))
+    merged = study.load([parts[1], out / "summary.json", parts[0]])  # seed 2 first; every run once more
+    assert merged["seeds"] == [1, 2] and len(merged["runs"]) == len(whole["runs"])
+    for name, g in whole["gold"]["groups"].items():
+        for key in ("gold_change", "gold_change_se", "gold_at_budget", "gold_curve_mean", "kl_at_budget"):
+            assert merged["gold"]["groups"][name][key] == pytest.approx(g[key]), (name, key)
+    assert merged["gold"]["paired"]["online-dpo"]["gold_after"]["mean"] == \
+        pytest.approx(whole["gold"]["paired"]["online-dpo"]["gold_after"]["mean"])
+    other = json.loads(parts[0].read_text())
+    other["runs"][0]["gold_after"] += 0.5
+    parts[0].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="seed 1: two different runs"):
+        study.load([out, parts[0]])
+
+
 def test_study_verdict_rule():
     verdict = _example("study").verdict
     p1 = {"p1": 0.5, "p1_ci_low": 0.3, "p1_ci_high": 0.8, "p1_undefined_frac": 0.0}

@@ -12,6 +12,10 @@
 
     python examples/testbed/study.py --core runs/study --ratio0 runs/study-ratio0 \\
         --noise runs/study-noise25 --control runs/study-control --out docs/img/study
+
+An arm may name several folders or ``summary.json`` files: seeds run in different sessions (a run's
+folder does not outlive its machine; its record in a committed ``summary.json`` does) are merged,
+each (method, seed) once, and the statistics recomputed over all of them.
 """
 
 from __future__ import annotations
@@ -25,20 +29,57 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from daralign.compare.curves import gold_section  # noqa: E402
 from daralign.compare.paired import p1_bootstrap, paired_differences, t_interval  # noqa: E402
+from daralign.compare.report import aggregate  # noqa: E402
 
 SE_GOAL = 0.015  # the issue's goal: a 0.03 gold difference decided at 2 SE
 NOISE, RATIO0, CONTROL = ", 25% noise", ", dar_ratio 0", ", shuffled rewards"
 
 
-def load(folder: Path | None, suffix: str = "") -> dict | None:
-    """A compare folder's summary, its groups renamed ``<group><suffix>`` (None: not given)."""
-    if folder is None:
-        return None
-    path = Path(folder) / "summary.json"
+def summary_path(path: Path) -> Path:
+    """A compare folder's ``summary.json``, or the file itself."""
+    path = Path(path)
+    path = path / "summary.json" if path.is_dir() else path
     if not path.is_file():
         raise SystemExit(f"{path}: not found (run examples/testbed/study.sh first)")
-    summary = json.loads(path.read_text())
+    return path
+
+
+def merged(summaries: list[dict], root: Path) -> dict:
+    """Several ``summary.json`` of one design (runs kept from earlier sessions beside new seeds) as one:
+    each (group, seed) once, the per-group statistics recomputed by compare's own code."""
+    first = summaries[0]
+    for s in summaries[1:]:
+        for key in ("annotation_budget", "training_annotator", "evaluator"):
+            if s[key] != first[key]:
+                raise SystemExit(f"the summaries to merge differ in {key}: {first[key]!r} vs {s[key]!r}")
+    runs: dict[tuple, dict] = {}
+    for s in summaries:
+        for r in s["runs"]:
+            key = (r["group"], r["seed"])
+            if key in runs and (runs[key].get("gold_after"), runs[key].get("curve")) != (r.get("gold_after"), r.get("curve")):
+                raise SystemExit(f"{r['group']} seed {r['seed']}: two different runs in the summaries to merge")
+            runs[key] = r
+    by_group: dict[str, list[dict]] = {}
+    for r in runs.values():
+        by_group.setdefault(r["group"], []).append(r)
+    records = [r for rs in by_group.values() for r in sorted(rs, key=lambda r: r["seed"])]
+    out = {**first, "seeds": sorted({r["seed"] for r in records}), "runs": records,
+           "groups": [{"group": g, "algorithm": rs[0]["algorithm"], "point": rs[0]["point"], **aggregate(rs)}
+                      for g, rs in by_group.items()]}
+    out["gold"] = gold_section(out, root)
+    return out
+
+
+def load(paths: list[Path] | None, suffix: str = "") -> dict | None:
+    """An arm's summary from one or more compare folders (or ``summary.json`` files), merged; its groups
+    renamed ``<group><suffix>`` (None: not given)."""
+    if not paths:
+        return None
+    files = [summary_path(p) for p in paths]
+    summaries = [json.loads(f.read_text()) for f in files]
+    summary = summaries[0] if len(summaries) == 1 else merged(summaries, files[0].parent)
     for r in summary["runs"]:
         r["group"] += suffix
     summary["gold"]["groups"] = {g + suffix: v for g, v in summary["gold"]["groups"].items()}
@@ -164,10 +205,11 @@ def plot(res: dict, groups: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--core", type=Path, required=True, help="dar, online-dpo, rloo, grpo on the learned proxy")
-    p.add_argument("--ratio0", type=Path, help="dar with dar_ratio 0, same seeds and config")
-    p.add_argument("--noise", type=Path, help="dar and online-dpo on the proxy fitted to 25%%-flipped labels")
-    p.add_argument("--control", type=Path, help="dar with shuffled rewards (--shuffle_rewards true), same seeds")
+    # each arm: one or more compare folders or summary.json files (seeds run in different sessions), merged
+    p.add_argument("--core", type=Path, nargs="+", required=True, help="dar, online-dpo, rloo, grpo on the learned proxy")
+    p.add_argument("--ratio0", type=Path, nargs="+", help="dar with dar_ratio 0, same seeds and config")
+    p.add_argument("--noise", type=Path, nargs="+", help="dar and online-dpo on the proxy fitted to 25%%-flipped labels")
+    p.add_argument("--control", type=Path, nargs="+", help="dar with shuffled rewards (--shuffle_rewards true), same seeds")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     core, ratio0, noise, control = load(a.core), load(a.ratio0, RATIO0), load(a.noise, NOISE), load(a.control, CONTROL)
