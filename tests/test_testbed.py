@@ -383,6 +383,12 @@ def test_study_merges_seeds_kept_in_several_summaries(gold_compare, tmp_path):
     parts[0].write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="seed 1: two different runs"):
         study.load([out, parts[0]])
+    seed1 = [r for r in whole["runs"] if r["seed"] == 1]
+    moved = {**seed1[0], "gold_before": seed1[0]["gold_before"] + 0.002}  # started from other answers (another CPU's bf16)
+    parts[0].write_text(json.dumps({**whole, "runs": [moved]}))
+    parts[1].write_text(json.dumps({**whole, "runs": seed1[1:]}))
+    with pytest.raises(SystemExit, match="seed 1: the summaries to merge start from different held-out answers"):
+        study.load([parts[0], parts[1]])
 
 
 def test_study_verdict_rule():

@@ -58,9 +58,16 @@ def merged(summaries: list[dict], root: Path) -> dict:
     for s in summaries:
         for r in s["runs"]:
             key = (r["group"], r["seed"])
-            if key in runs and (runs[key].get("gold_after"), runs[key].get("curve")) != (r.get("gold_after"), r.get("curve")):
+            if key in runs and any(runs[key].get(k) != r.get(k) for k in ("gold_before", "gold_after", "curve")):
                 raise SystemExit(f"{r['group']} seed {r['seed']}: two different runs in the summaries to merge")
             runs[key] = r
+    before: dict[int, set] = {}
+    for r in runs.values():  # within a seed every run starts from the same held-out answers, or they do not pair
+        before.setdefault(r["seed"], set()).add(r.get("gold_before"))
+    for seed, values in before.items():  # the same answers scored on another CPU differ by ~1e-9
+        if None not in values and max(values) - min(values) > 1e-6:
+            raise SystemExit(f"seed {seed}: the summaries to merge start from different held-out answers (gold before "
+                             f"{', '.join(map(str, sorted(values, key=str)))}): made on another machine or precision, they do not pair")
     by_group: dict[str, list[dict]] = {}
     for r in runs.values():
         by_group.setdefault(r["group"], []).append(r)
