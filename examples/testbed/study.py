@@ -150,9 +150,9 @@ def analyse(core: dict, ratio0: dict | None, noise: dict | None, control: dict |
 
 
 def shown_pairs(res: dict) -> dict:
-    """Every arm − DAR, then the pairs asked about that are not one of those turned round."""
+    """Every arm − DAR, then the pairs asked about that are not one of those (or one turned round)."""
     rows = {f"{k} − dar": v for k, v in res["paired_vs_dar"].items()}
-    return rows | {k: v for k, v in res["paired_asked"].items() if k != "dar − online-dpo"}
+    return rows | {k: v for k, v in res["paired_asked"].items() if k != "dar − online-dpo" and v not in rows.values()}
 
 
 def fmt(x, spec: str = "+.3f") -> str:

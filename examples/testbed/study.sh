@@ -7,6 +7,8 @@
 #   bash examples/testbed/study.sh summary     # summary.json per folder (nothing retrained), then the page:
 #   python examples/testbed/study.py --core runs/study --ratio0 runs/study-ratio0 --noise runs/study-noise25 \
 #       --control runs/study-control --out runs/study-page
+# A run folder does not outlive its machine; its record in a summary.json does. docs/img/study/ keeps the
+# summaries of the seeds run so far, and study.py merges them with new folders (docs/testbed.md has the command).
 # The secondary arms go seed by seed and the noise arms in pairs, so a stage stopped early still
 # leaves paired seeds; `summary` summarises the seeds finished in each folder.
 set -euo pipefail
