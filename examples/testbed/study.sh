@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The study of docs/testbed.md ("The study"), in three stated commands. Two queues run side by side,
 # one thread each (a 2-core machine); a rerun skips finished runs and continues an interrupted one.
-# A run takes about 7–8 minutes on a quiet 2-core AMD EPYC (fp32), so each stage about 2 hours.
+# A run takes about 6.5 minutes on a 2-core AMD EPYC (fp32, two at a time), so the core about 1 h 45 min.
 #   bash examples/testbed/study.sh core        # dar, online-dpo, rloo, grpo × seeds 1–8 on the learned proxy
 #   bash examples/testbed/study.sh secondary   # dar_ratio 0, 25% noise (dar, online-dpo), DAR's shuffled control
 #   bash examples/testbed/study.sh summary     # summary.json per folder (nothing retrained), then the page:
