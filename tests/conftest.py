@@ -4,7 +4,8 @@ train copy nothing, they only read these folders."""
 from __future__ import annotations
 
 import contextlib
-
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def reserved_port() -> int:
+    """A free 127.0.0.1 port below the kernel's ephemeral range, for a server that binds it tens of
+    seconds later: a port the kernel hands out meanwhile (a bind to port 0, an outgoing connection)
+    comes from that range, so it cannot be this one."""
+    import random
+    import socket
+
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    for port in random.sample(range(max(1024, low - 10000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def chat_reply(text: str, top: dict[str, float] | None = None, tokens: int = 7) -> dict:
@@ -171,52 +191,116 @@ def qwen_judge_client(judges_loaded_once):
     release_client(key)
 
 
-@contextlib.contextmanager
-def serve_judge(tmp_dir, args: list[str], ready_path: str, timeout_s: float):
-    """Run `daralign serve-judge ARGS` on a free loopback port until the block ends; yields
-    {base_url, model, log} once GET ready_path answers 200."""
-    import os
-    import signal
-    import subprocess
-    import time
+class LoopbackServer:
+    """A server process of the tests' own on a free 127.0.0.1 port, in a session of its own: started
+    at once, waited for when a test needs it, stopped with everything it started."""
 
-    import httpx
+    def __init__(self, command: list[str], ready_path: str, env: dict | None = None) -> None:
+        import subprocess
+        import tempfile
 
-    port = free_port()
-    log = tmp_dir / "serve.log"
-    cmd = [sys.executable, "-m", "daralign.cli", "serve-judge", "--port", str(port), *args]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + timeout_s
+        self.port, self.ready_path = reserved_port(), ready_path
+        self.log = Path(tempfile.mkdtemp(prefix="daralign-test-server-")) / "server.log"
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "daralign.cli", *command, "--port", str(self.port)],
+                                         stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=None if env is None else os.environ | env)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait(self, timeout_s: float) -> "LoopbackServer":
+        """Until GET ready_path answers 200; a server that exits or never answers fails the test with its log."""
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
         while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve-judge exited early:\n{log.read_text()[-3000:]}")
+            if self.proc.poll() is not None:
+                pytest.fail(f"{self.proc.args[3]} exited while starting:\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
-                    break
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return self
             except httpx.TransportError:
                 pass
-            if time.time() > deadline:
-                pytest.fail(f"serve-judge did not come up in {timeout_s} s:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{self.proc.args[3]} did not answer {self.ready_path} in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
             time.sleep(1)
-        model = next(line.split("model: ", 1)[1].strip() for line in log.read_text().splitlines() if line.startswith("model: "))
-        yield {"base_url": f"http://127.0.0.1:{port}/v1", "model": model, "log": log}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+
+    def stop(self) -> None:
+        """SIGTERM to the server (vLLM's stops its engine processes), then SIGKILL to what is left of its session."""
+        import shutil
+        import signal
+        import subprocess
+
+        self.proc.terminate()
         try:
-            proc.wait(timeout=30)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.log.parent, ignore_errors=True)
+
+
+# The servers the tests start (fixture name -> daralign command, readiness path, extra environment,
+# whether it can run here). One a selected test uses is started as soon as collection ends, so its
+# start-up (vLLM's is ~30 s of imports and engine set-up) overlaps the tests that run before it.
+SERVERS = {
+    "smol_judge_server": (["serve-judge", "--engine", "transformers", "--model", "bundled:smollm2-135m-instruct",
+                           "--dtype", "float32"], "/health", None, lambda: True),
+    "llama_server": (["serve-judge", "--engine", "llama_cpp", "--model", "bundled:qwen2.5-coder-0.5b-instruct",
+                      "--n-ctx", "2048"], "/v1/models", None, lambda: importlib.util.find_spec("llama_cpp") is not None),
+    "vllm_server": (["vllm-serve", "--model", "bundled:smollm2-135m-instruct", "--dtype", "float32", "--max_model_len", "512",
+                     "--weight_transfer", "gloo"], "/health",
+                    # 1 GiB of KV cache: plenty for a few short sequences; one OpenMP thread, not pinned (vLLM
+                    # pins a thread to every core by default): it starts beside the first tests, on one core of two
+                    {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
+                    lambda: importlib.util.find_spec("vllm") is not None),
+}
+_started: dict[str, LoopbackServer] = {}
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    for name, (command, ready_path, env, runs_here) in SERVERS.items():
+        if name in used and runs_here():
+            _started[name] = LoopbackServer(command, ready_path, env)
+
+
+def pytest_sessionfinish(session):
+    for server in _started.values():  # started for tests that did not run (a -x stop, a skip)
+        server.stop()
+
+
+@contextlib.contextmanager
+def loopback_server(name: str, timeout_s: float):
+    """The server ``SERVERS[name]``, the one started at collection's end or else a new one, ready."""
+    command, ready_path, env, _ = SERVERS[name]
+    server = _started.pop(name, None) or LoopbackServer(command, ready_path, env)
+    try:
+        yield server.wait(timeout_s)
+    finally:
+        server.stop()
+
+
+def judge_server(server: LoopbackServer) -> dict:
+    """{base_url, model, log} of a `daralign serve-judge` server (it prints the model it serves)."""
+    model = next(line.split("model: ", 1)[1].strip() for line in server.log.read_text().splitlines() if line.startswith("model: "))
+    return {"base_url": server.url + "/v1", "model": model, "log": server.log}
 
 
 @pytest.fixture(scope="session")
-def smol_judge_server(tmp_path_factory):
+def smol_judge_server():
     """`daralign serve-judge --engine transformers` with SmolLM2-135M on a free loopback port,
     started once per session: {base_url, model, log}. Plumbing only (SmolLM2 judges at chance)."""
-    with serve_judge(tmp_path_factory.mktemp("serve"), ["--engine", "transformers", "--model",
-                     "bundled:smollm2-135m-instruct", "--dtype", "float32"], "/health", 300) as server:
-        yield server
+    with loopback_server("smol_judge_server", 300) as server:
+        yield judge_server(server)
+
 
 def undocumented_metrics(rows: list[dict]) -> set[str]:
     """Keys of metrics.jsonl rows that docs/metrics.md does not list (``<x>`` there matches a name)."""

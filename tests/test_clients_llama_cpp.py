@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from conftest import serve_judge
+from conftest import judge_server, loopback_server
 
 from daralign.annotators.judge import JudgeAnnotator, JudgeConfig
 from daralign.core.errors import ConfigError
@@ -54,10 +54,9 @@ def test_in_process_llama_cpp_tone_and_compare(llama_client):
 
 
 @pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    with serve_judge(tmp_path_factory.mktemp("llama_server"), ["--engine", "llama_cpp", "--model",
-                     "bundled:qwen2.5-coder-0.5b-instruct", "--n-ctx", "2048"], "/v1/models", 180) as server:
-        yield server
+def llama_server():
+    with loopback_server("llama_server", 180) as server:
+        yield judge_server(server)
 
 
 @pytest.mark.slow

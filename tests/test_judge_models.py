@@ -113,14 +113,14 @@ def test_prefix_reuse_gives_the_same_labels():
     rounding, as a change of padded batch shape does: up to 0.03, see the batching test.)"""
     from daralign.annotators.backends import acquire_client, release_client
 
-    key, client = acquire_client(JudgeConfig(dtype="float32"))  # the session's fp32 judge (test_eval_e2e's)
+    key, client = acquire_client(JudgeConfig(dtype="float32"))  # fp32 on every CPU
     try:
-        prompts = [[{"role": "user", "content": p}] if i % 2 else p for i, p in enumerate(PROMPTS[:3])] * 2
+        prompts = [[{"role": "user", "content": p}] if i % 2 else p for i, p in enumerate(PROMPTS[:2])] * 2
         client._prefix = None
-        reused = tone(client).score(prompts, POS[:3] + NEG[:3], [{}] * 6).scores
+        reused = tone(client).score(prompts, POS[:2] + NEG[:2], [{}] * 4).scores
         assert client._prefix is not None  # the shared-prefix path ran
         client.reuse_prefix = False
-        full = tone(client).score(prompts, POS[:3] + NEG[:3], [{}] * 6).scores
+        full = tone(client).score(prompts, POS[:2] + NEG[:2], [{}] * 4).scores
     finally:
         client.reuse_prefix = True
         release_client(key)

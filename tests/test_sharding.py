@@ -100,15 +100,15 @@ def test_example_accelerate_configs_load(name, kind):
 
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_the_loop_under_zero3_trains_as_without_it(lora, tmp_path, tiny_policy_dir, tiny_prompts_file):
+def test_the_loop_under_zero3_trains_as_without_it(tmp_path, tiny_policy_dir, tiny_prompts_file):
     """The whole loop through `accelerate launch` with examples/accelerate/zero3.yaml, on one CPU
     process (accelerate runs DeepSpeed multi-process on GPUs only): ZeRO-3's placeholders, the
     filled config, the reference as a DeepSpeed engine, two micro-batches a step (one DeepSpeed step
     at the boundary), the held-out check and the gathered final/; with LoRA, the adapter trained on
-    a partitioned base and merged from gathered factors. It trains what the plain loop trains: the
+    a partitioned base and merged from gathered factors. Each trains what the plain loop trains: the
     same per-step metrics and final weights, to float rounding. And the CLI's console stays free of
-    DeepSpeed's accelerator warning."""
+    DeepSpeed's accelerator warning. (Full and LoRA share one launch and one plain process: each
+    process start imports DeepSpeed, accelerate and transformers anew.)"""
     import json
 
     import torch
@@ -123,33 +123,50 @@ def test_the_loop_under_zero3_trains_as_without_it(lora, tmp_path, tiny_policy_d
            "annotator": {"type": "function", "function": f"{WORKER.parent / 'tiny.py'}:length_reward"},
            "num_generations": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2,
            "max_completion_length": 8, "max_steps": 2, "report": False, "save_strategy": "no"}
-    if lora:  # the reference is the policy with its adapter off; final/ is the merged model
-        cfg |= {"use_peft": True, "lora_r": 4, "learning_rate": 1e-3}
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    variants = {"full": cfg,  # with LoRA the reference is the policy with its adapter off; final/ is the merged model
+                "lora": cfg | {"use_peft": True, "lora_r": 4, "learning_rate": 1e-3}}
+    commands = {"zero3": [], "plain": []}
+    for name, values in variants.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(values))
+        for launch_kind, runs in commands.items():
+            runs.append(["train", "--config", str(tmp_path / f"{name}.yaml"), "--output_dir", str(tmp_path / launch_kind / name)])
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"OMP_NUM_THREADS": "1"}
-    train = ["train", "--config", str(tmp_path / "cfg.yaml"), "--output_dir"]
-    for cmd in ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
-                 str(WORKER.parent / "zero3_train.py"), *train, str(tmp_path / "zero3")],
-                [sys.executable, "-m", "daralign.cli", *train, str(tmp_path / "plain")]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    plain = f"import sys\nfrom daralign.cli import main\nfor argv in {commands['plain']!r}:\n    if rc := main(argv):\n        sys.exit(rc)\n"
+    launched = {"zero3": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
+                          str(WORKER.parent / "zero3_train.py"), *[arg for argv in commands["zero3"] for arg in ["--", *argv]]],
+                "plain": [sys.executable, "-c", plain]}  # the CLI's main, in a fresh process: the console a user sees
+    if not torch.accelerator.is_available():  # the control: the same import outside the CLI
+        launched["bare"] = [sys.executable, "-c", "import torch; from accelerate import Accelerator; "
+                            "Accelerator(cpu=True).unwrap_model(torch.nn.Linear(1, 1))"]
+    # single-threaded processes side by side (a core each), not one after the other
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in launched}
+    procs = {name: subprocess.Popen(cmd, env=env, stdout=logs[name], stderr=subprocess.STDOUT) for name, cmd in launched.items()}
+    try:
+        for proc in procs.values():
+            proc.wait(timeout=600)
+    finally:
+        for name, proc in procs.items():
+            if proc.poll() is None:
+                proc.kill()
+            logs[name].close()
+    console = {name: (tmp_path / f"{name}.log").read_text() for name in launched}
+    for name in ("zero3", "plain"):
+        assert procs[name].returncode == 0, console[name][-3000:]
     # accelerate imports DeepSpeed wherever it is installed, and on a machine without an accelerator
-    # DeepSpeed says on stdout that it chose the CPU; the CLI tells it first (the plain run: a fresh
+    # DeepSpeed says on stdout that it chose the CPU; the CLI tells it first (the plain runs: a fresh
     # process with the CLI's own setup). The same import outside the CLI does print it.
-    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr
-    if not lora and not torch.accelerator.is_available():
-        bare = subprocess.run([sys.executable, "-c", "import torch; from accelerate import Accelerator; "
-                               "Accelerator(cpu=True).unwrap_model(torch.nn.Linear(1, 1))"],
-                              env={k: v for k, v in env.items() if k != "DS_ACCELERATOR"}, capture_output=True, text=True)
-        assert "Setting accelerator to CPU" in bare.stdout + bare.stderr
-    runs = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-            for name in ("zero3", "plain")}
-    for sharded, plain in zip(runs["zero3"], runs["plain"], strict=True):
-        for key in ("loss", "reward", "kl", "grad_norm", "annotation_requests"):
-            assert sharded[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6), key
-    weights = [load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("zero3", "plain")]
-    assert weights[0].keys() == weights[1].keys()
-    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[1]) < 1e-5
-    after = [json.loads((tmp_path / name / "heldout_after.json").read_text()) for name in ("zero3", "plain")]
-    assert after[0]["completions"] == after[1]["completions"] and after[0]["kl"] == pytest.approx(after[1]["kl"], abs=1e-6)
-
+    assert "Setting accelerator to CPU" not in console["plain"]
+    if "bare" in console:
+        assert "Setting accelerator to CPU" in console["bare"]
+    for name in variants:
+        runs = {kind: [json.loads(line) for line in (tmp_path / kind / name / "metrics.jsonl").read_text().splitlines()]
+                for kind in commands}
+        for sharded, unsharded in zip(runs["zero3"], runs["plain"], strict=True):
+            for key in ("loss", "reward", "kl", "grad_norm", "annotation_requests"):
+                assert sharded[key] == pytest.approx(unsharded[key], rel=1e-5, abs=1e-6), (name, key)
+        weights = [load_file(str(tmp_path / kind / name / "final" / "model.safetensors")) for kind in commands]
+        assert weights[0].keys() == weights[1].keys()
+        assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[1]) < 1e-5, name
+        after = [json.loads((tmp_path / kind / name / "heldout_after.json").read_text()) for kind in commands]
+        assert after[0]["completions"] == after[1]["completions"], name
+        assert after[0]["kl"] == pytest.approx(after[1]["kl"], abs=1e-6), name

@@ -44,10 +44,11 @@ def vllm_tiny_policy(tmp_path_factory) -> str:
     return str(tiny.save_vllm_policy(tmp_path_factory.mktemp("vllm_tiny")))
 
 
-# DAR on the real SmolLM2; LoRA and RLOO's extra forward are plumbing: the tiny model shows them in seconds
-@pytest.mark.parametrize("algorithm, peft, model", [("dar", False, "smollm2"), ("dar", True, "tiny"), ("rloo", False, "tiny"),
-                                                    ("dar", "adapter", "tiny")],
-                         ids=["dar-full", "dar-lora", "rloo-full", "dar-lora-adapter-sync"])
+# DAR on the real SmolLM2; LoRA and RLOO's extra forward are plumbing: the tiny model shows them in seconds.
+# SmolLM2's run goes last: test_vllm_server.py's colocated engine, built the same way, takes over its engine.
+@pytest.mark.parametrize("algorithm, peft, model", [("dar", True, "tiny"), ("rloo", False, "tiny"), ("dar", "adapter", "tiny"),
+                                                    ("dar", False, "smollm2")],
+                         ids=["dar-lora", "rloo-full", "dar-lora-adapter-sync", "dar-full"])
 def test_vllm_colocate_samples_the_current_policy(tmp_path, algorithm, peft, model, monkeypatch, request):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for 4 sequences of 12 tokens
     path = request.getfixturevalue("vllm_tiny_policy") if model == "tiny" else "bundled:smollm2-135m-instruct"

@@ -7,22 +7,16 @@ gets wrong on the CPU (its packed LM head stays stale, 0.02–0.06 nats off): pu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import yaml
 
-from conftest import free_port
+from conftest import free_port, loopback_server
 from test_vllm_rollout import train_with_vllm
 from daralign.core import bundled
 from daralign.cli import main as daralign_main
@@ -37,48 +31,27 @@ ROWS = [{"prompt": [{"role": "user", "content": "Name a fruit."}]},
 
 @pytest.fixture(scope="module")
 def vllm_server():
-    port = free_port()
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: plenty for a few short sequences
-    proc = subprocess.Popen([sys.executable, "-m", "daralign.cli", "vllm-serve", "--model", POLICY, "--port", str(port),
-                             "--dtype", "float32", "--max_model_len", "512", "--weight_transfer", "gloo"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "daralign vllm-serve exited while starting"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("daralign vllm-serve did not answer /health within 300 s")
-    yield url
-    proc.terminate()  # the server itself (vllm-serve execs it): it stops its engine processes
-    try:
-        proc.wait(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # and anything of its session left behind
+    """`daralign vllm-serve` (conftest.SERVERS: started as collection ends, so it starts while other tests run)."""
+    with loopback_server("vllm_server", 300) as server:
+        yield server.url
 
 
 def settings():
-    """The sampling the engines are checked with: K = 2, 12 new tokens, T = 1, fp32."""
+    """The sampling the engines are checked with: K = 2, 12 new tokens, T = 1, fp32; with seed 42, a
+    colocated engine is built as test_vllm_rollout.py's SmolLM2 run built its, and takes it over."""
     from daralign.rollout.base import SamplingSettings
 
     return SamplingSettings(model_name_or_path=POLICY, num_generations=2, max_completion_length=12, max_prompt_length=256,
-                            temperature=1.0, top_p=1.0, top_k=0, generation_batch_size=32, seed=0, dtype="float32")
+                            temperature=1.0, top_p=1.0, top_k=0, generation_batch_size=32, seed=42, dtype="float32")
 
 
 def _push_and_compare(engine, sync, scale: float = 1.02) -> tuple[float, float]:
     """Scale the policy's tied embedding, push it, sample; (mean, max) |trainer − engine| per token."""
-    from daralign.core.models import load_causal_lm, load_tokenizer, token_logps
+    from daralign.core.models import load_causal_lm, token_logps
     from daralign.rollout.base import behaviour_check
 
     path = bundled.resolve(POLICY)
     model = load_causal_lm(str(path), "float32", False)
-    tok = load_tokenizer(str(path), False)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(scale)  # also the LM head: SmolLM2 ties them
     sync(model)
@@ -213,7 +186,7 @@ def test_colocate_engine_settings_per_device_and_rank():
                      vllm_dtype="float16", vllm_enforce_eager=True)
     ranks = [engine_kwargs("m", settings(), tp.vllm, cuda, process_index=r, num_processes=4) for r in range(4)]
     assert {k["distributed_executor_backend"] for k in ranks} == {"external_launcher"}
-    assert [k["seed"] for k in ranks] == [0, 0, 1, 1]  # settings() has seed 0; ranks 0-1 and 2-3 are one engine each
+    assert [k["seed"] for k in ranks] == [42, 42, 43, 43]  # settings() has seed 42; ranks 0-1 and 2-3 are one engine each
     assert ranks[0]["tensor_parallel_size"] == 2 and ranks[0]["enable_sleep_mode"] is True
     assert ranks[0]["max_num_batched_tokens"] == 4096 and ranks[0]["dtype"] == "float16" and ranks[0]["enforce_eager"] is True
 
