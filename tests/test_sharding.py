@@ -129,12 +129,12 @@ def test_the_loop_under_zero3_trains_as_without_it(tmp_path, tiny_policy_dir, ti
     for name, values in variants.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(values))
         for launch_kind, runs in commands.items():
-            runs.append(["train", "--config", str(tmp_path / f"{name}.yaml"), "--output_dir", str(tmp_path / launch_kind / name)])
+            runs += ["--", "train", "--config", str(tmp_path / f"{name}.yaml"), "--output_dir", str(tmp_path / launch_kind / name)]
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"OMP_NUM_THREADS": "1"}
-    plain = f"import sys\nfrom daralign.cli import main\nfor argv in {commands['plain']!r}:\n    if rc := main(argv):\n        sys.exit(rc)\n"
     launched = {"zero3": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
-                          str(WORKER.parent / "zero3_train.py"), *[arg for argv in commands["zero3"] for arg in ["--", *argv]]],
-                "plain": [sys.executable, "-c", plain]}  # the CLI's main, in a fresh process: the console a user sees
+                          str(WORKER.parent / "zero3_train.py"), *commands["zero3"]],
+                "plain": [sys.executable, str(WORKER.parent / "cli_commands.py"), *commands["plain"]]}  # the CLI's main
+    # in a fresh process: the console a user sees
     if not torch.accelerator.is_available():  # the control: the same import outside the CLI
         launched["bare"] = [sys.executable, "-c", "import torch; from accelerate import Accelerator; "
                             "Accelerator(cpu=True).unwrap_model(torch.nn.Linear(1, 1))"]
