@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -198,6 +199,7 @@ def main(argv=None) -> int:
         print(f"  DAR update {a[0]:.2f}s wall / {a[1]:.2f}s cpu | SFT update {b[0]:.2f}s wall / {b[1]:.2f}s cpu",
               flush=True)
     trainer.close()
+    shutil.rmtree(tmp, ignore_errors=True)  # the prompts file and the run folder this script wrote
 
     n_tok = int(rollout.completion_mask.sum())
     med = statistics.median

@@ -31,6 +31,7 @@ import ctypes
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -125,6 +126,7 @@ def run_daralign(algorithm: str, model: str, texts: list[str], K: int, length: i
                     parts.setdefault(k, []).append(m[f"timing/{k}"])
     finally:
         trainer.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # the prompts file and the run folder this phase wrote
     print(f"    daralign {algorithm} K={K}: " + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in parts.items()))
     return times
 
@@ -188,6 +190,7 @@ def run_trl(kind: str, model: str, texts: list[str], K: int, length: int, iterat
     trainer.train()
     times = timer.times
     del trainer, policy
+    shutil.rmtree(tmp, ignore_errors=True)
     return times
 
 

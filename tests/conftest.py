@@ -4,14 +4,25 @@ train copy nothing, they only read these folders."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import tiny` from any test module
+
+# The processes the tests start (training runs killed and resumed, DDP workers, servers) share the
+# few cores with this process: their OpenMP threads wait for work asleep, not spinning on a core
+# another process needs. Set after torch has loaded here, so this process keeps OpenMP's default:
+# the real-model training it runs itself was slower with sleeping threads (the quickstart test:
+# 22-25 s against 28 s).
+import torch  # noqa: E402,F401  (OpenMP reads OMP_WAIT_POLICY once, when torch loads it)
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
@@ -245,20 +256,36 @@ class LoopbackServer:
         shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
-# The servers the tests start (fixture name -> daralign command, readiness path, extra environment,
-# whether it can run here). One a selected test uses is started as soon as collection ends, so its
-# start-up (vLLM's is ~30 s of imports and engine set-up) overlaps the tests that run before it.
+@dataclasses.dataclass(frozen=True)
+class ServerSpec:
+    """A test server: the ``daralign`` command that runs it (its port is added), the path that
+    answers 200 once it takes requests, extra environment, and whether it can run here."""
+
+    command: list[str]
+    ready_path: str
+    env: dict | None = None
+    runs_here: Callable[[], bool] = lambda: True
+
+    def start(self) -> "LoopbackServer":
+        return LoopbackServer(self.command, self.ready_path, self.env)
+
+
+# The servers the tests start, by fixture name. One a selected test uses is started as soon as
+# collection ends, so its start-up (vLLM's is ~30 s of imports and engine set-up) overlaps the tests
+# that run before it. The transformers and vLLM servers run one OpenMP thread: they start beside the
+# first tests, on one core of two, and their requests are small (SmolLM2's judge server spent 12 s of
+# CPU on test_clients_server.py with one thread, 17 s with two).
 SERVERS = {
-    "smol_judge_server": (["serve-judge", "--engine", "transformers", "--model", "bundled:smollm2-135m-instruct",
-                           "--dtype", "float32"], "/health", None, lambda: True),
-    "llama_server": (["serve-judge", "--engine", "llama_cpp", "--model", "bundled:qwen2.5-coder-0.5b-instruct",
-                      "--n-ctx", "2048"], "/v1/models", None, lambda: importlib.util.find_spec("llama_cpp") is not None),
-    "vllm_server": (["vllm-serve", "--model", "bundled:smollm2-135m-instruct", "--dtype", "float32", "--max_model_len", "512",
-                     "--weight_transfer", "gloo"], "/health",
-                    # 1 GiB of KV cache: plenty for a few short sequences; one OpenMP thread, not pinned (vLLM
-                    # pins a thread to every core by default): it starts beside the first tests, on one core of two
-                    {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
-                    lambda: importlib.util.find_spec("vllm") is not None),
+    "smol_judge_server": ServerSpec(["serve-judge", "--engine", "transformers", "--model", "bundled:smollm2-135m-instruct",
+                                     "--dtype", "float32"], "/health", {"OMP_NUM_THREADS": "1"}),
+    "llama_server": ServerSpec(["serve-judge", "--engine", "llama_cpp", "--model", "bundled:qwen2.5-coder-0.5b-instruct",
+                                "--n-ctx", "2048"], "/v1/models",
+                               runs_here=lambda: importlib.util.find_spec("llama_cpp") is not None),
+    # 1 GiB of KV cache: plenty for a few short sequences; its thread not pinned (vLLM pins a thread to every core by default)
+    "vllm_server": ServerSpec(["vllm-serve", "--model", "bundled:smollm2-135m-instruct", "--dtype", "float32",
+                               "--max_model_len", "512", "--weight_transfer", "gloo"], "/health",
+                              {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
+                              runs_here=lambda: importlib.util.find_spec("vllm") is not None),
 }
 _started: dict[str, LoopbackServer] = {}
 
@@ -267,9 +294,9 @@ def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
     used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
-    for name, (command, ready_path, env, runs_here) in SERVERS.items():
-        if name in used and runs_here():
-            _started[name] = LoopbackServer(command, ready_path, env)
+    for name, spec in SERVERS.items():
+        if name in used and spec.runs_here():
+            _started[name] = spec.start()
 
 
 def pytest_sessionfinish(session):
@@ -280,8 +307,7 @@ def pytest_sessionfinish(session):
 @contextlib.contextmanager
 def loopback_server(name: str, timeout_s: float):
     """The server ``SERVERS[name]``, the one started at collection's end or else a new one, ready."""
-    command, ready_path, env, _ = SERVERS[name]
-    server = _started.pop(name, None) or LoopbackServer(command, ready_path, env)
+    server = _started.pop(name, None) or SERVERS[name].start()
     try:
         yield server.wait(timeout_s)
     finally:
