@@ -187,10 +187,12 @@ def run_trl(kind: str, model: str, texts: list[str], K: int, length: int, iterat
                                max_new_tokens=length, temperature=1.0, top_p=1.0, beta=0.1)
         trainer = OnlineDPOTrainer(model=policy, reward_funcs=upbeat_reward, args=args, train_dataset=data,
                                    processing_class=tok, callbacks=[timer])
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # TRL's output_dir (save_strategy "no": nothing kept)
     times = timer.times
     del trainer, policy
-    shutil.rmtree(tmp, ignore_errors=True)
     return times
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import tiny` from a
 # few cores with this process: their OpenMP threads wait for work asleep, not spinning on a core
 # another process needs. Set after torch has loaded here, so this process keeps OpenMP's default:
 # the real-model training it runs itself was slower with sleeping threads (the quickstart test:
-# 22-25 s against 28 s).
+# 22-25 s against 28 s, quiet, on an AMD EPYC with AVX512-BF16).
 import torch  # noqa: E402,F401  (OpenMP reads OMP_WAIT_POLICY once, when torch loads it)
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -274,7 +274,7 @@ class ServerSpec:
 # collection ends, so its start-up (vLLM's is ~30 s of imports and engine set-up) overlaps the tests
 # that run before it. The transformers and vLLM servers run one OpenMP thread: they start beside the
 # first tests, on one core of two, and their requests are small (SmolLM2's judge server spent 12 s of
-# CPU on test_clients_server.py with one thread, 17 s with two).
+# CPU on test_clients_server.py with one thread, 17 s with two, quiet, on an AMD EPYC with AVX512-BF16).
 SERVERS = {
     "smol_judge_server": ServerSpec(["serve-judge", "--engine", "transformers", "--model", "bundled:smollm2-135m-instruct",
                                      "--dtype", "float32"], "/health", {"OMP_NUM_THREADS": "1"}),

@@ -1,8 +1,8 @@
 """`daralign eval` (win rate and MT-bench) and `daralign agreement` end to end with the real
 bundled models: SmolLM2-135M-Instruct answers, Qwen2.5-Coder-0.5B-Instruct judges (CPU).
 A few rows each; minutes on 2 cores. The judge takes its config's default dtype (auto): bf16 on a CPU
-with bf16 units (2.4x faster than fp32 for its forward on an AMD EPYC with AVX512-BF16), fp32 on one
-without (where bf16 matmuls are emulated and ~4x slower); the session's other tests share the load."""
+with bf16 units (AVX512-BF16, AMX), where it is faster than fp32; fp32 on one without (where bf16
+matmuls are emulated and slower); the session's other tests share the load."""
 
 import importlib.util
 import json
