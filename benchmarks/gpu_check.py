@@ -43,7 +43,8 @@ def length_reward(prompts, completions, **kwargs):
     return [0.01 * len(c) + c.count(" ") for c in completions]
 
 
-def build_model(folder: Path, tiny: bool, cuda: bool) -> Path:
+def build_model(folder: Path, tiny: bool, cuda: bool):
+    """The model folder, and its shipped tokenizer loaded (the train sections share it)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -56,11 +57,10 @@ def build_model(folder: Path, tiny: bool, cuda: bool) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
     model.save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(folder)  # the shipped tokenizer loads
-    return folder
+    return folder, AutoTokenizer.from_pretrained(folder)
 
 
-def train_section(folder: Path, algorithm: str, a, cuda: bool, out: Path, **extra) -> dict:
+def train_section(folder: Path, tokenizer, algorithm: str, a, cuda: bool, out: Path, **extra) -> dict:
     import torch
 
     import daralign
@@ -71,7 +71,7 @@ def train_section(folder: Path, algorithm: str, a, cuda: bool, out: Path, **extr
         algorithm=algorithm, num_generations=a.k, per_device_train_batch_size=a.prompts, max_completion_length=a.max_new_tokens,
         max_steps=a.steps, learning_rate=1e-6, bf16=cuda, dtype="bfloat16" if cuda else "float32", report=False,
         log_completions=False, output_dir=str(out / algorithm), generation_batch_size=a.prompts * a.k, **extra)
-    trainer = daralign.Trainer(model=str(folder), reward_funcs=length_reward, args=args,
+    trainer = daralign.Trainer(model=str(folder), processing_class=tokenizer, reward_funcs=length_reward, args=args,
                                train_dataset=[{"prompt": p} for p in (PROMPTS * 8)[: a.prompts * 2]])
     trainer.train()
     steps = trainer.state.log_history[1:] or trainer.state.log_history  # the first step warms up
@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     t0 = time.perf_counter()
     try:
-        folder = build_model(work / "model", a.tiny, cuda)
+        folder, tokenizer = build_model(work / "model", a.tiny, cuda)
         res["sections"] = {}
         for algorithm in ("dar", "rloo"):
-            res["sections"][algorithm] = train_section(folder, algorithm, a, cuda, work / "runs")
+            res["sections"][algorithm] = train_section(folder, tokenizer, algorithm, a, cuda, work / "runs")
             print(json.dumps(res["sections"][algorithm]), flush=True)
         sys.path.insert(0, str(HERE))
         import dar_overhead
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                          "--threads", str(torch.get_num_threads()), "--json", str(versus)])
             res["vs_trl"] = json.loads(versus.read_text())
         if not a.skip_vllm and importlib.util.find_spec("vllm") is not None:
-            res["sections"]["dar-vllm"] = train_section(folder, "dar", a, cuda, work / "runs-vllm", use_vllm=True,
+            res["sections"]["dar-vllm"] = train_section(folder, tokenizer, "dar", a, cuda, work / "runs-vllm", use_vllm=True,
                                                         vllm_gpu_memory_utilization=0.3)
             print(json.dumps(res["sections"]["dar-vllm"]), flush=True)
     finally:

@@ -181,6 +181,60 @@ def test_a_push_sends_a_tied_weight_once(tiny_policy_dir):
     assert names == [k for k in model.state_dict() if k != "lm_head.weight"]
 
 
+def mapped_from(t: torch.Tensor) -> set[str]:
+    """The files whose memory maps hold ``t``'s first byte (/proc/self/maps)."""
+    ptr, files = t.data_ptr(), set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= ptr < high and len(fields) == 6:
+            files.add(fields[5])
+    return files
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the memory maps of Linux's /proc")
+def test_own_weights_moves_them_out_of_the_checkpoints_memory_map(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    """transformers maps the checkpoint; own_weights copies the weights out of it (same values, a
+    tied LM head still the embedding), and the trainer does so for the policy it trains, not for the
+    frozen reference. benchmarks/first_step.py times why."""
+    import shutil
+    import sys
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from daralign.core.models import load_causal_lm, own_weights
+    from daralign.train.loop import OnlineTrainer
+
+    config = AutoConfig.from_pretrained(tiny_policy_dir)
+    config.tie_word_embeddings = True
+    shutil.copytree(tiny_policy_dir, tmp_path / "tied")  # its tokenizer; the weights, tied, written over
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
+    checkpoint = str(tmp_path / "tied" / "model.safetensors")
+    model = load_causal_lm(str(tmp_path / "tied"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert checkpoint in mapped_from(model.get_input_embeddings().weight)
+    own_weights(model)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) and checkpoint not in mapped_from(v), k
+
+    trainer = OnlineTrainer(*parse_train_args(["--config", str(base_config(tmp_path, tmp_path / "tied", tiny_prompts_file,
+                                                                           output_dir=str(tmp_path / "o")))]))
+    try:
+        assert checkpoint not in mapped_from(trainer.unwrapped.get_input_embeddings().weight)
+        assert checkpoint in mapped_from(trainer.reference.get_input_embeddings().weight)
+    finally:
+        trainer.close()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import first_step
+
+    assert first_step.main(["--model", str(tiny_policy_dir), "--repeats", "1", "--json", str(tmp_path / "b.json")]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["median"]["own_copy"]["copy_s"] > 0 and res["median"]["memory_map"]["copy_s"] == 0
+    assert res["copy_and_first_step_over_mapped_first_step"] > 0 and res["cpu"]
+
+
 def test_lora_merged_vs_adapter_only(lora_runs, tiny_policy_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

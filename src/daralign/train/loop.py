@@ -44,7 +44,7 @@ from daralign.train.annotate import compare_feedback, offline_feedback, score_fe
 from daralign.train.budget import Budget
 from daralign.train.heldout import HeldoutCheck
 from daralign.train.model_card import write_model_card
-from daralign.core.models import disable_dropout, flush_denormals, load_causal_lm, load_tokenizer, token_logps
+from daralign.core.models import disable_dropout, flush_denormals, load_causal_lm, load_tokenizer, own_weights, token_logps
 from daralign.objectives import get_objective
 from daralign.objectives.base import RECORDED_TOKEN_LOGPS
 from daralign.core import sharding
@@ -148,7 +148,12 @@ class OnlineTrainer:
     # ---------------------------------------------------------------- models
     def _load_policy(self, model=None, peft_config=None):
         cfg = self.cfg
-        model = model if model is not None else load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
+        if model is None:
+            model = load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
+            # the optimizer writes the weights: out of the checkpoint's memory map first (a GPU copies
+            # them anyway, LoRA writes none of them, ZeRO-3 loaded empty placeholders)
+            if not cfg.use_peft and self.accelerator.device.type == "cpu" and not sharding.is_sharded(model):
+                own_weights(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
