@@ -6,7 +6,9 @@ parameterisations mean what they say."""
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -150,8 +152,21 @@ def test_a_flaky_judge_never_passes_the_budget_and_evaluation_is_counted_apart(t
     """A judge server that fails every second request (HTTP 503): each retry is a paid request,
     reserved on the meter before it is sent. Budget 11: at most 11 training requests, the run ends
     cleanly when retries spend the budget mid-step (no "no valid label" error), and the server's
-    own count is training + evaluation requests (held-out scoring by the same judge)."""
-    judge_http.handler = lambda path, body, n: (503, {"error": "busy"}, {}) if n % 2 == 1 else (200, chat_reply("Yes"), {})
+    own count is training + evaluation requests (held-out scoring by the same judge).
+
+    Every second request *of the same text*: each request's first attempt fails and its retry
+    succeeds. Counted over all requests, two requests in flight at once (the judge sends 8) could
+    take turns so that one of them got every failing number and ran out of retries."""
+    seen, lock = collections.Counter(), threading.Lock()
+
+    def every_second(path, body, n):
+        with lock:  # the server answers each request in a thread of its own
+            text = json.dumps(body["messages"])
+            seen[text] += 1
+            fail = seen[text] % 2 == 1
+        return (503, {"error": "busy"}, {}) if fail else (200, chat_reply("Yes"), {})
+
+    judge_http.handler = every_second
     judge = http_judge(judge_http, max_retries=3, backoff_s=0.0)
     heldout = tiny.write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:2]])
     cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, annotation_budget=11, annotator=judge,
