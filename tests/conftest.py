@@ -311,6 +311,7 @@ def pytest_collection_finish(session):
 def pytest_sessionfinish(session):
     for server in _started.values():  # started for tests that did not run (a -x stop, a skip)
         server.stop()
+    gc.unfreeze()  # collectable again as the interpreter exits (else nanobind, in triton, reports them leaked)
 
 
 @contextlib.contextmanager
