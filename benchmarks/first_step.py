@@ -6,7 +6,7 @@ A step writes every weight in place; in a memory map each 4 KiB page is copied o
 Prints the time ratio of "copy + first step" to "first step on the memory map"; ``--json`` writes
 the numbers. One process, the two ways alternated ``--repeats`` times, a fresh model each time:
 
-    OMP_NUM_THREADS=2 python benchmarks/first_step.py --repeats 3 --json first_step.json
+    python benchmarks/first_step.py --repeats 5 --json first_step.json
 """
 
 from __future__ import annotations

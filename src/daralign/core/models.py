@@ -174,7 +174,7 @@ def own_weights(model: torch.nn.Module) -> None:
     """Copy the weights into this process's own memory. transformers maps a safetensors checkpoint
     into memory instead of reading it, so an optimizer writing the weights in place copies the file's
     pages one 4 KiB page at a time on its first step: for SmolLM2-135M on a 2-core AMD EPYC that step
-    took 1.15 s, against 0.28 s for this copy and the step (docs/img/performance/first_step.json)."""
+    took 1.31 s, against 0.24 s for this copy and the step (medians, docs/img/performance/first_step.json)."""
     with torch.no_grad():
         for p in model.parameters():  # a tied parameter (SmolLM2's embedding and LM head) once
             p.data = p.data.clone()
