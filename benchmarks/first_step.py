@@ -61,7 +61,7 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bundled:smollm2-135m-instruct", help="a model daralign loads (fp32)")
-    p.add_argument("--repeats", type=int, default=3, help="fresh loads per way, alternated")
+    p.add_argument("--repeats", type=int, default=5, help="fresh loads per way, alternated")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--json", help="write the numbers here")
     a = p.parse_args(argv)

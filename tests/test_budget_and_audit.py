@@ -155,7 +155,7 @@ def test_a_flaky_judge_never_passes_the_budget_and_evaluation_is_counted_apart(t
     own count is training + evaluation requests (held-out scoring by the same judge).
 
     Every second request *of the same text*: each request's first attempt fails and its retry
-    succeeds. Counted over all requests, two requests in flight at once (the judge sends 8) could
+    succeeds. Counted over all requests, two requests in flight at once (the judge keeps up to 8) could
     take turns so that one of them got every failing number and ran out of retries."""
     seen, lock = collections.Counter(), threading.Lock()
 
