@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -47,17 +46,6 @@ def first_steps(model_name: str, copy: bool) -> dict:
     return {"copy_s": copied, "first_step_s": steps[0], "second_step_s": steps[1]}
 
 
-def cpu_name() -> str:
-    """lscpu's model name, and whether the CPU computes in bf16 (AMX, AVX512-BF16): timings differ by that."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    units = [u for u in ("amx_bf16", "avx512_bf16") if f" {u}" in info]
-    return f"{name} ({', '.join(units) or 'no bf16 units'})"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bundled:smollm2-135m-instruct", help="a model daralign loads (fp32)")
@@ -66,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the numbers here")
     a = p.parse_args(argv)
     import torch
+
+    from daralign.core.provenance import cpu
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -77,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     median = {way: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for way, rs in runs.items()}
     mapped = median["memory_map"]["first_step_s"]
     owned = median["own_copy"]["copy_s"] + median["own_copy"]["first_step_s"]
-    res = {"model": a.model, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+    res = {"model": a.model, "cpu": cpu(), "threads": torch.get_num_threads(),
            "repeats": a.repeats, "median": median, "runs": runs, "copy_and_first_step_over_mapped_first_step": owned / mapped}
     print(f"{res['cpu']}, {res['threads']} threads")
     for way, m in median.items():

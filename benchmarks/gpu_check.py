@@ -22,7 +22,6 @@ import argparse
 import gzip
 import importlib.util
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -100,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
+    from daralign.core.provenance import cpu
+
     cuda = torch.cuda.is_available()
-    res = {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+    res = {"device": torch.cuda.get_device_name(0) if cuda else cpu(),
            "torch": torch.__version__, "transformers": transformers.__version__, "tiny": a.tiny,
            "shape": {k: getattr(a, k) for k in defaults}}
     print(f"gpu_check on {res['device']} (torch {torch.__version__}, transformers {transformers.__version__})", flush=True)

@@ -126,6 +126,7 @@ def test_runs_record_provenance_and_reports_name_their_parts(tmp_path, tiny_poli
     assert train(config(tmp_path, tiny_policy_dir, tiny_prompts_file, report=True, max_steps=1), out) == 0
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["daralign"] and prov["libraries"]["torch"] == metadata.version("torch") and "transformers" in prov["libraries"]
+    assert prov["cpu"]  # a timing names what it ran on
     report = (out / "report.md").read_text()
     assert str(tiny_policy_dir) in report and "reward function" in report and str(tiny_prompts_file) in report
     assert "annotator requests (trained): 4 for training (the budget's unit), 0 for evaluation" in report

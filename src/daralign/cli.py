@@ -28,7 +28,8 @@ def env_main(argv: list[str]) -> int:
     from daralign.core.provenance import provenance
 
     info = provenance()
-    print(f"daralign {info['daralign']} (commit {info['git_commit'] or 'unknown'})\npython {info['python']} ({info['platform']})")
+    print(f"daralign {info['daralign']} (commit {info['git_commit'] or 'unknown'})\npython {info['python']} ({info['platform']})"
+          f"\ncpu {info['cpu']}")
     for name, version in info["libraries"].items():
         print(f"{name} {version or 'not installed'}")
     print(f"cuda available: {torch.cuda.is_available()}  threads: {torch.get_num_threads()}")

@@ -315,9 +315,8 @@ class _Retryable(Exception):
 
 @functools.cache
 def _tls_context():
-    """One TLS context for every HTTP client of the process: httpx builds a new one per client,
-    loading the CA bundle each time (21 ms on a 2-core AMD EPYC; a compare run or a test session
-    makes a client per annotator). Built on first use: SSL_CERT_FILE / SSL_CERT_DIR set before it count."""
+    """One TLS context for every client: httpx loads the CA bundle anew for each (21 ms on a 2-core
+    AMD EPYC). Built on first use, so SSL_CERT_FILE / SSL_CERT_DIR set before then count."""
     import httpx
 
     return httpx.create_ssl_context()

@@ -6,7 +6,6 @@ shipped on PyPI, see ``bundled.py``). ``trust_remote_code`` stays off unless ask
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 
 from daralign.core import bundled
 from daralign.core.errors import ConfigError
+from daralign.core.provenance import cpu_bf16_units
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -28,12 +28,7 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> str:
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        flags = ""
-    return "bfloat16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "float32"
+    return "bfloat16" if cpu_bf16_units() else "float32"
 
 
 def _location(name_or_path: str) -> tuple[str, dict]:

@@ -150,10 +150,8 @@ class OnlineTrainer:
         cfg = self.cfg
         if model is None:
             model = load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
-            # the optimizer writes the weights: out of the checkpoint's memory map first (a GPU copies
-            # them anyway, LoRA writes none of them, ZeRO-3 loaded empty placeholders)
             if not cfg.use_peft and self.accelerator.device.type == "cpu" and not sharding.is_sharded(model):
-                own_weights(model)
+                own_weights(model)  # the optimizer writes them (a GPU copies them anyway; ZeRO-3: placeholders)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
