@@ -16,6 +16,11 @@ Runs are interleaved (A, B, B, A, ...) after a warm-up of each; each ratio is th
 CPU time (``time.process_time``, much less sensitive to other jobs on a shared machine). ~2–3 min
 on 2 idle CPU cores with the defaults.
 
+On CUDA every tensor is made on the model's device, and every timer synchronises the device when
+it starts and when it stops (CUDA kernels run after the call that queued them returns: without it
+a step's time would count only its launches). Read the wall ratio there: the CPU time of a GPU run
+is the host's (kernel launches, and the wait inside ``synchronize``).
+
     python benchmarks/dar_overhead.py [--model bundled:smollm2-135m-instruct] [--repeats 3] [--threads 1]
 
 On a machine shared with other jobs use ``--threads 1``: with 2 threads per process on 2 busy cores
@@ -60,6 +65,8 @@ def parse_args(argv=None):
                    "times robust on a machine shared with other jobs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the numbers to this file")
+    p.add_argument("--work_dir", help="folder for the prompts file and the run (default: a new temporary folder); "
+                   "removed when the script succeeds, kept (and printed) when it fails")
     return p.parse_args(argv)
 
 
@@ -69,27 +76,39 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.num_prompts % args.per_device_train_batch_size:
+        sys.exit("--num_prompts must be a multiple of --per_device_train_batch_size")
+    tmp = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dar_overhead_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        res = measure(args, tmp)
+    except BaseException:
+        print(f"dar_overhead failed; its work folder is kept: {tmp}", file=sys.stderr, flush=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)  # the prompts file and the run folder this script wrote
+    report(args, res)
+    return 0
 
-    from daralign.core.config import TrainConfig
-    from daralign.train.loop import OnlineTrainer
+
+def sft_objective(cfg):
+    """Plain SFT on the same tokens: mean sequence NLL, no weights, no reference."""
     from daralign.objectives.base import Objective
-    from daralign.objectives.dar import DARConfig
-    from daralign.rollout.hf import neutral_generation_config, sample_rollout
-    from daralign.rollout.tokens import eos_token_ids, tokenize_prompts
-    from daralign.core.types import Feedback
 
     class SFT(Objective):
-        """Plain SFT on the same tokens: mean sequence NLL, no weights, no reference."""
-
         def prepare(self, rollout, feedback, ref_token_logps, model):
             return {}, {}
 
         def loss(self, policy_logps, batch):
             return -policy_logps.mean(), {}
 
-    if args.num_prompts % args.per_device_train_batch_size:
-        sys.exit("--num_prompts must be a multiple of --per_device_train_batch_size")
-    tmp = Path(tempfile.mkdtemp(prefix="dar_overhead_"))
+    return SFT(None, cfg)
+
+
+def measure(args, tmp: Path) -> dict:
+    from daralign.core.config import TrainConfig
+    from daralign.objectives.dar import DARConfig
+    from daralign.train.loop import OnlineTrainer
+
     data = tmp / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (PROMPTS * 4)[: args.num_prompts]))
     ga = args.num_prompts // args.per_device_train_batch_size
@@ -103,25 +122,49 @@ def main(argv=None) -> int:
     cfg.validate()
     t0 = time.perf_counter()
     trainer = OnlineTrainer(cfg, DARConfig())
+    try:
+        return measure_with(args, cfg, trainer, t0)
+    finally:
+        trainer.close()
+
+
+def measure_with(args, cfg, trainer, t0: float) -> dict:
+    import torch
+
+    from daralign.core.types import Feedback
+    from daralign.rollout.hf import neutral_generation_config, sample_rollout
+    from daralign.rollout.tokens import eos_token_ids, tokenize_prompts
+
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; torch threads {torch.get_num_threads()}", flush=True)
     model, tok, acc = trainer.unwrapped, trainer.tokenizer, trainer.accelerator
+    device = model.device  # every tensor below is made here: CUDA and CPU tensors do not mix
+    cuda = device.type == "cuda"
     rows = trainer.schedule.batch(0)
     K = args.num_generations
+    ga = args.num_prompts // args.per_device_train_batch_size
 
     # ------------------------------------------------------------ 2. rollout vs raw generate
-    enc = tokenize_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length, model.device)
+    enc = tokenize_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_length, device)
     prompt_ids, prompt_mask = enc["input_ids"].repeat_interleave(K, 0), enc["attention_mask"].repeat_interleave(K, 0)
     eos_ids = eos_token_ids(model, tok)
+    eos = torch.tensor(eos_ids, device=device)
 
     def count(gen: torch.Tensor) -> int:  # completion tokens up to and including the first EOS
-        is_eos = torch.isin(gen, torch.tensor(eos_ids))
-        first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full((gen.shape[0],), gen.shape[1] - 1))
+        is_eos = torch.isin(gen, eos)
+        first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1),
+                            torch.full((gen.shape[0],), gen.shape[1] - 1, device=gen.device))
         return int((first + 1).sum())
 
+    def synchronize():  # the queued kernels finish inside the timed span, not in the next one
+        if cuda:
+            torch.cuda.synchronize(device)
+
     def clock():
+        synchronize()
         return time.perf_counter(), time.process_time()
 
     def since(t):
+        synchronize()
         return time.perf_counter() - t[0], time.process_time() - t[1]
 
     def run_rollout(seed):
@@ -170,11 +213,11 @@ def main(argv=None) -> int:
     # ------------------------------------------------------------ 1. DAR update vs SFT update
     torch.manual_seed(args.seed)
     rollout, _, _ = run_rollout(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    feedback = Feedback(num_annotations=rollout.input_ids.shape[0], rewards=torch.rand(len(rows), K, generator=g),
-                        valid=torch.ones(len(rows), K, dtype=torch.bool))
+    g = torch.Generator().manual_seed(args.seed)  # drawn on the CPU (the same rewards on every device), then moved
+    feedback = Feedback(num_annotations=rollout.input_ids.shape[0], rewards=torch.rand(len(rows), K, generator=g).to(device),
+                        valid=torch.ones(len(rows), K, dtype=torch.bool, device=device))
     ref = trainer.reference_token_logps(rollout)
-    dar, sft = trainer.objective, SFT(None, cfg)
+    dar, sft = trainer.objective, sft_objective(cfg)
 
     def dar_step():
         t = clock()
@@ -198,21 +241,24 @@ def main(argv=None) -> int:
         sft_t.append(b)
         print(f"  DAR update {a[0]:.2f}s wall / {a[1]:.2f}s cpu | SFT update {b[0]:.2f}s wall / {b[1]:.2f}s cpu",
               flush=True)
-    trainer.close()
-    shutil.rmtree(tmp, ignore_errors=True)  # the prompts file and the run folder this script wrote
 
     n_tok = int(rollout.completion_mask.sum())
     med = statistics.median
     res = {
         "model": args.model, "sequences": rollout.input_ids.shape[0], "seq_len": rollout.input_ids.shape[1],
         "completion_tokens": n_tok, "micro_batches": ga, "repeats": args.repeats, "bf16": args.bf16,
-        "torch_threads": torch.get_num_threads(), "same_tokens": same_tokens,
+        "device": str(device), "torch_threads": torch.get_num_threads(), "same_tokens": same_tokens,
         "dar_update_s": [a for a in dar_t], "sft_update_s": [b for b in sft_t],
         "rollout_tok_per_s": roll, "generate_tok_per_s": gen,
     }
     for j, kind in enumerate(("wall", "cpu")):
         res[f"update_ratio_{kind}"] = med([a[j] / b[j] for a, b in zip(dar_t, sft_t)])
         res[f"rollout_ratio_{kind}"] = med([r[j] / g[j] for r, g in zip(roll, gen)])
+    return res
+
+
+def report(args, res: dict) -> None:
+    ga, same_tokens = res["micro_batches"], res["same_tokens"]
     print(f"\n{args.model}: {res['sequences']} sequences × {res['seq_len']} tokens, {ga} micro-batches, "
           f"median of {args.repeats} paired ratios")
     for kind in ("wall", "cpu"):
@@ -222,7 +268,6 @@ def main(argv=None) -> int:
               f"{'' if same_tokens else '  [token counts differed between the two sides]'}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

@@ -117,9 +117,9 @@ def run_daralign(algorithm: str, model: str, texts: list[str], K: int, length: i
              "annotation_cost": 0.0}
     try:
         for step in range(iterations):
-            t0 = time.perf_counter()
+            t0 = synced_clock()
             m = trainer.step(step, len(texts), spent)
-            times.append(time.perf_counter() - t0)
+            times.append(synced_clock() - t0)
             spent = {k: m[k] for k in spent}
             if step:
                 for k in ("rollout", "annotate", "reference", "update"):
@@ -129,6 +129,16 @@ def run_daralign(algorithm: str, model: str, texts: list[str], K: int, length: i
         shutil.rmtree(tmp, ignore_errors=True)  # the prompts file and the run folder this phase wrote
     print(f"    daralign {algorithm} K={K}: " + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in parts.items()))
     return times
+
+
+def synced_clock() -> float:
+    """``time.perf_counter()`` once the GPU has finished what was queued (CUDA kernels run
+    asynchronously: an unsynchronised clock times the launches, not the work)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 # ---------------------------------------------------------------- TRL
@@ -151,10 +161,10 @@ def _timer_callback():
 
         def on_step_begin(self, args, state, control, **kw):
             if not self.marks:
-                self.marks.append(time.perf_counter())
+                self.marks.append(synced_clock())
 
         def on_step_end(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
+            self.marks.append(synced_clock())
 
         @property
         def times(self) -> list[float]:

@@ -338,11 +338,12 @@ def smol_judge_server():
         yield judge_server(server)
 
 
-def undocumented_metrics(rows: list[dict]) -> set[str]:
-    """Keys of metrics.jsonl rows that docs/metrics.md does not list (``<x>`` there matches a name)."""
+def undocumented_metrics(rows: list[dict], glossary: Path | None = None) -> set[str]:
+    """Keys of metrics.jsonl rows that the glossary (docs/metrics.md) does not list (``<x>`` there
+    matches a name)."""
     import re
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    text = (glossary or Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
     names = re.findall(r"`([a-z_<>/]+[a-z_<>0-9]*)`", text)
     patterns = [re.compile("^" + re.sub(r"<[a-z_]+>", r"[^/]+", re.escape(n).replace(r"\<", "<").replace(r"\>", ">")) + "$")
                 for n in names]

@@ -96,7 +96,7 @@ def reference_token_logps(ref_model, rollout: Rollout, temperature: float = 1.0)
 
 def run_step(objective, model, rollout: Rollout, feedback: Feedback, ref_token_logps=None, prompts_per_micro_batch=None):
     """prepare + compute_loss per micro-batch (scaled by n/N) + backward. Returns (total loss,
-    prepared, prepare metrics, list of compute_loss metrics)."""
+    prepared, prepare metrics, the LossOutput of each micro-batch)."""
     with torch.no_grad():
         prepared, metrics = objective.prepare(rollout, feedback, ref_token_logps, model)
     K, P = rollout.num_generations, rollout.num_prompts
@@ -111,11 +111,12 @@ def run_step(objective, model, rollout: Rollout, feedback: Feedback, ref_token_l
         rows = slice(start * K, min(P, start + step) * K)
         micro = {name: value[rows] for name, value in full.items()}
         n = micro["input_ids"].shape[0]
-        loss, m = objective.compute_loss(model, micro)
+        out = objective.compute_loss(model, micro)
+        loss = out.loss
         assert loss.dim() == 0 and torch.isfinite(loss), f"loss {loss}"
         (loss * n / N).backward()
         total += loss.item() * n / N
-        loss_metrics.append(m)
+        loss_metrics.append(out)  # LossOutput: .metrics, .pi_t_token_logps
     return total, prepared, metrics, loss_metrics
 
 

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from daralign.core import sharding
 from daralign.core.models import load_causal_lm, load_tokenizer, token_logps
@@ -76,29 +77,39 @@ def one_optimizer_step_per_update(folder: str) -> None:
 
 
 def lora_merged_from_gathered_factors(folder: str) -> None:
-    """A LoRA policy under ZeRO-3: what a push (and a merged final/) reads is W + BA from the whole
-    factors, as the unsharded LoRA model merges it."""
+    """A LoRA policy (and a trained lm_head copy: modules_to_save) under ZeRO-3: what a push (and a
+    merged final/) reads is W + BA from factors gathered one layer at a time, by the plain model's
+    names, as PEFT merges the unsharded model; the partitioned base weights are never written."""
     import deepspeed
     from peft import LoraConfig, get_peft_model
 
     def lora_model():
         torch.manual_seed(0)
-        model = get_peft_model(load_causal_lm(folder), LoraConfig(r=4, target_modules=["q_proj"], lora_alpha=8))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.1)  # B starts at zero: give the adapter a delta
+        model = get_peft_model(load_causal_lm(folder), LoraConfig(r=4, target_modules=["q_proj"], lora_alpha=8,
+                                                                  modules_to_save=["lm_head"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.1)  # B starts at zero: give the adapter a delta
+            model.get_base_model().lm_head.modules_to_save["default"].weight.add_(1.0)  # the trained copy moved
         return model
 
     plain, model = lora_model(), lora_model()
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3), config=ZERO3)
-    with sharding.merged_weights(plain) as weights:
-        want = {k: v.detach().clone() for k, v in weights}
-    with sharding.merged_weights(engine.module) as weights:  # valid inside the block: the merge is taken out after it
-        got = {k: sharding.whole(v).clone() for k, v in weights}
+    want = plain.merge_and_unload().state_dict()  # PEFT's own merge of the unsharded model
+    before = dict(sharding.whole_state(engine.module))
+    for _ in range(2):
+        with sharding.merged_weights(engine.module) as weights:
+            got = {k: sharding.whole(v).clone() for k, v in weights}
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
     assert not torch.allclose(want["model.layers.0.self_attn.q_proj.weight"],
                               load_causal_lm(folder).state_dict()["model.layers.0.self_attn.q_proj.weight"])  # merged
+    after = dict(sharding.whole_state(engine.module))
+    assert all(torch.equal(after[k], before[k]) for k in before), "the base is never written"
+    state = sharding.final_state(engine.module, keep=dist.get_rank() == 0, merge_lora=True)  # a merged final/
+    if dist.get_rank() == 0:
+        assert state.keys() == want.keys() and all(torch.allclose(state[k], want[k], atol=1e-6) for k in want)
 
 
 def main(mode: str, folder: str, out: Path) -> None:
@@ -142,8 +153,24 @@ def main(mode: str, folder: str, out: Path) -> None:
     mask = rollout.completion_mask[:, 1:].bool()
     assert torch.allclose(rollout.behaviour_token_logps[mask], ref[mask], atol=1e-4)
 
-    # the frozen reference, sharded like the policy: the same log-probs as the whole model's
-    reference = sharding.place_reference(load_causal_lm(folder).eval().requires_grad_(False), launcher(mode))
+    # the frozen reference, sharded like the policy: the same log-probs as the whole model's. Under
+    # FSDP2 it is sharded from the CPU: never moved whole (Module.to) before its parameters are shards
+    moves = []
+    original_to = torch.nn.Module.to
+
+    def recorded_to(module, *args, **kwargs):
+        moves.append(sum(p.numel() for p in module.parameters() if not isinstance(p, DTensor)))
+        return original_to(module, *args, **kwargs)
+
+    torch.nn.Module.to = recorded_to
+    try:
+        reference = sharding.place_reference(load_causal_lm(folder).eval().requires_grad_(False), launcher(mode))
+    finally:
+        torch.nn.Module.to = original_to
+    if mode == "fsdp2":
+        assert not any(moves), f"a whole module moved before sharding: {moves} parameters"
+        q, full = reference.model.layers[0].self_attn.q_proj.weight, plain.model.layers[0].self_attn.q_proj.weight
+        assert q.to_local().numel() < full.numel() and tuple(q.shape) == tuple(full.shape)
     assert sharding.is_sharded(reference.module if mode == "zero3" else reference)
     with torch.no_grad():
         got = token_logps(reference, rollout.input_ids, rollout.attention_mask, completion_mask=rollout.completion_mask)

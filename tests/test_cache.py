@@ -83,6 +83,23 @@ def test_key_ignores_nothing_that_matters():
         assert cache_key(**{**base, field: value}) != cache_key(**base)
 
 
+
+@pytest.mark.parametrize("backend", [{"backend": "transformers"}, {"backend": "openai", "base_url": "http://127.0.0.1:9/v1"},
+                                     {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "endpoint": "completions"}])
+def test_caches_written_before_backends_owned_their_settings_still_answer(backend):
+    """The key of a request as daralign wrote it when the judge's settings were one flat dataclass
+    (endpoint for openai alone, top_logprobs among the decoding): the same key now."""
+    from daralign.annotators.judge import _Ask
+    from daralign.annotators.clients import Request
+
+    j = JudgeAnnotator.from_config({"type": "judge", "model": "m", "template": "tone", **backend})
+    request = Request(messages=(("user", "q"),), candidates=("Yes", "No"))
+    old = cache_key(template=j.template("score"), backend=backend["backend"], model="m", prompt="p", responses=("r",),
+                    scale=j.scale.spec(), system=None, endpoint=backend.get("endpoint", "chat") if backend["backend"] == "openai" else None,
+                    decoding={"prefix": "", "candidates": ("Yes", "No"), "max_tokens": 1, "temperature": 0.0, "seed": None,
+                              "top_logprobs": 20})
+    assert j._key(_Ask(request, ("r",), "p")) == old
+
 WRITER = """
 import sys
 from daralign.annotators.cache import ResponseCache

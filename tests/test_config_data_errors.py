@@ -230,13 +230,34 @@ def test_cli_overrides_yaml(tmp_path):
     assert (train.max_steps, train.output_dir, train.seed, train.dataset) == (2, "runs/demo", 3, "a.jsonl")
 
 
+def test_engine_keys_are_read_written_and_read_back(tmp_path):
+    """A rollout engine's keys are its own ``Config``'s: they load whichever engine samples (vLLM's
+    with use_vllm off, as before), a YAML value and a flag reach the engine's config, and config.yaml
+    (``to_dict``) writes them flat, so the saved config reads back to the same settings."""
+    from daralign.core.config import to_dict
+    from daralign.rollout.base import engine_class
+
+    cfg = write(tmp_path, "c.yaml", yaml.safe_dump({"dataset": "a.jsonl", "vllm_mode": "server",
+                                                     "annotator": {"type": "function", "function": "math:fsum"}}))
+    train, algo = parse_train_args(["--config", str(cfg), "--vllm_gpu_memory_utilization", "0.5"])
+    assert (train.vllm_mode, train.vllm_gpu_memory_utilization, train.use_vllm) == ("server", 0.5, False)
+    assert engine_class(train, "score").name == "hf"  # auto: vLLM only with use_vllm
+    saved = to_dict(train, algo)
+    assert saved["vllm_mode"] == "server" and "engine_configs" not in saved
+    again = write(tmp_path, "saved.yaml", yaml.safe_dump(saved))
+    train2, _ = parse_train_args(["--config", str(again), "--use_vllm", "true"])
+    assert to_dict(train2) == {**to_dict(train), "use_vllm": True} and engine_class(train2, "score").name == "vllm-server"
+    with pytest.raises(ConfigError, match="vllm_mode: 'both' is not one of colocate, server"):
+        parse_train_args(["--config", str(cfg), "--vllm_mode", "both"])
+
+
 def test_train_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as e:
         daralign_main(["train", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--num_generations", "--dar_alpha", "--dar_total", "--weight_clip", "--advantage_normalization",
-                 "--resume", "--use_peft"):
+                 "--resume", "--use_peft", "--use_vllm", "--vllm_mode", "--vllm_server_url"):  # the engines' own too
         assert flag in text
 
 

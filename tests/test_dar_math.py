@@ -320,7 +320,7 @@ def test_loss_gradient_on_tiny_model(tiny_policy):
     batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
              "completion_mask": rollout.completion_mask, **prepared}
     model.zero_grad(set_to_none=True)
-    loss, _ = obj.compute_loss(model, batch)
+    loss = obj.compute_loss(model, batch).loss
     grads = torch.autograd.grad(loss, params)
     expected = [torch.zeros_like(p) for p in params]
     for i in range(N):

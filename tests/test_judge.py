@@ -57,8 +57,9 @@ def test_registered_as_judge():
         ({"device": "tpu"}, "device"),
         ({"cache": 3}, "cache"),
         ({"use_logprobs": "sometimes"}, "use_logprobs"),
-        ({"max_retries": -1}, "max_retries"),
-        ({"timeout_s": float("inf")}, "timeout_s"),
+        ({"backend": "openai", "base_url": "http://x/v1", "max_retries": -1}, "max_retries"),
+        ({"backend": "openai", "base_url": "http://x/v1", "timeout_s": float("inf")}, "timeout_s"),
+        ({"backend": "llama_cpp", "n_ctx": 0}, "n_ctx"),
         ({"template": "nope"}, "template"),
         ({"backend": "openai"}, "base_url"),
         ({"backend": "openai", "base_url": "http://x/v1", "api_key_env": "sk-123 secret"}, "api_key_env"),
@@ -67,6 +68,50 @@ def test_registered_as_judge():
 def test_bad_config_names_the_field(over, field):
     with pytest.raises(ConfigError, match=field):
         JudgeAnnotator.from_config({"type": "judge", **over})
+
+
+def test_the_backend_owns_its_keys_in_the_flat_mapping(capsys):
+    """A backend's keys sit at the top level of the judge mapping, are checked by its ``Config``
+    and read back as the judge's; a key of another backend is ignored with a note; an unknown key
+    lists the keys this backend knows."""
+    from daralign.annotators.judge import JudgeConfig
+
+    c = JudgeAnnotator.from_config({"type": "judge", "backend": "openai", "base_url": "http://x/v1", "endpoint": "completions"}).config
+    assert c.base_url == "http://x/v1" and c.endpoint == "completions" and c.backend_config.top_logprobs == 20
+    assert JudgeConfig(n_ctx=1024, timeout_s=5).backend_config == JudgeConfig().backend_config  # openai's and llama_cpp's keys
+    assert "ignores the keys of other backends (llama_cpp: n_ctx; openai: timeout_s)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) 'n_gpu'; known for backend 'llama_cpp': .*n_ctx, n_threads"):
+        JudgeConfig(backend="llama_cpp", n_gpu=1)
+
+
+def test_judges_differing_in_any_backend_field_do_not_share_a_client(judge_http):
+    from daralign.annotators.backends import client_key
+    from daralign.annotators.judge import JudgeConfig
+
+    same = dict(backend="openai", base_url=judge_http.base_url, model="m")
+    assert client_key(JudgeConfig(**same, template="tone", mode="compare")) == client_key(JudgeConfig(**same))
+    for field, value in [("top_logprobs", 5), ("requests_per_minute", 60), ("tokenizer", "t"), ("endpoint", "completions")]:
+        assert client_key(JudgeConfig(**same, **{field: value})) != client_key(JudgeConfig(**same)), field
+
+
+def test_a_chat_only_backend_is_budgeted_from_its_own_capabilities():
+    """The cost model asks the backend class (``supports_prefix``), never its name: a two-digit
+    score costs one request on a backend that cannot continue a prefix, two on one that can."""
+    from daralign.annotators import requests_per_label
+    from daralign.annotators.clients import BACKENDS, Client, register_backend
+
+    @register_backend("toy-chat-only")
+    class ChatOnly(Client):
+        @classmethod
+        def supports_prefix(cls, config) -> bool:
+            return False
+
+    try:
+        cfg = {"type": "judge", "scale": "1-10"}
+        assert requests_per_label({**cfg, "backend": "toy-chat-only"}, "score") == 1
+        assert requests_per_label(cfg, "score") == 2  # transformers: P("1") then P("0" | "1")
+    finally:
+        BACKENDS.pop("toy-chat-only")
 
 
 def test_config_needs_no_model_until_used():

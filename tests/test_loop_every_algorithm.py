@@ -14,10 +14,11 @@ from conftest import http_judge, keyword_judge, undocumented_metrics
 
 import tiny
 from daralign.cli import main as daralign_main
+from daralign.objectives import OBJECTIVES
 
 P = 2  # prompts per step
-SCORE = ["dar", "rloo", "grpo", "ppo", "bon-sft"]
-COMPARE = ["online-dpo", "online-ipo", "online-slic"]
+# every registered method, by what it learns from: a new one is covered (metrics glossary included) as it registers
+KIND = {name: cls.feedback_kind for name, cls in OBJECTIVES.items()}
 
 
 def write_pairs(path: Path) -> Path:
@@ -34,16 +35,16 @@ def run_train(tmp: Path, **cfg) -> tuple[Path, list[dict]]:
     return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algorithm", SCORE + COMPARE + ["dpo"])
+@pytest.mark.parametrize("algorithm", list(KIND))
 def test_every_algorithm_trains_through_the_loop(algorithm, tmp_path, tiny_policy_dir, tiny_prompts_file, judge_http):
     judge_http.handler = keyword_judge
     heldout = tiny.write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:2]])
-    kind = "compare" if algorithm in COMPARE else "score"
+    kind = KIND[algorithm]
     cfg = {"algorithm": algorithm, "model_name_or_path": str(tiny_policy_dir), "num_generations": 4,
            "per_device_train_batch_size": P, "max_completion_length": 5, "max_steps": 2, "learning_rate": 1e-3,
            "seed": 3, "report": False, "eval_dataset": str(heldout), "eval_max_prompts": 2,
            "eval_annotator": {"type": "function", "function": f"{tiny.TINY_PY}:length_reward"}}
-    if algorithm == "dpo":
+    if kind == "offline":
         cfg["dataset"] = str(write_pairs(tmp_path / "pairs.jsonl"))  # no annotator at all
     else:
         cfg |= {"dataset": str(tiny_prompts_file), "annotator": http_judge(judge_http, kind)}
@@ -57,12 +58,12 @@ def test_every_algorithm_trains_through_the_loop(algorithm, tmp_path, tiny_polic
     # the budget unit is what the judge server received for training: the held-out yardstick is a
     # function (no HTTP), and the judge's held-out proxy score (2 prompts × 2 answers, before and
     # after) is not charged to the run
-    proxy = 0 if algorithm == "dpo" else 2 * 2 * 2
+    proxy = 0 if kind == "offline" else 2 * 2 * 2
     assert metrics[-1]["annotation_requests"] == len(judge_http.requests) - proxy
-    assert (json.loads((out / "heldout_after.json").read_text())["proxy_score"] is None) == (algorithm == "dpo")
-    if algorithm in SCORE:
+    assert (json.loads((out / "heldout_after.json").read_text())["proxy_score"] is None) == (kind == "offline")
+    if kind == "score":
         assert metrics[-1]["annotation_requests"] == metrics[-1]["annotations"] == 2 * P * 4  # K = 4 scores per prompt
-    elif algorithm in COMPARE:
+    elif kind == "compare":
         assert metrics[-1]["annotations"] == 2 * P  # one pair per prompt (OAIF), not K(K-1)/2 of K = 4
         assert metrics[-1]["annotation_requests"] == 2 * 2 * P  # each pair asked in both orders
         assert len((out / "completions.jsonl").read_text().splitlines()) == 2 * P * 2  # 2 responses per prompt

@@ -4,6 +4,7 @@ sized by prompts: they only change how the online batch is cut for the forward p
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +48,34 @@ def test_rows_per_micro_batch():
 
     rollout = SimpleNamespace(num_generations=4, input_ids=torch.zeros(32, 100))
     def rows(**cfg):
-        return OnlineTrainer.rows_per_micro_batch(SimpleNamespace(cfg=SimpleNamespace(**cfg)), rollout)
+        return OnlineTrainer.rows_per_micro_batch(SimpleNamespace(cfg=SimpleNamespace(**cfg), world=1), rollout)
     assert rows(max_micro_batch_tokens=0, per_device_train_batch_size=8) == 32
     assert rows(max_micro_batch_tokens=1000, per_device_train_batch_size=8) == 8  # 2 groups of 4 × 100 tokens
     assert rows(max_micro_batch_tokens=10, per_device_train_batch_size=8) == 4  # never less than one group
+
+
+@pytest.mark.slow
+def test_processes_run_the_same_micro_batches_whatever_their_prompt_lengths(tmp_path, tiny_policy_dir):
+    """Two processes (torchrun + gloo), each padding to its own longest prompt: with token-sized
+    micro-batches every process still runs as many forwards as the others in every step — under
+    FSDP2 / ZeRO-3 each forward all-gathers, so one forward more on one process is a hang."""
+    import os
+    import subprocess
+    import sys
+
+    short, long = "Hi.", " ".join(["Tell me a long story about the sea and the ships on it."] * 4)
+    prompts = tiny.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in (short, "Yo.", long, long + " Now.")])
+    cfg = tiny.run_config(tmp_path, tiny_policy_dir, prompts, per_device_train_batch_size=2, num_generations=2,
+                          max_steps=4, max_micro_batch_tokens=120, output_dir=str(tmp_path / "run"))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).resolve().parent / "micro_batch_worker.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(cfg),
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 4
+    unequal = [a["step"] for a, b in zip(*ranks) if a["padded_length"] != b["padded_length"]]
+    assert unequal, "the seed gave no step where the processes' prompts differ in length: the test tests nothing"
+    for a, b in zip(*ranks):
+        assert (a["update_forwards"], a["reference_micro_batches"]) == (b["update_forwards"], b["reference_micro_batches"])
+    assert max(r["update_forwards"] for r in ranks[0]) > 1  # the token cap did cut the batch

@@ -69,7 +69,7 @@ def test_token_level_average_on_policy():
     adv = torch.tensor([a0, -a0, -a1, a1], dtype=torch.float64)
     lengths = rollout.completion_lengths.double()
     assert loss == pytest.approx((-(adv * lengths).sum() / lengths.sum()).item(), rel=1e-5)
-    assert loss_metrics[0]["grpo/kl"] == pytest.approx(0.0, abs=1e-6) and loss_metrics[0]["clip_ratio/region_mean"] == 0.0
+    assert loss_metrics[0].metrics["grpo/kl"] == pytest.approx(0.0, abs=1e-6) and loss_metrics[0].metrics["clip_ratio/region_mean"] == 0.0
     assert metrics["frac_reward_zero_std"] == 0.0
 
 
@@ -83,7 +83,7 @@ def test_tiny_model_smoke_and_micro_batches():
     loss_full, _, metrics, loss_metrics = run_step(obj, model, rollout, feedback, ref)
     g_full = grads(model)
     assert math.isfinite(loss_full) and metrics["frac_reward_zero_std"] == pytest.approx(1 / 3)
-    assert loss_metrics[0]["grpo/kl"] > 0 and loss_metrics[0]["clip_ratio/region_mean"] > 0
+    assert loss_metrics[0].metrics["grpo/kl"] > 0 and loss_metrics[0].metrics["clip_ratio/region_mean"] > 0
     assert g_full.abs().sum() > 0 and torch.isfinite(g_full).all()
     zero_grads(model)
     loss_micro, *_ = run_step(obj, model, rollout, feedback, ref, prompts_per_micro_batch=1)

@@ -120,7 +120,7 @@ def test_tiny_model_smoke_and_micro_batches(name):
     g_full = grads(model)
     assert math.isfinite(loss_full) and metrics["pairs/used"] == 3
     assert g_full.abs().sum() > 0 and torch.isfinite(g_full).all()
-    assert "rewards/margins" in loss_metrics[0]
+    assert "rewards/margins" in loss_metrics[0].metrics
     zero_grads(model)
     # micro-batches of one prompt give the same loss and gradients (the tie's micro-batch adds 0)
     loss_micro, *_ = run_step(obj, model, rollout, feedback, ref, prompts_per_micro_batch=1)

@@ -117,7 +117,7 @@ def test_tiny_model_smoke_and_micro_batches():
     assert math.isfinite(loss_full)
     assert g_policy.abs().sum() > 0 and torch.isfinite(g_policy).all()
     assert g_head.abs().sum() > 0 and torch.isfinite(g_head).all()
-    m = loss_metrics[0]
+    m = loss_metrics[0].metrics
     # first epoch on policy: ratio 1, nothing clipped
     assert m["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-8) and m["policy/clipfrac_avg"] == 0.0
     assert math.isfinite(m["loss/policy_avg"]) and m["loss/value_avg"] > 0

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from daralign.objectives import get_objective
-from daralign.objectives.base import RECORDED_TOKEN_LOGPS
 from helpers_tiny import grads, reference_token_logps, run_step, score_feedback, tiny_model, tiny_rollout, tiny_train, zero_grads
 
 
@@ -39,7 +38,7 @@ def test_pi_t_from_the_update_equals_a_recorded_pi_t(algorithm, config):
     assert "weights" not in prepared_b and "old_token_logps" not in prepared_b
     assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7)
     torch.testing.assert_close(grads_b, grads_a, rtol=1e-4, atol=1e-7)
-    recorded = torch.cat([m.pop(RECORDED_TOKEN_LOGPS) for m in loss_metrics]) * rollout.completion_mask[:, 1:]
+    recorded = torch.cat([out.pi_t_token_logps for out in loss_metrics]) * rollout.completion_mask[:, 1:]
     torch.testing.assert_close(recorded, rollout.behaviour_token_logps, rtol=0, atol=1e-5)
     # the loop then prepares again with the recorded π_t, for the metrics: the recorded path's
     _, metrics_again = objective.prepare(dataclasses.replace(rollout, behaviour_token_logps=recorded), feedback, ref, policy)

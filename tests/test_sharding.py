@@ -66,6 +66,22 @@ def test_launches_not_built_are_refused_in_one_line():
         check_launch(_accelerator(deepspeed=zero3(gradient_accumulation_steps=4)), use_peft=False)
 
 
+def test_optimizer_offload_is_refused_in_one_line():
+    """DeepSpeed refuses a client optimizer (daralign's torch AdamW) with optimizer offload, at
+    deepspeed.initialize after the models loaded: refused first, named as the accelerate config names
+    it, however the plugin was built; DeepSpeed's own opt-in (zero_force_ds_cpu_optimizer: false) goes."""
+    for device in ("cpu", "nvme"):
+        plugins = [DeepSpeedPlugin(zero_stage=3, offload_optimizer_device=device),  # accelerate config's keys
+                   DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": device}}})]
+        for plugin in plugins:
+            with pytest.raises(ConfigError, match=f"offload_optimizer_device: {device} .*set offload_optimizer_device: none"):
+                check_launch(_accelerator(deepspeed=plugin), use_peft=False)
+    for plugin in (DeepSpeedPlugin(zero_stage=3, offload_optimizer_device="none", offload_param_device="cpu"),
+                   DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                                                 "zero_force_ds_cpu_optimizer": False})):
+        check_launch(_accelerator(deepspeed=plugin), use_peft=False)
+
+
 def test_deepspeed_config_gets_what_accelerate_would_read_from_a_dataloader():
     """No dataloader goes through accelerate's prepare(), so the launch fills the values it would
     take from one; daralign marks the accumulation boundary itself (DeepSpeed's own stays 1)."""

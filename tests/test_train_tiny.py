@@ -137,13 +137,14 @@ def lora_runs(tmp_path_factory, tiny_policy_dir, tiny_prompts_file):
     return merged, adapter, train(cfg, merged), train(cfg, adapter, "--merge_lora", "false")
 
 
-def test_a_lora_push_reads_the_merged_weights_in_place(tiny_policy_dir):
-    """The weights a vLLM push reads from a LoRA policy: W + BA inside the block, read from the base
-    weights themselves (no copy of the model), and the adapter taken back out after it."""
+def test_a_lora_push_reads_the_merged_weights_out_of_place(tiny_policy_dir):
+    """The weights a vLLM push reads from a LoRA policy: W + BA made into a fresh tensor per layer
+    (``sharding.whole``), by a plain causal LM's names; the base weights (the frozen reference too)
+    are never written."""
     from peft import LoraConfig, get_peft_model
 
     from daralign.core.models import load_causal_lm
-    from daralign.core.sharding import merged_weights
+    from daralign.core.sharding import merged_weights, whole
 
     plain = load_causal_lm(str(tiny_policy_dir))
     model = get_peft_model(load_causal_lm(str(tiny_policy_dir)), LoraConfig(r=4, target_modules=["q_proj"], lora_alpha=8))
@@ -156,11 +157,11 @@ def test_a_lora_push_reads_the_merged_weights_in_place(tiny_policy_dir):
     with merged_weights(model) as weights:
         weights = dict(weights)
         assert set(weights) == set(plain.state_dict())  # names a plain causal LM has
-        q = weights["model.layers.0.self_attn.q_proj.weight"]
-        assert q.data_ptr() == layer.base_layer.weight.data_ptr()  # the base weight itself, not a copy
+        q = whole(weights["model.layers.0.self_attn.q_proj.weight"])
+        assert q.data_ptr() != layer.base_layer.weight.data_ptr()  # a fresh tensor, not the base weight
         torch.testing.assert_close(q, plain.state_dict()["model.layers.0.self_attn.q_proj.weight"] + delta)
-    for k, v in model.state_dict().items():  # unmerged again (up to float rounding)
-        torch.testing.assert_close(v, before[k], rtol=0, atol=1e-6)
+    for k, v in model.state_dict().items():  # never written: bit for bit
+        assert torch.equal(v, before[k]), k
     with merged_weights(plain) as weights:  # a plain model: its own tensors, by their own names
         assert {k: v.data_ptr() for k, v in weights} == {k: v.data_ptr() for k, v in plain.state_dict().items()}
 

@@ -122,6 +122,39 @@ def test_colocate_agrees_with_the_trainer_after_a_push(monkeypatch):
 
 @pytest.mark.slow
 @needs_vllm
+def test_a_push_travels_in_the_servers_dtype_and_a_short_server_is_refused(vllm_server, tmp_path, monkeypatch):
+    """A bf16 policy pushed to this fp32 server: vLLM's transfer (gloo here, NCCL on GPUs) declares
+    and sends float32, the server's dtype, and the server takes it; the file holds float32 too.
+    (On a GPU the usual case is the other way round: an fp32 policy sends a bf16 server half the
+    bytes.) A run whose lengths this 512-token server cannot hold is refused in one line."""
+    from daralign.core.errors import ConfigError
+    from daralign.core.models import load_causal_lm, load_tokenizer
+    from daralign.rollout.vllm_server import VLLMServer
+
+    path = str(bundled.resolve(POLICY))
+    tok, model = load_tokenizer(path, False), load_causal_lm(path, "bfloat16", False)
+    server = VLLMServer(vllm_server, tok, settings(), sync_dir=None)  # auto: the server's gloo
+    assert server.dtype == torch.float32 and server.transfer is not None
+    declared, update = [], server.transfer.client.update_weights
+    monkeypatch.setattr(server.transfer.client, "update_weights", lambda info: (declared.append(info), update(info))[1])
+    server.sync_weights(model)
+    server.close()
+    assert len(declared) == 1 and set(declared[0]["dtype_names"]) == {"float32"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    server = VLLMServer(vllm_server, tok, settings(), sync_dir=str(tmp_path), weight_transfer="file")
+    server.sync_weights(model)
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(server.sync_dir / "model.safetensors")).values()} == {torch.float32}
+    server.close()
+    too_long = dataclasses.replace(settings(), max_prompt_length=600)
+    with pytest.raises(ConfigError, match="holds max_model_len 512 tokens, fewer than max_prompt_length 600 "
+                                          r"\+ max_completion_length 12 = 612; restart it with `daralign vllm-serve --max_model_len 612`"):
+        VLLMServer(vllm_server, tok, too_long, sync_dir=None)
+
+
+@pytest.mark.slow
+@needs_vllm
 def test_train_samples_from_the_server(vllm_server, tmp_path):
     """Runs after the push tests left changed weights on the server: the run starts it at its policy.
     The pushes go through vLLM's weight transfer (``auto``: the server's gloo), opened anew by this run."""
@@ -151,9 +184,11 @@ def test_vllm_serve_prints_the_server_and_the_trainer_config(capsys):
     out = capsys.readouterr().out
     assert "vllm.entrypoints.openai.api_server --model some/model" in out
     for flag in ("--logprobs-mode processed_logprobs", "--worker-extension-cls daralign.rollout.vllm_worker.DaralignWorkerExtension",
-                 "--return-tokens-as-token-ids", "--enforce-eager", "--tensor-parallel-size 2"):
+                 "--return-tokens-as-token-ids", "--tensor-parallel-size 2"):
         assert flag in out
     import torch  # on a CPU vLLM reads it as the share of RAM, which the trainer needs too
+
+    assert ("--enforce-eager" in out) != torch.cuda.is_available()  # CUDA graphs on a GPU (tests/test_vllm_engines.py)
 
     assert f"--gpu-memory-utilization {0.9 if torch.cuda.is_available() else 0.3}" in out
     assert "vllm_mode: server\nvllm_server_url: http://127.0.0.1:8123" in out
@@ -169,49 +204,61 @@ def test_colocate_engine_settings_per_device_and_rank():
     CUDA graphs by default, one engine per rank through vLLM's external_launcher with several
     processes, a seed shared within a tensor-parallel group; on a CPU eager, in the policy's dtype.
     Settings a CPU cannot honour, and TP sizes that do not divide the ranks, are refused in one line
-    where the loop checks, before any model loads."""
-    from daralign.core.config import TrainConfig
+    where the loop checks, before any model loads. The vLLM keys are the engines' own ``Config``,
+    read and validated with the rest of the config."""
     from daralign.core.errors import ConfigError
-    from daralign.rollout.base import engine_class
-    from daralign.rollout.vllm_colocate import engine_kwargs
+    from daralign.rollout.base import engine_class, engine_config
+    from daralign.rollout.vllm_colocate import VLLMColocate, engine_kwargs
+    from daralign.rollout.vllm_config import VLLMConfig
+    from daralign.train.args import train_configs_from_values
+
+    def read(**values):  # as `daralign train` reads a config: TrainConfig with the engines' configs in it
+        base = {"dataset": "prompts.jsonl", "annotator": {"type": "function", "function": "len"}}
+        return train_configs_from_values(base | values, "test")[0]
 
     cuda, cpu = torch.device("cuda", 1), torch.device("cpu")
-    one = TrainConfig(use_vllm=True, seed=5)
-    kw = engine_kwargs("m", settings(), one.vllm, cpu)
+    one = VLLMConfig(use_vllm=True)
+    kw = engine_kwargs("m", settings(), one, cpu)
     assert kw["dtype"] == "float32" and kw["enforce_eager"] is True and "distributed_executor_backend" not in kw
-    assert "tensor_parallel_size" not in kw and "enable_sleep_mode" not in kw and "max_num_batched_tokens" not in kw
-    kw = engine_kwargs("m", settings(), one.vllm, cuda)
+    assert "tensor_parallel_size" not in kw and "enable_sleep_mode" not in kw
+    assert (kw["max_num_batched_tokens"], kw["max_num_seqs"]) == (4096, 256)  # TRL's cap (tests/test_vllm_engines.py)
+    kw = engine_kwargs("m", settings(), one, cuda)
     assert kw["dtype"] == "bfloat16" and kw["enforce_eager"] is False and "distributed_executor_backend" not in kw
-    tp = TrainConfig(use_vllm=True, vllm_tensor_parallel_size=2, vllm_enable_sleep_mode=True, vllm_max_num_batched_tokens=4096,
-                     vllm_dtype="float16", vllm_enforce_eager=True)
-    ranks = [engine_kwargs("m", settings(), tp.vllm, cuda, process_index=r, num_processes=4) for r in range(4)]
+    tp = VLLMConfig(use_vllm=True, vllm_tensor_parallel_size=2, vllm_enable_sleep_mode=True, vllm_max_num_batched_tokens=4096,
+                    vllm_dtype="float16", vllm_enforce_eager=True)
+    ranks = [engine_kwargs("m", settings(), tp, cuda, process_index=r, num_processes=4) for r in range(4)]
     assert {k["distributed_executor_backend"] for k in ranks} == {"external_launcher"}
     assert [k["seed"] for k in ranks] == [42, 42, 43, 43]  # settings() has seed 42; ranks 0-1 and 2-3 are one engine each
     assert ranks[0]["tensor_parallel_size"] == 2 and ranks[0]["enable_sleep_mode"] is True
     assert ranks[0]["max_num_batched_tokens"] == 4096 and ranks[0]["dtype"] == "float16" and ranks[0]["enforce_eager"] is True
 
-    engine = engine_class(one, "score")
-    assert engine.__name__ == "VLLMColocate"
+    run = read(use_vllm=True, seed=5)
+    engine = engine_class(run, "score")
+    assert engine is VLLMColocate and engine_config(run, engine) == one  # auto: use_vllm, vllm_mode colocate
+    assert engine_class(run, "offline").name == "offline" and engine_class(read(vllm_mode="server"), "score").name == "hf"
     engine.check(one, 2, cpu)
     engine.check(one, 8, cuda)  # several GPUs: one engine per rank
     engine.check(tp, 4, cuda)
     with pytest.raises(ConfigError, match="vllm_tensor_parallel_size 2 must divide the number of training processes \\(3\\)"):
         engine.check(tp, 3, cuda)
-    for cfg in (TrainConfig(use_vllm=True, vllm_enable_sleep_mode=True), TrainConfig(use_vllm=True, vllm_tensor_parallel_size=2)):
+    for cfg in (VLLMConfig(use_vllm=True, vllm_enable_sleep_mode=True), VLLMConfig(use_vllm=True, vllm_tensor_parallel_size=2)):
         with pytest.raises(ConfigError, match="need CUDA GPUs \\(here: cpu\\)"):
             engine.check(cfg, 2, cpu)
-    engine_class(TrainConfig(use_vllm=True, vllm_mode="server"), "score").check(TrainConfig(), 8, torch.device("cuda", 3))
+    server = read(use_vllm=True, vllm_mode="server")
+    assert engine_class(server, "score").name == "vllm-server" and server.vllm_mode == "server"
+    engine_class(server, "score").check(engine_config(server, engine_class(server, "score")), 8, torch.device("cuda", 3))
     with pytest.raises(ConfigError, match="vllm_dtype: 'int8' is not one of"):
-        TrainConfig(use_vllm=True, vllm_dtype="int8", dataset="prompts.jsonl").validate()
+        read(use_vllm=True, vllm_dtype="int8")
     # adapter-only LoRA sync: an engine with vLLM LoRA at the smallest rank vLLM allows that holds lora_r
-    adapter = TrainConfig(use_vllm=True, use_peft=True, lora_r=12, vllm_lora_sync="adapter", dataset="prompts.jsonl")
-    adapter.validate()
-    kw = engine_kwargs("m", settings(), adapter.vllm, cuda)
+    adapter = dict(use_vllm=True, use_peft=True, lora_r=12, vllm_lora_sync="adapter")
+    read(**adapter)
+    lora = dataclasses.replace(settings(), lora_rank=12)  # the loop sets it from lora_r for a LoRA policy
+    kw = engine_kwargs("m", lora, VLLMConfig(use_vllm=True, vllm_lora_sync="adapter"), cuda)
     assert kw["enable_lora"] is True and kw["max_lora_rank"] == 16 and kw["max_loras"] == 1
-    assert "enable_lora" not in engine_kwargs("m", settings(), TrainConfig(use_vllm=True, use_peft=True).vllm, cuda)  # merged
+    assert "enable_lora" not in engine_kwargs("m", lora, VLLMConfig(use_vllm=True), cuda)  # merged
     for bad in ({"use_peft": False}, {"vllm_mode": "server"}, {"vllm_enable_sleep_mode": True}, {"vllm_tensor_parallel_size": 2}):
         with pytest.raises(ConfigError, match="vllm_lora_sync adapter: for a LoRA policy"):
-            dataclasses.replace(adapter, **bad).validate()
+            read(**(adapter | bad))
 
 
 @pytest.mark.slow

@@ -20,10 +20,10 @@ REWARD_ARGS = "reward_funcs"
 
 
 class TrainConfig:
-    """Every ``daralign train`` field — ``TrainConfig``'s and the algorithm's own (``dar_total``,
-    ``kl_coef``, ...) — as keyword arguments: ``TrainConfig(algorithm="dar", learning_rate=5e-5,
-    output_dir="runs/x")``. Checked by the CLI's code when the ``Trainer`` is built; attributes
-    read back what was given (or the default)."""
+    """Every ``daralign train`` field — ``TrainConfig``'s, each rollout engine's own and the
+    algorithm's own (``dar_total``, ``kl_coef``, ...) — as keyword arguments:
+    ``TrainConfig(algorithm="dar", learning_rate=5e-5, output_dir="runs/x")``. Checked by the CLI's
+    code when the ``Trainer`` is built; attributes read back what was given (or the default)."""
 
     def __init__(self, **values: Any) -> None:
         self.values = values
@@ -33,8 +33,11 @@ class TrainConfig:
         if name in values:
             return values[name]
         from daralign.core.config import TrainConfig as Settings
+        from daralign.rollout.base import engine_config_classes
 
-        defaults = {f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING}
+        # TrainConfig's fields and every rollout engine's: what ``daralign train`` takes
+        defaults = {f.name: f.default for cls in (Settings, *engine_config_classes()) for f in dataclasses.fields(cls)
+                    if f.default is not dataclasses.MISSING and not f.metadata.get("flatten")}
         if name in defaults:
             return defaults[name]
         raise AttributeError(name)

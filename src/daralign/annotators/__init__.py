@@ -3,85 +3,17 @@
 ``build_annotator(cfg)`` builds one from a YAML mapping; ``cfg["type"]`` picks the kind:
 ``judge`` (LLM judge, see judge.py), ``reward_model`` (sequence classifier), ``function``
 (a Python callable), ``combined`` (weighted sum of several sources) or ``ensemble`` (mean, min or
-uncertainty-weighted aggregate of several, against over-optimisation: ensemble.py).
+uncertainty-weighted aggregate of several, against over-optimisation: ensemble.py). Building and
+the questions asked of a mapping live in build.py; this ``__init__`` registers the built-in kinds
+and judge backends by importing their modules (a new one is one more name on these lines).
 """
 
 from __future__ import annotations
 
 from daralign.annotators.base import ANNOTATORS, Annotator, CompareResult, Meter, ScoreResult, register_annotator
-from daralign.core.errors import ConfigError
-from daralign.annotators import ensemble, functions, judge, learned, reward_model  # noqa: F401  (register)
-
-
-def build_annotator(cfg: dict | str) -> Annotator:
-    """Build from a mapping (or a path to a YAML file holding one)."""
-    if isinstance(cfg, str):
-        from daralign.core.parsing import read_yaml
-
-        cfg = read_yaml(cfg)
-    if not isinstance(cfg, dict) or "type" not in cfg:
-        raise ConfigError(f"annotator: needs a mapping with a 'type' (one of {sorted(ANNOTATORS)}), got {cfg!r}")
-    if cfg["type"] not in ANNOTATORS:
-        raise ConfigError(f"annotator.type: unknown {cfg['type']!r}; choose one of {sorted(ANNOTATORS)}")
-    return ANNOTATORS[cfg["type"]].from_config(cfg)
-
-
-def requests_per_label(cfg: dict, kind: str) -> int:
-    """Requests one label of ``kind`` (score | compare) costs with this annotator config when
-    nothing is invalid or cached: the one cost model of the loop's budget and of ``compare``."""
-    if cfg.get("type") not in ANNOTATORS:
-        raise ConfigError(f"annotator.type: unknown {cfg.get('type')!r}; choose one of {sorted(ANNOTATORS)}")
-    return ANNOTATORS[cfg["type"]].cost_per_label(cfg, kind)
-
-
-def annotator_for(annotator: dict, feedback_kind: str, algorithm: str, needs_score: bool) -> dict:
-    """The annotator config a run of ``algorithm`` gets: a judge in the mode the method needs,
-    anything else as it is (checked to implement what the method asks)."""
-    if not isinstance(annotator, dict):
-        raise ConfigError(f"{algorithm}: the annotator must be a mapping (or a path to a YAML file of one), got {annotator!r}")
-    kind = "compare" if feedback_kind == "compare" else "score"
-    if annotator.get("type") == "judge":  # a file template fits one mode only: check the modes this run asks for
-        from daralign.annotators.judge import load_template
-
-        for mode in {kind} | ({"score"} if needs_score else set()):
-            load_template(annotator.get("template", "helpfulness"), mode)
-        return {**annotator, "mode": kind}
-    cls = ANNOTATORS.get(annotator.get("type"))
-    for method in {kind} | ({"score"} if needs_score else set()):
-        if cls is not None and getattr(cls, f"_{method}") is getattr(Annotator, f"_{method}"):
-            why = "its training feedback" if method == kind else "the held-out score (eval_dataset)"
-            raise ConfigError(f"{algorithm}: annotator type {annotator['type']!r} cannot {method}, which {why} needs; "
-                              f"use a judge (type: judge), which does both")
-    return annotator
-
-
-def describe_annotator(cfg: dict) -> str:
-    """One line naming an annotator config, for reports: what it is and which model or code."""
-    kind = cfg.get("type")
-    if kind == "judge":
-        return (f"judge {cfg.get('model', 'bundled:qwen2.5-coder-0.5b-instruct')} via {cfg.get('backend', 'transformers')} "
-                f"(template {cfg.get('template', 'helpfulness')!r}, scale {cfg.get('scale', 'yes_no')!r})")
-    if kind == "reward_model":
-        return f"reward model {cfg.get('model')}"
-    if kind == "function":
-        return f"reward function {cfg.get('function')}"
-    if kind == "learned":
-        return f"learned proxy {cfg.get('path')} (fitted by daralign fit-proxy; its agreement with the gold in agreement.json there)"
-    if kind == "ensemble":
-        lam = f" λ={cfg.get('uwo_lambda', 1.0)}" if cfg.get("aggregate") == "uwo" else ""
-        return f"ensemble {cfg.get('aggregate', 'mean')}{lam}: " + " | ".join(f"[{describe_annotator(m)}]" for m in cfg.get("members", []))
-    if kind == "combined":
-        return "combined: " + " + ".join(f"{s.get('weight', 1.0)}×[{describe_annotator(s)}]" for s in cfg.get("sources", []))
-    return f"{kind} annotator"
-
-
-def same_annotator(a: dict | None, b: dict | None) -> bool:
-    """Whether two annotator configs are one annotator (a judge asked in another mode is the same judge)."""
-    if a is None or b is None:
-        return False
-    ignore = {"mode", "debias", "cache"}
-    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
-
+from daralign.annotators.build import annotator_for, build_annotator, describe_annotator, requests_per_label, same_annotator
+from daralign.annotators import clients, llama_cpp_client  # noqa: F401  (register the judge backends; llama_cpp loads only when used)
+from daralign.annotators import ensemble, functions, judge, learned, reward_model  # noqa: F401  (register the kinds)
 
 __all__ = ["Annotator", "Meter", "ScoreResult", "CompareResult", "build_annotator", "describe_annotator", "register_annotator",
            "same_annotator", "annotator_for", "requests_per_label"]

@@ -1,30 +1,54 @@
 """The judge's backends: their registry (``@register_backend("name")`` on a ``Client`` subclass
-with ``from_config(judge_config)``; ``backend: name`` builds it) and the loaded backends judges
-share (one loaded model, or one HTTP client, per set of backend fields)."""
+with ``from_config(judge_config)``; ``backend: name`` builds it), the one-line field check their
+``Config`` dataclasses share, and the loaded backends judges share (one loaded model, or one HTTP
+client, per backend, model and set of the backend's own fields)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import fields
+from typing import Any
 
+from daralign.core.errors import ConfigError
 from daralign.core.registry import registrar
 
 BACKENDS: dict[str, type] = {}
 register_backend = registrar(BACKENDS, "backend_name")  # ``@register_backend("openai")``: ``backend: openai`` builds it
 
-# The fields a backend is built from: two judges agreeing on all of them are one loaded model (or
-# one HTTP client) — whatever their template, scale, mode or cache.
-CLIENT_KEYS = ("backend", "model", "dtype", "device", "batch_size", "reuse_prefix", "trust_remote_code", "base_url",
-               "api_key_env", "endpoint", "timeout_s", "max_retries", "max_concurrency", "top_logprobs", "backoff_s",
-               "tokenizer", "n_ctx", "n_threads", "requests_per_minute", "tokens_per_minute")
 _SHARED: dict[tuple, list] = {}  # key -> [client, number of judges using it]
 _IDLE: dict[tuple, object] = {}  # key -> a loaded client no judge uses, kept by ``keep_loaded`` (oldest first)
 _KEEP: list[tuple[int, tuple | None]] = []  # the innermost ``keep_loaded``: (how many idle clients, of which backends)
 
 
+# -- checking a judge's fields (the judge's own and each backend's ``Config``) --------------------
+def need(config: Any, name: str, ok: Any, msg: str) -> None:
+    """One ConfigError line naming the judge field ``name`` of ``config`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"judge config field {name!r}: {msg} (got {getattr(config, name)!r})")
+
+
+def is_int(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def is_number(v: Any, low: float = 0.0) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= low
+
+
+# -- the loaded backends judges share -----------------------------------------------------------
+def client_key(config) -> tuple:
+    """What decides whether two judges share one loaded backend: its name, the model and every
+    field of the backend's own ``Config`` (a new field counts without being listed anywhere) —
+    whatever their template, scale, mode or cache."""
+    own = config.backend_config
+    return (config.backend, str(config.model), *((f.name, str(getattr(own, f.name))) for f in fields(own)))
+
+
 def acquire_client(config) -> tuple[tuple, object]:
     """The loaded backend for a judge config (built on first use), shared by every judge whose
-    backend fields agree; (key, client). Each acquire is matched by one ``release_client(key)``."""
-    key = tuple(str(getattr(config, k)) for k in CLIENT_KEYS)
+    ``client_key`` agrees; (key, client). Each acquire is matched by one ``release_client(key)``."""
+    key = client_key(config)
     if key not in _SHARED:
         idle = _IDLE.pop(key, None)
         _SHARED[key] = [idle if idle is not None else BACKENDS[config.backend].from_config(config), 0]

@@ -117,7 +117,7 @@ def annotate_main(argv: list[str]) -> int:
     rows, kind = read_rows(args.input)
     if cfg.get("type") == "judge" and cfg.get("mode", "score") != kind:
         raise DataError(f"{args.input}: has {kind} rows but the judge in {args.annotator} has mode {cfg.get('mode', 'score')!r}")
-    from daralign.annotators import build_annotator
+    from daralign.annotators.build import build_annotator
 
     annotator = build_annotator(cfg)
     out_rows, n_invalid = [], 0

@@ -19,13 +19,14 @@ import functools
 import math
 import os
 import random
+import re
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 from daralign.core.errors import AnnotationError, ConfigError
-from daralign.annotators.backends import BACKENDS, register_backend  # noqa: F401  (re-exported)
+from daralign.annotators.backends import BACKENDS, is_int, is_number, need, register_backend  # noqa: F401  (BACKENDS re-exported)
 from daralign.core.rng import fork_rng
 
 OnReply = Callable[[int, "Reply"], None]
@@ -112,10 +113,28 @@ class Client:
     no, the request is not sent and its reply is ``None`` (the budget is spent).
 
     A new backend is a subclass registered with ``@register_backend("name")`` and built by
-    ``from_config(judge_config)`` (docs/architecture.md)."""
+    ``from_config(judge_config)`` (docs/architecture.md). What it brings lives on it:
 
-    supports_logprobs: bool = True
-    supports_prefix: bool = True
+    - ``Config``: a dataclass of its own keys (``metadata={"help": ...}`` on each field), written
+      at the top level of the judge's flat YAML mapping beside the judge's own keys, and checked by
+      its ``__post_init__``. The judge config reads them as attributes (``judge_config.base_url``).
+      Every field decides which judges share one loaded backend; a field with
+      ``metadata={"in_cache_key": True}`` changes the answer, so it is part of the cache key.
+    - its capabilities, asked by the judge's label reading and by the budget's cost model.
+    """
+
+    @dataclass
+    class Config:
+        """A backend without keys of its own."""
+
+    supports_logprobs: ClassVar[bool] = True  # gives the candidates' next-token probabilities (else text is parsed)
+    may_omit_logprobs: ClassVar[bool] = False  # may answer without them though asked (a server we do not run)
+
+    @classmethod
+    def supports_prefix(cls, config) -> bool:
+        """Whether it continues an assistant prefix for this judge config: "10" on a 1-10 scale is
+        read as P("1") · P("0" | "1"), one more request per leading digit."""
+        return True
 
     @classmethod
     def from_config(cls, config) -> "Client":
@@ -155,6 +174,25 @@ class TransformersClient(Client):
     pre-hook that makes ``lm_head``'s input contiguous — without it bf16 matmul on the strided
     last-position slice copies the output weights per sequence (1.3 s vs 0.25 s per response).
     """
+
+    @dataclass
+    class Config:
+        dtype: str = field(default="auto", metadata={
+            "help": "auto (bf16 only where the hardware has it) | float32 | bfloat16 | float16"})
+        device: str = field(default="auto", metadata={"help": "auto (cuda if available) | cpu | cuda | cuda:N"})
+        batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
+        reuse_prefix: bool = field(default=True, metadata={
+            "help": "compute the requests' shared template prefix once per batch (KV cache); same labels to 1e-4"})
+        trust_remote_code: bool = field(default=False, metadata={"help": "let the judge's repo run its own code"})
+
+        def __post_init__(self):
+            need(self, "dtype", self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+                 "must be auto, float32, bfloat16 or float16")
+            need(self, "device", isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device),
+                 "must be auto, cpu, cuda or cuda:N")
+            need(self, "batch_size", is_int(self.batch_size, 1), "must be an integer >= 1")
+            need(self, "trust_remote_code", isinstance(self.trust_remote_code, bool), "must be true or false")
+            need(self, "reuse_prefix", isinstance(self.reuse_prefix, bool), "must be true or false")
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 8, trust_remote_code: bool = False,
                  device: str = "auto", reuse_prefix: bool = True):
@@ -328,6 +366,49 @@ class OpenAIClient(Client):
     limit. ``top_logprobs`` asks the server for the first token's distribution; servers that do
     not send it fall back to text parsing in the judge."""
 
+    @dataclass
+    class Config:
+        base_url: str | None = field(default=None, metadata={"help": "the server, e.g. http://127.0.0.1:8080/v1 (required)"})
+        api_key_env: str | None = field(default=None, metadata={
+            "help": "NAME of the env var holding the key (the key itself never goes in a config)"})
+        endpoint: str = field(default="chat", metadata={
+            "help": "chat | completions (continues an assistant prefix: two-digit scales read from log-probs)",
+            "in_cache_key": True})
+        tokenizer: str | None = field(default=None, metadata={
+            "help": "completions: where the chat template comes from", "in_cache_key": True})
+        top_logprobs: int = field(default=20, metadata={"help": "how many alternatives the server returns", "in_cache_key": True})
+        max_concurrency: int = field(default=8, metadata={"help": "requests in flight"})
+        timeout_s: float = field(default=60.0, metadata={"help": "per request"})
+        max_retries: int = field(default=4, metadata={"help": "retries on connection errors, timeouts, 5xx, 429"})
+        backoff_s: float = field(default=0.5, metadata={"help": "first retry delay (exponential with jitter)"})
+        requests_per_minute: float | None = field(default=None, metadata={
+            "help": "the provider's request limit (requests are spread evenly to it)"})
+        tokens_per_minute: float | None = field(default=None, metadata={"help": "the provider's token limit"})
+
+        def __post_init__(self):
+            need(self, "base_url", isinstance(self.base_url, str) and self.base_url.startswith(("http://", "https://")),
+                 "backend 'openai' needs an http(s) URL such as http://127.0.0.1:8080/v1")
+            key_env = self.api_key_env
+            need(self, "api_key_env", key_env is None or (isinstance(key_env, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env)),
+                 "must be the NAME of an environment variable (the key itself never goes in a config)")
+            need(self, "endpoint", self.endpoint in ("chat", "completions"), "must be 'chat' or 'completions'")
+            need(self, "tokenizer", self.tokenizer is None or isinstance(self.tokenizer, str), "must be a string")
+            for name in ("max_concurrency", "top_logprobs"):
+                need(self, name, is_int(getattr(self, name), 1), "must be an integer >= 1")
+            need(self, "max_retries", is_int(self.max_retries, 0), "must be an integer >= 0")
+            for name in ("timeout_s", "backoff_s"):
+                need(self, name, is_number(getattr(self, name)), "must be a finite number >= 0")
+            need(self, "timeout_s", self.timeout_s > 0, "must be > 0")
+            for name in ("requests_per_minute", "tokens_per_minute"):
+                v = getattr(self, name)
+                need(self, name, v is None or (is_number(v) and v > 0), "must be a number > 0")
+
+    may_omit_logprobs = True  # a server may not send them: on "auto", a two-digit scale is parsed from text
+
+    @classmethod
+    def supports_prefix(cls, config) -> bool:
+        return config.endpoint == "completions"  # the chat endpoint always starts a new assistant message
+
     def __init__(
         self,
         base_url: str,
@@ -354,7 +435,6 @@ class OpenAIClient(Client):
         self.max_concurrency = max_concurrency
         self.top_logprobs = top_logprobs
         self.backoff_s = backoff_s
-        self.supports_prefix = endpoint == "completions"
         self.limit = RateLimit(requests_per_minute, tokens_per_minute) if (requests_per_minute or tokens_per_minute) else None
         headers = {"Content-Type": "application/json"}
         key = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import statistics
 
 from daralign.annotators.base import ScoreResult, register_annotator
+from daralign.annotators.build import build_annotator, requests_per_label
 from daralign.annotators.functions import CombinedAnnotator, _check_keys
 from daralign.core.errors import ConfigError
 
@@ -39,8 +40,6 @@ class EnsembleAnnotator(CombinedAnnotator):
 
     @classmethod
     def from_config(cls, cfg: dict) -> "EnsembleAnnotator":
-        from daralign.annotators import build_annotator
-
         _check_keys(cfg, {"members", "aggregate", "uwo_lambda", "uwo_penalty"}, "ensemble")
         members = cfg.get("members")
         if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
@@ -59,8 +58,6 @@ class EnsembleAnnotator(CombinedAnnotator):
 
     @classmethod
     def cost_per_label(cls, cfg: dict, kind: str) -> int:
-        from daralign.annotators import requests_per_label
-
         return sum(requests_per_label(m, kind) for m in cfg.get("members", []))
 
     def _aggregate(self, values: list[float]) -> float:

@@ -111,12 +111,12 @@ def read_samples(path: str, K: int) -> tuple[list, list[str], list[float | None]
 
 
 def fit_proxy(cfg: FitProxyConfig, out: Path) -> dict:
-    from daralign.annotators import build_annotator
+    from daralign.annotators.build import build_annotator
     from daralign.annotators.learned import features, save_proxy
     from daralign.core.data import load_prompts
     from daralign.core.models import load_causal_lm, load_tokenizer
     from daralign.core.tracking import console
-    from daralign.evaluation.generate import generate_responses
+    from daralign.rollout.generate import generate_responses
 
     K, gold_requests = cfg.samples_per_prompt, 0
     if cfg.samples:

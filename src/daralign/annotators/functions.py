@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from daralign.annotators.base import Annotator, ScoreResult, checked_values, register_annotator
+from daralign.annotators.build import build_annotator, requests_per_label
 from daralign.core.errors import AnnotationError, ConfigError
 
 
@@ -179,8 +180,6 @@ class CombinedAnnotator(Annotator):
 
     @classmethod
     def from_config(cls, cfg: dict) -> "CombinedAnnotator":
-        from daralign.annotators import build_annotator
-
         _check_keys(cfg, {"sources", "none_is"}, "combined")
         none_is = cfg.get("none_is", "invalid")
         if none_is not in ("invalid", "not_applicable"):
@@ -201,8 +200,6 @@ class CombinedAnnotator(Annotator):
 
     @classmethod
     def cost_per_label(cls, cfg: dict, kind: str) -> int:
-        from daralign.annotators import requests_per_label
-
         return sum(requests_per_label({k: v for k, v in s.items() if k != "weight"}, kind) for s in cfg.get("sources", []))
 
     def member_scores(self, prompts, completions, rows) -> tuple[list[list[float | None]], dict[str, float]]:

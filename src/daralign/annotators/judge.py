@@ -21,14 +21,12 @@ whose look-alikes in the pasted text are escaped, and only the judge's *output* 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from daralign.annotators.base import Annotator, CompareResult, ScoreResult, register_annotator
 from daralign.annotators.cache import ResponseCache, cache_key
-from daralign.annotators import llama_cpp_client  # noqa: F401  (registers backend llama_cpp; imports llama_cpp only when used)
-from daralign.annotators.backends import BACKENDS, acquire_client, release_client
+from daralign.annotators.backends import BACKENDS, acquire_client, is_int, is_number, need, release_client
 from daralign.annotators.clients import Client, Reply, Request
 from daralign.annotators.judge_text import (  # noqa: F401  (re-exported: the judge's public text helpers)
     Scale, fit_prompt, format_prompt, load_template, neutralise, parse_label, parse_scale, render, template_names,
@@ -40,92 +38,111 @@ POLICIES = ("retry", "drop", "fail")
 DEBIAS = ("both_orders", "none")
 
 
-@dataclass
+@dataclass(init=False)
 class JudgeConfig:
-    """Every key of a ``type: judge`` annotator config (unknown keys are an error)."""
+    """The keys of a ``type: judge`` annotator config that every backend shares.
 
-    type: str = "judge"
-    mode: str = "score"  # score | compare: what the run asks of it by default (every judge does both)
-    template: str = "helpfulness"  # a name in templates/ or a path to a .txt file
-    scale: Any = "yes_no"  # yes_no | "LO-HI" (e.g. "1-10") | {label: value}
-    backend: str = "transformers"  # transformers | openai | llama_cpp
-    model: str = "bundled:qwen2.5-coder-0.5b-instruct"
-    dtype: str = "auto"  # transformers: auto (bf16 only where the hardware has it) | float32 | bfloat16 | float16
-    device: str = "auto"  # transformers: auto (cuda if available) | cpu | cuda | cuda:N
-    batch_size: int = 8  # transformers: sequences per forward pass
-    reuse_prefix: bool = True  # transformers: compute the requests' shared template prefix once per batch (KV cache)
-    max_concurrency: int = 8  # openai: requests in flight
-    requests_per_minute: float | None = None  # openai: the provider's request limit (requests are spread to it)
-    tokens_per_minute: float | None = None  # openai: the provider's token limit
-    price_per_1k_input_tokens: float | None = None  # reported as judge/cost (with the output price)
-    price_per_1k_output_tokens: float | None = None
-    timeout_s: float = 60.0  # openai: per request
-    max_retries: int = 4  # openai: retries on connection errors, timeouts, 5xx, 429
-    backoff_s: float = 0.5  # openai: first retry delay (exponential with jitter)
-    invalid_policy: str = "drop"  # retry | drop | fail
-    invalid_retries: int = 2  # retry: extra sampled attempts per invalid label
-    cache: str | None = None  # sqlite file; repeated requests are free
-    debias: str = "both_orders"  # compare: both_orders | none
-    base_url: str | None = None  # openai: e.g. http://127.0.0.1:8080/v1
-    api_key_env: str | None = None  # openai: NAME of the env var holding the key
-    endpoint: str = "chat"  # openai: chat | completions
-    tokenizer: str | None = None  # openai completions: where the chat template comes from
-    use_logprobs: Any = "auto"  # auto | true | false
-    top_logprobs: int = 20  # openai: how many alternatives the server returns
-    max_new_tokens: int = 8  # text answers (no log-probs, retries)
-    temperature: float = 0.0  # first attempt; retries sample at retry_temperature
-    retry_temperature: float = 0.7
-    min_label_mass: float = 1e-3  # below this P(labels) the answer is invalid
-    system_prompt: str | None = None
-    max_prompt_chars: int = 8000  # the pasted prompt is cut from the left beyond this (the response is always whole)
-    trust_remote_code: bool = False
-    n_ctx: int = 4096  # llama_cpp
-    n_threads: int | None = None  # llama_cpp
+    The backend's own keys (``base_url``, ``n_ctx``, ...: the fields of its ``Client.Config``) sit
+    beside them in the same flat mapping: ``JudgeConfig(**mapping)`` reads them into
+    ``backend_config``, checked by that ``Config``, and they read back as attributes
+    (``config.base_url``). A key no backend knows is an error listing the known ones; a key of
+    another backend is ignored, with a note (a mapping written for one backend keeps working when
+    ``backend:`` changes)."""
 
-    def __post_init__(self):
-        def need(cond, name, msg):
-            if not cond:
-                raise ConfigError(f"judge config field {name!r}: {msg} (got {getattr(self, name)!r})")
+    type: str = field(default="judge", metadata={"help": "always judge"})
+    mode: str = field(default="score", metadata={"help": "score | compare: what the run asks of it by default (every judge does both)"})
+    template: str = field(default="helpfulness", metadata={"help": "a name in templates/ or a path to a .txt file"})
+    scale: Any = field(default="yes_no", metadata={"help": 'yes_no | "LO-HI" (e.g. "1-10") | {label: value}'})
+    backend: str = field(default="transformers", metadata={"help": "the registered judge backend that answers (BACKENDS)"})
+    model: str = field(default="bundled:qwen2.5-coder-0.5b-instruct", metadata={
+        "help": "hub id, folder, .gguf, bundled:NAME, or the server's model name"})
+    price_per_1k_input_tokens: float | None = field(default=None, metadata={"help": "reported as judge/cost (with the output price)"})
+    price_per_1k_output_tokens: float | None = field(default=None, metadata={"help": "price of 1000 tokens the judge wrote"})
+    invalid_policy: str = field(default="drop", metadata={"help": "retry | drop | fail"})
+    invalid_retries: int = field(default=2, metadata={"help": "retry: extra sampled attempts per invalid label"})
+    cache: str | None = field(default=None, metadata={"help": "sqlite file; repeated requests are free"})
+    debias: str = field(default="both_orders", metadata={"help": "compare: both_orders | none"})
+    use_logprobs: Any = field(default="auto", metadata={"help": "auto | true | false"})
+    max_new_tokens: int = field(default=8, metadata={"help": "text answers (no log-probs, retries)"})
+    temperature: float = field(default=0.0, metadata={"help": "first attempt; retries sample at retry_temperature"})
+    retry_temperature: float = field(default=0.7, metadata={"help": "sampling temperature of invalid-answer retries"})
+    min_label_mass: float = field(default=1e-3, metadata={"help": "below this P(labels) the answer is invalid"})
+    system_prompt: str | None = field(default=None, metadata={"help": "an optional system message before the judge prompt"})
+    max_prompt_chars: int = field(default=8000, metadata={
+        "help": "the pasted prompt is cut from the left beyond this (the response is always whole)"})
+    backend_config: Any = field(default=None, metadata={
+        "help": "not a key: the backend's own keys, an instance of its Config, read from the flat mapping"})
 
-        need(self.type == "judge", "type", "must be 'judge'")
-        need(self.mode in MODES, "mode", f"must be one of {MODES}")
-        need(self.backend in BACKENDS, "backend", f"must be one of {tuple(BACKENDS)}")
-        need(self.invalid_policy in POLICIES, "invalid_policy", f"must be one of {POLICIES}")
-        need(self.debias in DEBIAS, "debias", f"must be one of {DEBIAS}")
-        need(self.endpoint in ("chat", "completions"), "endpoint", "must be 'chat' or 'completions'")
-        need(isinstance(self.model, str) and self.model, "model", "must be a non-empty string")
-        need(self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "dtype",
-             "must be auto, float32, bfloat16 or float16")
-        need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device), "device",
-             "must be auto, cpu, cuda or cuda:N")
-        for name in ("batch_size", "max_concurrency", "max_new_tokens", "top_logprobs", "n_ctx", "max_prompt_chars"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "must be an integer >= 1")
-        for name in ("max_retries", "invalid_retries"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, "must be an integer >= 0")
-        for name in ("timeout_s", "backoff_s", "temperature", "retry_temperature", "min_label_mass"):
-            v = getattr(self, name)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, name,
-                 "must be a finite number >= 0")
-        need(self.timeout_s > 0, "timeout_s", "must be > 0")
-        for name in ("requests_per_minute", "tokens_per_minute", "price_per_1k_input_tokens", "price_per_1k_output_tokens"):
-            v = getattr(self, name)
-            need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                               and (v > 0 or name.startswith("price"))), name, "must be a number > 0 (prices ≥ 0)")
-        need(self.min_label_mass < 1, "min_label_mass", "must be < 1")
-        need(self.use_logprobs in ("auto", True, False), "use_logprobs", "must be auto, true or false")
-        for name in ("cache", "system_prompt", "tokenizer"):
-            need(getattr(self, name) is None or isinstance(getattr(self, name), str), name, "must be a string")
-        need(isinstance(self.trust_remote_code, bool), "trust_remote_code", "must be true or false")
-        need(isinstance(self.reuse_prefix, bool), "reuse_prefix", "must be true or false")
-        need(self.n_threads is None or (isinstance(self.n_threads, int) and self.n_threads >= 1), "n_threads",
-             "must be an integer >= 1")
-        if self.backend == "openai":
-            need(isinstance(self.base_url, str) and self.base_url.startswith(("http://", "https://")), "base_url",
-                 "backend 'openai' needs an http(s) URL such as http://127.0.0.1:8080/v1")
-        need(self.api_key_env is None or (isinstance(self.api_key_env, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env)),
-             "api_key_env", "must be the NAME of an environment variable (the key itself never goes in a config)")
+    def __init__(self, **keys: Any) -> None:
+        """``keys``: the flat mapping, the judge's keys and the backend's together (a given
+        ``backend_config``, as ``dataclasses.replace`` passes it, is overridden by flat keys)."""
+        for f in fields(JudgeConfig):
+            setattr(self, f.name, keys.pop(f.name, f.default))
+        self._check()
+        self.backend_config = self._read_backend_keys(keys)
+
+    def __getattr__(self, name: str) -> Any:
+        """The backend's own keys read as the judge's: ``config.base_url``."""
+        own = self.__dict__.get("backend_config")
+        if own is not None and name in own.__dataclass_fields__:
+            return getattr(own, name)
+        raise AttributeError(f"judge config has no field {name!r} (backend {self.__dict__.get('backend')!r})")
+
+    def _check(self) -> None:
+        need(self, "type", self.type == "judge", "must be 'judge'")
+        need(self, "mode", self.mode in MODES, f"must be one of {MODES}")
+        need(self, "backend", self.backend in BACKENDS, f"must be one of {tuple(BACKENDS)}")
+        need(self, "invalid_policy", self.invalid_policy in POLICIES, f"must be one of {POLICIES}")
+        need(self, "debias", self.debias in DEBIAS, f"must be one of {DEBIAS}")
+        need(self, "model", isinstance(self.model, str) and self.model, "must be a non-empty string")
+        for name in ("max_new_tokens", "max_prompt_chars"):
+            need(self, name, is_int(getattr(self, name), 1), "must be an integer >= 1")
+        need(self, "invalid_retries", is_int(self.invalid_retries, 0), "must be an integer >= 0")
+        for name in ("temperature", "retry_temperature", "min_label_mass"):
+            need(self, name, is_number(getattr(self, name)), "must be a finite number >= 0")
+        for name in ("price_per_1k_input_tokens", "price_per_1k_output_tokens"):
+            need(self, name, getattr(self, name) is None or is_number(getattr(self, name)), "must be a number >= 0")
+        need(self, "min_label_mass", self.min_label_mass < 1, "must be < 1")
+        need(self, "use_logprobs", self.use_logprobs in ("auto", True, False), "must be auto, true or false")
+        for name in ("cache", "system_prompt"):
+            need(self, name, getattr(self, name) is None or isinstance(getattr(self, name), str), "must be a string")
+
+    def _read_backend_keys(self, keys: dict[str, Any]) -> Any:
+        """The backend's ``Config`` from the keys left once the judge's own are taken."""
+        backend = BACKENDS[self.backend]
+        own = {f.name for f in fields(backend.Config)}
+        mine = {f.name for f in fields(JudgeConfig)}
+        if own & mine:  # the judge would take the key, and the backend would never see it
+            raise ConfigError(f"judge backend {self.backend!r}: its Config field(s) {', '.join(map(repr, sorted(own & mine)))} "
+                              "shadow the judge's own; rename them")
+        others = {f.name: name for name, cls in BACKENDS.items() if cls is not backend for f in fields(cls.Config)}
+        unknown = sorted(k for k in keys if k not in own and k not in others)
+        if unknown:
+            known = sorted((mine - {"backend_config"}) | own)
+            raise ConfigError(f"judge config: unknown field(s) {', '.join(map(repr, unknown))}; "
+                              f"known for backend {self.backend!r}: {', '.join(known)}")
+        ignored: dict[str, list[str]] = {}  # another backend -> its keys given here
+        for k in sorted(k for k in keys if k not in own):
+            ignored.setdefault(others[k], []).append(k)
+        if ignored:
+            _note_once(f"judge: backend {self.backend!r} ignores the keys of other backends ("
+                       + "; ".join(f"{b}: {', '.join(ks)}" for b, ks in ignored.items()) + ")")
+        given = self.backend_config
+        if given is not None and not is_dataclass(given):
+            raise ConfigError("judge config: 'backend_config' is not a key; write the backend's keys at the top level")
+        base = {f.name: getattr(given, f.name) for f in fields(given)} if isinstance(given, backend.Config) else {}
+        return backend.Config(**(base | {k: v for k, v in keys.items() if k in own}))
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(text: str) -> None:
+    if text not in _NOTED:
+        _NOTED.add(text)
+        from daralign.core.tracking import console
+
+        console.print(f"[yellow]{text}[/yellow]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,10 +196,6 @@ class JudgeAnnotator(Annotator):
     def from_config(cls, cfg: dict) -> "JudgeAnnotator":
         if not isinstance(cfg, dict):
             raise ConfigError(f"judge config must be a mapping, got {type(cfg).__name__}")
-        known = {f.name for f in fields(JudgeConfig)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"judge config: unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
         return cls(JudgeConfig(**cfg))
 
     def __repr__(self) -> str:
@@ -219,13 +232,12 @@ class JudgeAnnotator(Annotator):
         if kind == "compare":
             return 2 if c.debias == "both_orders" else 1
         scale = parse_scale(c.scale)
-        if scale.multi_digit and _reads_probs(c, scale, supports_logprobs=True,
-                                              supports_prefix=c.backend != "openai" or c.endpoint == "completions"):
+        if scale.multi_digit and _reads_probs(c, scale, BACKENDS[c.backend]):
             return 1 + len({lab[0] for lab in scale.labels if len(lab) > 1})
         return 1
 
     def _use_probs(self) -> bool:
-        return _reads_probs(self.config, self.scale, self.client.supports_logprobs, self.client.supports_prefix)
+        return _reads_probs(self.config, self.scale, type(self.client))
 
     def _request(self, prompt: str, responses: tuple[str, ...], *, probs: bool, prefix: str = "",
                  candidates: tuple[str, ...] = (), attempt: int = 0) -> _Ask:
@@ -248,12 +260,17 @@ class JudgeAnnotator(Annotator):
         return _Ask(req, responses, prompt)
 
     def _key(self, ask: _Ask) -> str:
-        c, r = self.config, ask.request
+        c, r, own = self.config, ask.request, self.config.backend_config
+        settings = {f.name: getattr(own, f.name) for f in fields(own) if f.metadata.get("in_cache_key")}  # the backend's
+        # The layout of the keys written before backends owned their settings (endpoint apart,
+        # top_logprobs among the decoding, 20 where a backend has none), so caches made then still answer.
+        endpoint, top_logprobs = settings.pop("endpoint", None), settings.pop("top_logprobs", 20)
+        settings = {k: v for k, v in settings.items() if v is not None}
         return cache_key(
             template=self.template(ask.mode), backend=c.backend, model=c.model, prompt=ask.prompt, responses=ask.responses,
-            scale=self.scale.spec(), system=c.system_prompt, endpoint=c.endpoint if c.backend == "openai" else None,
+            scale=self.scale.spec(), system=c.system_prompt, endpoint=endpoint, **({"settings": settings} if settings else {}),
             decoding={"prefix": r.prefix, "candidates": r.candidates, "max_tokens": r.max_tokens,
-                      "temperature": r.temperature, "seed": r.seed, "top_logprobs": c.top_logprobs},
+                      "temperature": r.temperature, "seed": r.seed, "top_logprobs": top_logprobs},
         )
 
     def _run(self, asks: list[_Ask], stats: dict) -> None:
@@ -283,9 +300,8 @@ class JudgeAnnotator(Annotator):
                 self._said_no_logprobs = True  # once: labels are then parsed from text (0 or 1 on a yes/no scale)
                 from daralign.core.tracking import console
 
-                console.print(f"[yellow]judge: {self.config.backend} backend {self.config.base_url or self.config.model} "
-                              f"returned no log-probabilities; labels are parsed from its text (a yes/no scale gives "
-                              f"only 0 or 1; `judge/prob_label_frac` shows the share read from probabilities)[/yellow]")
+                console.print(f"[yellow]judge: backend {self.client!r} returned no log-probabilities; labels are parsed "
+                              f"from its text (a yes/no scale gives only 0 or 1; `judge/prob_label_frac` shows the share read from probabilities)[/yellow]")
             stats["latency_s"] += reply.latency_s
             stats["paid"] += 1
             if self._cache is not None:
@@ -472,13 +488,14 @@ class JudgeAnnotator(Annotator):
             self._cache = None
 
 
-def _reads_probs(c: JudgeConfig, scale: Scale, supports_logprobs: bool, supports_prefix: bool) -> bool:
-    """Whether labels are read from next-token probabilities (else parsed from text)."""
-    if c.use_logprobs is False or not supports_logprobs:
+def _reads_probs(c: JudgeConfig, scale: Scale, backend: type[Client]) -> bool:
+    """Whether labels are read from next-token probabilities (else parsed from text), asked of the
+    backend class's own capabilities — the one rule of the judge and of the budget's cost model."""
+    if c.use_logprobs is False or not backend.supports_logprobs:
         return False
-    if scale.multi_digit and (not supports_prefix or (c.backend == "openai" and c.use_logprobs == "auto")):
-        # "10" needs P("0" | "1"): chat endpoints cannot continue a prefix, and a server that
-        # may not return log-probs would leave a one-token answer that cannot tell 1 from 10.
+    if scale.multi_digit and (not backend.supports_prefix(c) or (backend.may_omit_logprobs and c.use_logprobs == "auto")):
+        # "10" needs P("0" | "1"): a backend that cannot continue a prefix cannot ask it, and one
+        # that may not return log-probs would leave a one-token answer that cannot tell 1 from 10.
         return False
     return True
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 
-from daralign.annotators.clients import Client, OnReply, Reply, Request, Reserve, _always, _variants, register_backend
+from daralign.annotators.backends import is_int, need, register_backend
+from daralign.annotators.clients import Client, OnReply, Reply, Request, Reserve, _always, _variants
 from daralign.core.errors import ConfigError
 
 
@@ -14,6 +16,15 @@ from daralign.core.errors import ConfigError
 class LlamaCppClient(Client):
     """In-process GGUF through ``llama-cpp-python`` (optional: ``pip install llama-cpp-python``).
     Next-token probabilities come from the logits of the last prompt position."""
+
+    @dataclass
+    class Config:
+        n_ctx: int = field(default=4096, metadata={"help": "context length in tokens"})
+        n_threads: int | None = field(default=None, metadata={"help": "CPU threads (default: llama.cpp's choice)"})
+
+        def __post_init__(self):
+            need(self, "n_ctx", is_int(self.n_ctx, 1), "must be an integer >= 1")
+            need(self, "n_threads", self.n_threads is None or is_int(self.n_threads, 1), "must be an integer >= 1")
 
     def __init__(self, model: str, n_ctx: int = 4096, n_threads: int | None = None):
         try:

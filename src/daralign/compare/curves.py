@@ -8,8 +8,9 @@ Per method: the mean over seeds at each request count with a 95% confidence inte
 
 - ``gold_at_budget``: the final gold, mean and CI; ``gold_change`` and ``proxy_change``: after −
   before, mean over seeds with its standard error (``_z`` = change ÷ SE);
-- ``requests_to_reach``: the first request count where the mean gold reaches a target (the
-  OAIF-DPO final gold; linear between evaluations) — ``p1`` = DAR's ÷ OAIF-DPO's;
+- ``requests_to_reach``: the first request count where the mean gold reaches a target (the final
+  gold of P1's reference method, OAIF-DPO; linear between evaluations) — ``p1`` = the subject's
+  (DAR's) ÷ the reference's; the two are the methods whose classes declare that ``compare_role``;
 - ``peak_requests``/``turn_down``: where the mean gold peaks, and whether it then falls by more
   than its CI while the proxy still rises — the proxy being hacked.
 
@@ -28,27 +29,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from daralign.compare.paired import curve_mean, fit_gao, gao_points, p1_bootstrap, paired_differences  # noqa: E402
+from daralign.compare.stats import group_curve, mean_ci, requests_to_reach, t95  # noqa: E402,F401  (public here too)
 from daralign.core.tracking import read_metrics  # noqa: E402
-
-# two-sided 95% Student t quantiles by degrees of freedom (n − 1); beyond 30 the normal 1.96
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
-def t95(df: int) -> float:
-    return T95.get(df) or (T95[max(k for k in T95 if k <= df)] if df <= 30 else 1.96)
-
-
-def mean_ci(xs: list[float]) -> tuple[float | None, float | None]:
-    """Mean and the half-width of its 95% CI over ``xs`` (None for a single value)."""
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return None, None
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, None
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    return m, t95(len(xs) - 1) * sd / math.sqrt(len(xs))
+from daralign.objectives import OBJECTIVES, method_in_role  # noqa: E402
 
 
 def run_curve(run_dir: Path, upfront_requests: int = 0) -> list[dict]:
@@ -75,38 +59,6 @@ def run_curve(run_dir: Path, upfront_requests: int = 0) -> list[dict]:
     return [p for i, p in enumerate(points) if not (i and p["step"] == points[i - 1]["step"])]  # after == last eval
 
 
-def group_curve(curves: list[list[dict]]) -> list[dict]:
-    """Mean and 95% CI over seeds at each request count every seed reached (runs of one method
-    evaluate at the same counts; a count some seed lacks, e.g. after a cut last step, is dropped
-    but for the final point, which is each run's last)."""
-    if not curves:
-        return []
-    common = sorted(set.intersection(*[{p["requests"] for p in c[:-1]} for c in curves]))
-    rows = [[next(p for p in c if p["requests"] == x) for c in curves] for x in common]
-    rows.append([c[-1] for c in curves])
-    out = []
-    for pts in rows:
-        point = {"requests": sum(p["requests"] for p in pts) / len(pts), "n": len(pts)}
-        for key in ("gold", "proxy", "kl", "length"):
-            point[key], point[f"{key}_ci"] = mean_ci([p[key] for p in pts])
-        out.append(point)
-    return out
-
-
-def requests_to_reach(curve: list[dict], target: float | None) -> float | None:
-    """First request count where the mean gold reaches ``target``, linear between evaluations."""
-    if target is None:
-        return None
-    for a, b in zip(curve, curve[1:]):
-        if a["gold"] is None or b["gold"] is None:
-            continue
-        if a["gold"] >= target:
-            return a["requests"]
-        if b["gold"] >= target:
-            return a["requests"] + (target - a["gold"]) / (b["gold"] - a["gold"]) * (b["requests"] - a["requests"])
-    return None
-
-
 def peak(curve: list[dict]) -> dict:
     """Where the mean gold peaks, and whether it turns down after: the final gold lies below the
     peak by more than the peak's CI while the proxy at the end is above the proxy at the peak."""
@@ -131,9 +83,9 @@ def change_over_seeds(runs: list[dict], key: str) -> dict:
 
 
 def gold_section(summary: dict, root: Path) -> dict:
-    """Per-group gold curves and statistics for ``summary.json`` (needs per-run ``curve``)."""
-    from daralign.compare.paired import curve_mean, fit_gao, gao_points, p1_bootstrap, paired_differences
-
+    """Per-group gold curves and statistics for ``summary.json`` (needs per-run ``curve``). P1's
+    subject and reference are the methods whose classes play those roles (``compare_role``); the
+    JSON keys keep the names of the reference it was written for (``requests_to_reach_oaif_dpo``)."""
     groups = {}
     for g in summary["groups"]:
         runs = [r for r in summary["runs"] if r["group"] == g["group"] and r.get("curve")]
@@ -145,23 +97,32 @@ def gold_section(summary: dict, root: Path) -> dict:
                               **change_over_seeds(runs, "gold"), **change_over_seeds(runs, "proxy"),
                               "proxy_at_budget": final.get("proxy"), "kl_at_budget": final.get("kl"), **peak(curve),
                               "gao_fit": fit_gao(gao_points(runs), "rl"), "wall_time_s": g["mean"].get("wall_time_s")}
-    target = (groups.get("online-dpo") or {}).get("gold_at_budget")
+    subject, reference = method_in_role("subject"), method_in_role("reference")
+    target = (groups.get(reference) or {}).get("gold_at_budget")
+    offline = offline_groups(summary)  # labels bought before training: no request count reaches anything
     for name, g in groups.items():
-        g["requests_to_reach_oaif_dpo"] = requests_to_reach(g["curve"], target) if name != "dpo" else None
+        g["requests_to_reach_oaif_dpo"] = requests_to_reach(g["curve"], target) if name not in offline else None
     traced = [r for r in summary["runs"] if r.get("curve")]
-    reference = "dar" if "dar" in groups else next(iter(groups), None)
-    boot = p1_bootstrap(traced)
+    paired_reference = subject if subject in groups else next(iter(groups), None)
+    boot = p1_bootstrap(traced, subject=subject, reference=reference)
     return {"groups": groups, "oaif_dpo_final_gold": target, "p1": boot["p1"], "p1_ci_low": boot["p1_ci_low"],
             "p1_ci_high": boot["p1_ci_high"], "p1_undefined_frac": boot["p1_undefined_frac"],
-            "paired_reference": reference,
-            "paired": paired_differences(traced, reference) if reference else {},
+            "paired_reference": paired_reference,
+            "paired": paired_differences(traced, paired_reference) if paired_reference else {},
             "bon_reference": json.loads((root / "best_of_n.json").read_text()) if (root / "best_of_n.json").exists() else None}
+
+
+def offline_groups(summary: dict) -> set[str]:
+    """The groups of methods whose labels came before training (``feedback_kind == "offline"``)."""
+    return {g["group"] for g in summary["groups"]
+            if g["algorithm"] in OBJECTIVES and OBJECTIVES[g["algorithm"]].feedback_kind == "offline"}
 
 
 # ---------------------------------------------------------------- plots
 def plot_gold(summary: dict, root: Path, colors: dict) -> list[tuple[str, str]]:
     gold = summary["gold"]
     out = []
+    offline = offline_groups(summary)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, g in gold["groups"].items():
         c = [p for p in g["curve"] if p["gold"] is not None]
@@ -170,7 +131,7 @@ def plot_gold(summary: dict, root: Path, colors: dict) -> list[tuple[str, str]]:
         xs, ys = [p["requests"] for p in c], [p["gold"] for p in c]
         ci = [p["gold_ci"] or 0.0 for p in c]
         style = dict(color=colors[name], label=name, marker="o", ms=3)
-        if name == "dpo":  # labels bought before training: one point at their cost
+        if name in offline:  # labels bought before training: one point at their cost
             axes[0].errorbar(xs[-1:], ys[-1:], yerr=ci[-1:], capsize=3, **style)
         else:
             axes[0].plot(xs, ys, **style)
@@ -189,9 +150,10 @@ def plot_gold(summary: dict, root: Path, colors: dict) -> list[tuple[str, str]]:
     fig.tight_layout()
     fig.savefig(root / "gold_vs_requests_and_kl.png", dpi=110)
     plt.close(fig)
+    offline_names = "/".join(n for n, cls in OBJECTIVES.items() if cls.feedback_kind == "offline")
     out.append(("gold_vs_requests_and_kl.png",
                 f"Left: the gold ({summary['evaluator']}) on the held-out prompts against annotator requests spent, mean "
-                "over seeds with its 95% CI; offline dpo bought all its labels before training (one point). Right: the "
+                f"over seeds with its 95% CI; offline {offline_names} bought all its labels before training (one point). Right: the "
                 "same gold against √KL to the reference, with best-of-n on the starting policy, chosen by the proxy "
                 "(KL = log n − (n−1)/n), dashed."))
     fig, ax = plt.subplots(figsize=(5.5, 3.8))

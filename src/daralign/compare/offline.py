@@ -28,14 +28,14 @@ def label_pairs(train, budget: int, path: Path) -> dict:
     meta_path = path.with_suffix(".meta.json")
     if path.is_file() and meta_path.is_file():
         return json.loads(meta_path.read_text())
-    judge_cfg = annotator_for(train.annotator, "compare", "dpo (pair labels)", needs_score=False)
+    judge_cfg = annotator_for(train.annotator, "compare", f"{train.algorithm} (pair labels)", needs_score=False)
     judge = build_annotator(judge_cfg)
     per_pair = requests_per_label(judge_cfg, "compare")
     schedule = PromptSchedule(load_prompts(train.dataset, column=train.prompt_column, split=train.dataset_split,
                                            config=train.dataset_config), train.prompts_per_step, train.seed)
     steps = budget // per_pair // train.prompts_per_step
     rows = [r for step in range(steps) for r in schedule.batch(step)]
-    console.print(f"dpo: labelling {len(rows)} pairs from the starting policy with {describe_annotator(judge_cfg)} "
+    console.print(f"{train.algorithm}: labelling {len(rows)} pairs from the starting policy with {describe_annotator(judge_cfg)} "
                   f"({per_pair} requests each, budget {budget})")
     tokenizer = load_tokenizer(train.model_name_or_path, train.trust_remote_code)
     model = load_causal_lm(train.model_name_or_path, train.dtype, train.trust_remote_code).eval()

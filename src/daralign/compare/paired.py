@@ -9,7 +9,8 @@ differences (their seed-to-seed noise largely cancels), with Student-t intervals
 - ``fit_gao``: Gao et al. (2022)'s functional forms of gold gain against d = √KL(π‖π_ref),
   RL: R(d) = d(α − β log d) and best-of-n: R(d) = d(α − β d), fitted by least squares, with the
   peak the fit implies.
-- ``p1_bootstrap``: P1 = DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final mean gold, with a
+- ``p1_bootstrap``: P1 = the subject's requests ÷ the reference's to reach the reference's final
+  mean gold (DAR and OAIF-DPO: the methods whose classes declare that ``compare_role``), with a
   percentile CI from resampling seeds (the same seeds for both methods, as they were run).
 """
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 import math
 import random
 
-from daralign.compare.curves import group_curve, mean_ci, requests_to_reach, t95
+from daralign.compare.stats import group_curve, mean_ci, requests_to_reach, t95
+from daralign.objectives import method_in_role
 
 
 def t_interval(xs: list[float]) -> dict:
@@ -106,24 +108,29 @@ def gao_points(runs: list[dict]) -> list[tuple[float, float]]:
     return pts
 
 
-def p1_bootstrap(runs: list[dict], n_boot: int = 2000, seed: int = 0, dar: str = "dar", dpo: str = "online-dpo") -> dict:
+def p1_bootstrap(runs: list[dict], n_boot: int = 2000, seed: int = 0, subject: str | None = None,
+                 reference: str | None = None) -> dict:
     """P1 on the seeds as run, and its 95% percentile CI from resampling seeds with replacement
     (the same resample for both methods). A resample where either never reaches the target has
-    no P1; their share is ``p1_undefined_frac`` and the CI is over the rest."""
+    no P1; their share is ``p1_undefined_frac`` and the CI is over the rest. ``subject`` and
+    ``reference`` are group names; by default the methods in those ``compare_role``s."""
+    subject = subject or method_in_role("subject")
+    reference = reference or method_in_role("reference")
+
     def curves(group, seeds):
         by_seed = {r["seed"]: r["curve"] for r in runs if r["group"] == group and r.get("curve")}
         return [by_seed[s] for s in seeds]
 
     def p1(seeds):
-        dar_curve, dpo_curve = group_curve(curves(dar, seeds)), group_curve(curves(dpo, seeds))
-        if not dar_curve or not dpo_curve:
+        subject_curve, reference_curve = group_curve(curves(subject, seeds)), group_curve(curves(reference, seeds))
+        if not subject_curve or not reference_curve:
             return None
-        target = dpo_curve[-1]["gold"]
-        a, b = requests_to_reach(dar_curve, target), requests_to_reach(dpo_curve, target)
+        target = reference_curve[-1]["gold"]
+        a, b = requests_to_reach(subject_curve, target), requests_to_reach(reference_curve, target)
         return a / b if a is not None and b else None
 
-    seeds = sorted({r["seed"] for r in runs if r["group"] == dar and r.get("curve")}
-                   & {r["seed"] for r in runs if r["group"] == dpo and r.get("curve")})
+    seeds = sorted({r["seed"] for r in runs if r["group"] == subject and r.get("curve")}
+                   & {r["seed"] for r in runs if r["group"] == reference and r.get("curve")})
     if not seeds:
         return {"p1": None, "p1_ci_low": None, "p1_ci_high": None, "p1_undefined_frac": None, "seeds": 0}
     rng = random.Random(seed)

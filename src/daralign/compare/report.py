@@ -31,6 +31,7 @@ from daralign.annotators import describe_annotator, same_annotator  # noqa: E402
 from daralign.compare.curves import gold_section, plot_gold, run_curve  # noqa: E402
 from daralign.train.report import heldout_summary  # noqa: E402
 from daralign.core.tracking import console, read_metrics  # noqa: E402
+from daralign.objectives import OBJECTIVES, method_in_role  # noqa: E402
 
 NUMERIC = ["annotation_requests", "eval_annotation_requests", "annotations", "steps", "train_reward_final", "train_reward_best", "gold_before",
            "gold_after", "proxy_before", "proxy_after", "heldout_before",
@@ -318,9 +319,18 @@ def print_table(summary: dict) -> None:
     console.print(t)
 
 
+def p1_titles() -> tuple[str, str]:
+    """How the report names P1's subject and reference in prose (DAR, OAIF-DPO): the methods in
+    those ``compare_role``s, by their ``title``."""
+    def title(role: str) -> str:
+        name = method_in_role(role)
+        return (OBJECTIVES[name].title or name) if name else f"the {role}"
+    return title("subject"), title("reference")
+
+
 def gold_rows(summary: dict) -> list[list[str]]:
-    """Per method: gold at the budget (mean ± 95% CI), requests to reach OAIF-DPO's final gold, the
-    gold's peak and whether it turned down while the proxy rose, and wall time."""
+    """Per method: gold at the budget (mean ± 95% CI), requests to reach P1's reference's final
+    gold, the gold's peak and whether it turned down while the proxy rose, and wall time."""
     def num(x, d=3):
         return "—" if x is None else f"{x:.{d}f}"
 
@@ -338,8 +348,10 @@ def gold_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
-GOLD_HEAD = ["method", "gold at budget (95% CI)", "gold over the curve (95% CI)", "gold Δ (± SE over seeds)", "proxy at budget", "proxy Δ (± SE)", "KL at budget", "requests to OAIF-DPO's final gold",
-             "gold peak @ requests", "turns down while proxy rises", "wall time (s)"]
+def gold_head() -> list[str]:
+    return ["method", "gold at budget (95% CI)", "gold over the curve (95% CI)", "gold Δ (± SE over seeds)", "proxy at budget",
+            "proxy Δ (± SE)", "KL at budget", f"requests to {p1_titles()[1]}'s final gold",
+            "gold peak @ requests", "turns down while proxy rises", "wall time (s)"]
 
 
 PAIRED_HEAD = ["method − {ref}, paired within seeds", "gold at budget (± SE, 95% CI)", "gold over the curve",
@@ -361,9 +373,14 @@ def paired_rows(summary: dict) -> list[list[str]]:
             for name, d in summary["gold"].get("paired", {}).items()]
 
 
+def p1_definition() -> str:
+    subject, reference = p1_titles()
+    return f"{subject}'s requests ÷ {reference}'s to reach {reference}'s final gold"
+
+
 def p1_text(g: dict) -> str:
     if g["p1"] is None:
-        return "not measured (DAR or OAIF-DPO never reached the target)"
+        return "not measured ({} or {} never reached the target)".format(*p1_titles())
     ci = (f" (95% bootstrap CI over seeds {g['p1_ci_low']:.2f}–{g['p1_ci_high']:.2f}; "
           f"{g['p1_undefined_frac']:.0%} of resamples never reached it)") if g.get("p1_ci_low") is not None else ""
     return f"{g['p1']:.2f}{ci}"
@@ -379,18 +396,18 @@ def gold_table(summary: dict) -> str:
         body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
         return f"<table><tr>{cells}</tr>{body}</table>"
 
-    return (f"<h2>Gold (the evaluator) against the proxy (the training annotator)</h2>{table(GOLD_HEAD, gold_rows(summary))}"
-            f"<p>P1 = DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold ({num_or_dash(g['oaif_dpo_final_gold'])}): "
+    return (f"<h2>Gold (the evaluator) against the proxy (the training annotator)</h2>{table(gold_head(), gold_rows(summary))}"
+            f"<p>P1 = {p1_definition()} ({num_or_dash(g['oaif_dpo_final_gold'])}): "
             f"{esc(p1_text(g))}.</p>" + (table(paired_head(g), paired_rows(summary)) if g.get("paired") else ""))
 
 
 def gold_markdown(summary: dict) -> str:
     """The gold table as Markdown (``gold.md``, for pasting into docs)."""
     g = summary["gold"]
-    lines = ["| " + " | ".join(GOLD_HEAD) + " |", "|" + "---|" * len(GOLD_HEAD)]
+    head = gold_head()
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in gold_rows(summary)]
-    text = "\n".join(lines) + (f"\n\nP1 (DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold, "
-                               f"{num_or_dash(g['oaif_dpo_final_gold'])}): {p1_text(g)}\n")
+    text = "\n".join(lines) + f"\n\nP1 ({p1_definition()}, {num_or_dash(g['oaif_dpo_final_gold'])}): {p1_text(g)}\n"
     if g.get("paired"):
         head = paired_head(g)
         text += "\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"

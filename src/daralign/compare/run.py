@@ -7,14 +7,14 @@ in ``algorithm``, ``seed`` and the swept knobs. Each spends at most ``--annotati
 cache hits are free); the loop cuts the last step to fit. Each method samples as its paper does:
 reward methods K = ``num_generations`` responses per prompt, OAIF one pair (``oaif_num_generations``).
 Offline ``dpo`` spends the same budget up front: pairs of the starting policy's answers on the
-prompts OAIF would see, labelled by the annotator in compare mode (``compare_offline.py``), then one
+prompts OAIF would see, labelled by the annotator in compare mode (``offline.py``), then one
 epoch over them — OAIF-DPO's number of steps. Runs go to ``D/<algorithm>[/<knob=value,...>]/seed<k>``;
 ``D/configs/<algorithm>.yaml`` is what each got.
 
 With an ``eval_annotator`` (the *gold*) beside the training annotator (the *proxy*), every run's
 held-out gold, proxy and KL at every evaluation become curves over requests spent
 (``--eval_requests`` puts every method's evaluations at the same counts), summarised per method
-with 95% CIs over seeds, P1, and the gold's peak and turn-down (``compare_curves.py``);
+with 95% CIs over seeds, P1, and the gold's peak and turn-down (``curves.py``);
 ``--best_of_n N`` adds the best-of-n reference on the starting policy (``evaluation/best_of_n.py``).
 
 Judges: one config drives every method. A ``type: judge`` annotator is used in ``mode: compare``
@@ -50,10 +50,12 @@ from daralign.annotators import requests_per_label
 from daralign.train import checkpoint
 from daralign.core.config import TrainConfig, to_dict
 from daralign.core.parsing import ArgumentParser, parse_bool, read_yaml
-from daralign.train.args import parse_train_args
+from daralign.train.args import config_fields, parse_train_args
+from daralign.train.budget import requests_per_prompt
 from daralign.core.errors import ConfigError
 from daralign.core.provenance import provenance
 from daralign.core.tracking import console
+from daralign.objectives import OBJECTIVES, get_objective, method_in_role
 
 FORCED = {"algorithm": "--algorithms", "seed": "--seeds", "annotation_budget": "--annotation_budget",
           "output_dir": "--output_dir", "max_steps": "--annotation_budget (compare derives max_steps from it)"}
@@ -74,7 +76,7 @@ class Run:
     algo: object = None
     per_step: int = 0  # nominal annotator requests per step (every label valid, nothing cached)
     K: int = 0  # responses sampled per prompt
-    prompts: str | None = None  # offline dpo: the prompt set its pairs are sampled on (its dataset is the pairs)
+    prompts: str | None = None  # an offline method: the prompt set its pairs are sampled on (its dataset is the pairs)
 
     @property
     def group(self) -> str:
@@ -93,22 +95,24 @@ class Plan:
 
 
 # ---------------------------------------------------------------- parsing
-def _parser() -> _ArgumentParser:
+def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="daralign compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
                         description="Run several algorithms on one annotation budget and report. "
                                     "Any other --field value is a config override for every run.")
     p.add_argument("--config", help="YAML config shared by every run (as for `daralign train`)")
     p.add_argument("--algorithms", required=True,
-                   help="comma-separated, from dar, rloo, grpo, ppo, bon-sft, online-dpo, online-ipo, online-slic, dpo "
-                        "(offline: the budget buys pairs of the starting policy's answers, labelled by the annotator "
-                        "before training, then one epoch over them)")
+                   help=f"comma-separated, from {', '.join(sorted(OBJECTIVES))} (offline ones, "
+                        f"{', '.join(n for n, cls in OBJECTIVES.items() if cls.feedback_kind == 'offline')}: the budget "
+                        "buys pairs of the starting policy's answers, labelled by the annotator before training, then "
+                        "one epoch over them)")
     p.add_argument("--annotation_budget", type=int, required=True,
                    help="annotator requests per run (both orders = 2; retries and invalid answers count; cache hits are free)")
     p.add_argument("--seeds", help="comma-separated seeds; none given: the config's seed")
     p.add_argument("--output_dir", default="runs/compare", help="one folder per run, summary.json, report.html")
     p.add_argument("--sweep", nargs="+", default=[], metavar="KNOB=V1,V2",
                    help="grid of values for --sweep_algorithm, e.g. dar_total=0.01,0.05 weight_clip=5,20")
-    p.add_argument("--sweep_algorithm", default="dar", help="the algorithm the grid varies (default dar)")
+    subject = method_in_role("subject")  # the method under study (``Objective.compare_role``)
+    p.add_argument("--sweep_algorithm", default=subject, help="the algorithm the grid varies (the method compare studies)")
     p.add_argument("--override", nargs="+", default=[], metavar="ALGO:FIELD=VALUE",
                    help="a value for one algorithm only, e.g. rloo:kl_coef=0 or online-dpo:oaif_num_generations=4")
     p.add_argument("--eval_requests", type=int, default=0, metavar="N",
@@ -171,10 +175,8 @@ def expand_sweep(specs: list[str]) -> tuple[dict[str, list[str]], list[dict[str,
 
 
 def _fields(algorithm: str) -> set[str]:
-    from daralign.objectives import get_objective
-
-    cfg = get_objective(algorithm).Config
-    return {f.name for f in dataclasses.fields(TrainConfig)} | ({f.name for f in dataclasses.fields(cfg)} if cfg else set())
+    """Every config field of a run of ``algorithm`` (a method field shadowing a TrainConfig one is refused here)."""
+    return set(config_fields(get_objective(algorithm)))  # TrainConfig's, the rollout engines', the method's
 
 
 def _check_name(name: str, where: str) -> None:
@@ -183,17 +185,11 @@ def _check_name(name: str, where: str) -> None:
 
 
 def requests_per_step(train: TrainConfig, objective, annotator: dict) -> int:
-    """Annotator requests one full step costs when every label is valid (as ``daralign.train.annotate`` asks them)."""
-    from daralign.train.annotate import labels_per_prompt
-
-    kind = objective.feedback_kind
-    labels = labels_per_prompt(kind, objective.num_generations(), getattr(objective.config, "best_vs_worst", True))
-    return train.prompts_per_step * labels * requests_per_label(annotator, kind)
+    """Annotator requests one full step costs when every label is valid: the loop's cost model."""
+    return train.prompts_per_step * requests_per_prompt(objective, annotator)
 
 
 def build_plan(argv: list[str]) -> tuple[Plan, object]:
-    from daralign.objectives import OBJECTIVES, get_objective
-
     opts, rest = _parser().parse_known_args(argv)
     overrides = _flag_pairs(rest)
     algorithms = _split_list(opts.algorithms, "--algorithms")
@@ -227,9 +223,7 @@ def build_plan(argv: list[str]) -> tuple[Plan, object]:
 
     # the YAML: keys of other algorithms' configs are dropped per algorithm, unknown keys are an error
     values = read_yaml(opts.config) if opts.config else {}
-    everything = {f.name for f in dataclasses.fields(TrainConfig)}
-    for cls in OBJECTIVES.values():
-        everything |= {f.name for f in dataclasses.fields(cls.Config)} if cls.Config else set()
+    everything = {name for cls in OBJECTIVES.values() for name in config_fields(cls)}
     unknown = sorted(set(values) - everything)
     if unknown:
         raise ConfigError(f"{opts.config}: unknown config key(s) {unknown}")
@@ -262,8 +256,6 @@ def _bad_seed(text: str):
 
 def _resolve(run: Run, cfg_path: Path, overrides: list, budget: int, eval_requests: int = 0) -> None:
     """parse_train_args on the shared YAML + overrides + knob values, then compare's own fields."""
-    from daralign.objectives import get_objective
-
     argv = ["--config", str(cfg_path), "--algorithm", run.algorithm, *_argv(overrides),
             *_argv(run.point.items()), "--seed", str(run.seed)]
     if get_objective(run.algorithm).feedback_kind == "offline":
@@ -282,7 +274,7 @@ def _resolve(run: Run, cfg_path: Path, overrides: list, budget: int, eval_reques
 
 
 def _resolve_offline(run: Run, argv: list[str], budget: int, eval_requests: int) -> None:
-    """Offline dpo: its dataset is the pairs the budget buys (``compare_offline.py``, a file
+    """An offline method (dpo): its dataset is the pairs the budget buys (``offline.py``, a file
     outside the run folder), sampled on the config's prompts and labelled by its annotator; one
     pair per prompt as OAIF labels them, and one epoch over them is OAIF's number of steps."""
     from daralign.annotators import annotator_for
@@ -340,7 +332,8 @@ def check_existing(run: Run) -> None:
         return
     old = json.loads((run.out / "compare_run.json").read_text()).get("config", {})
     new = json.loads(json.dumps(_fingerprint(run), default=str))
-    defaults = {f.name: f.default for c in (run.train, run.algo) if c is not None for f in dataclasses.fields(c)}
+    defaults = {f.name: f.default for c in (run.train, *run.train.engine_configs, run.algo) if c is not None
+                for f in dataclasses.fields(c)}
     # a field added by a later daralign, at its default, changes nothing the old run did
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not (k not in old and new.get(k) == defaults.get(k)))
     if diff:
@@ -368,7 +361,7 @@ def execute(run: Run, index: int, total: int, root: Path, keep_checkpoints: bool
         shutil.copyfile(cached, before)
     t0 = time.perf_counter()
     labels, train = None, run.train
-    if run.algo is not None and run.train.algorithm == "dpo" and run.train.annotation_budget == 0:  # offline: buy the pairs first
+    if get_objective(run.algorithm).feedback_kind == "offline":  # its labels come before training: buy the pairs
         from daralign.compare.offline import label_pairs
 
         labels = label_pairs(dataclasses.replace(run.train, dataset=run.prompts), budget, pairs_path(run))

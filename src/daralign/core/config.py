@@ -1,7 +1,7 @@
 """Settings: ``TrainConfig``, everything an online run shares whatever the algorithm (each
-objective adds its own small dataclass), and its groups (``TrainConfig.vllm``). Field names follow
-TRL where the meaning matches. Reading them from YAML and flags is ``core/parsing.py`` and
-``train/args.py``; an impossible value is a ``ConfigError`` naming the field.
+objective adds its own small dataclass, and so does each rollout engine: ``engine_configs``).
+Field names follow TRL where the meaning matches. Reading them from YAML and flags is
+``core/parsing.py`` and ``train/args.py``; an impossible value is a ``ConfigError`` naming the field.
 """
 
 from __future__ import annotations
@@ -15,23 +15,6 @@ from daralign.core.errors import ConfigError
 
 # reward-function keyword arguments whose values are secrets (redacted in config.yaml and trackers)
 SECRET_KWARGS = ("api_key", "token", "access_token", "secret", "password")
-
-
-@dataclass(frozen=True)
-class VLLMSettings:
-    """The vLLM engines' settings, grouped (in YAML and flags they are the ``vllm_*`` keys)."""
-
-    mode: str  # colocate | server
-    server_url: str
-    sync_dir: str | None
-    gpu_memory_utilization: float
-    enforce_eager: bool | None  # None: eager on CPU, CUDA graphs on CUDA
-    dtype: str = "auto"  # the engine's weights: auto = bfloat16 on CUDA, else the policy's dtype
-    tensor_parallel_size: int = 1
-    max_num_batched_tokens: int | None = None
-    enable_sleep_mode: bool = False
-    weight_transfer: str = "auto"  # server mode: auto | nccl | gloo | file (rollout/vllm_transfer.py)
-    lora_rank: int = 0  # vllm_lora_sync adapter: the policy's LoRA rank (0: merged pushes, no adapters in the engine)
 
 
 @dataclass
@@ -65,19 +48,11 @@ class TrainConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
     generation_batch_size: int = field(default=32, metadata={"help": "sequences per generate() call"})
-    rollout_engine: str = field(default="auto", metadata={"help": "who samples: auto (hf, or vllm-colocate / vllm-server with use_vllm, offline for dpo) or a registered engine's name (rollout/base.py)"})
-    use_vllm: bool = field(default=False, metadata={"help": "sample with vLLM instead of transformers generate (weights pushed after every step; docs/performance.md)"})
-    vllm_mode: str = field(default="colocate", metadata={"help": "colocate: the engine in the training process (TRL's naming) | server: a `daralign vllm-serve` process at vllm_server_url"})
-    vllm_server_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "vllm_mode server: where `daralign vllm-serve` listens"})
-    vllm_sync_dir: str | None = field(default=None, metadata={"help": "vllm_mode server: a folder the server can read, for the weights pushed after each step (default /dev/shm: one host; a shared filesystem across nodes)"})
-    vllm_weight_transfer: str = field(default="auto", metadata={"help": "vllm_mode server: how pushed weights reach the server: nccl (vLLM's NCCL transfer, GPU to GPU, no file) | gloo (the same without CUDA) | file (safetensors through vllm_sync_dir) | auto (what the server was started with: `daralign vllm-serve --weight_transfer`, else file)"})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU memory share of a colocated vLLM engine (CPU: VLLM_CPU_KVCACHE_SPACE sets its KV cache, in GiB)"})
-    vllm_enforce_eager: bool | None = field(default=None, metadata={"help": "no graph capture or compilation; default: eager on CPU (compiling took minutes there), CUDA graphs on CUDA"})
-    vllm_dtype: str = field(default="auto", metadata={"help": "the colocated engine's weight dtype: auto = bfloat16 on CUDA, else the policy's dtype (pushed weights are cast to it)"})
-    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "colocate on CUDA: GPUs per engine; with N training processes, N / this engines, each rank in a group sampling the group's prompts (TRL's vllm_tensor_parallel_size)"})
-    vllm_max_num_batched_tokens: int | None = field(default=None, metadata={"help": "the colocated engine's cap on tokens per scheduler step, vLLM's own when unset; a lower cap lowers its activation memory"})
-    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "colocate on CUDA: the engine frees its KV cache and weights through the update and wakes to the freshly pushed weights (never reloaded from disk)"})
-    vllm_lora_sync: str = field(default="merged", metadata={"help": "use_peft, colocate: merged = the adapter merged into the base weights for each push (in place, no copy) | adapter = only the adapter's files pushed, the engine applies it as a vLLM LoRA (no merge; vLLM decodes adapters ~1.3x slower)"})
+    rollout_engine: str = field(default="auto", metadata={"help": "who samples: a registered engine's name (listed at the top of `daralign train --help`), or auto: the engine that takes the run (each engine's own rule: rollout/)"})
+    # The rollout engines' own settings, one instance per engine ``Config`` (rollout/*.py), filled
+    # when the config is read (train/args.py). Not a key itself: the configs' fields are, and
+    # ``to_dict`` writes them flat, where this field sits (config.yaml re-runs).
+    engine_configs: tuple = field(default=(), repr=False, metadata={"help": "the rollout engines' configs (their fields are the keys)", "flatten": True})
     # --- annotation
     annotator: Any = field(default=None, metadata={"help": "the annotator training learns from: a mapping or a path to its YAML (see docs/annotators.md); not used by offline dpo"})
     eval_annotator: Any = field(default=None, metadata={"help": "the yardstick: scores held-out answers and judges win rates (same forms as annotator); default: the training annotator, which the report then says plainly"})
@@ -129,10 +104,11 @@ class TrainConfig:
             raise ConfigError(f"temperature must be > 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] (got {self.top_p})")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{f.name} must be a finite number (got {value})")
+        for part in (self, *self.engine_configs):
+            for f in dataclasses.fields(part):
+                value = getattr(part, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{f.name} must be a finite number (got {value})")
         if self.learning_rate < 0:
             raise ConfigError(f"learning_rate must be ≥ 0 (got {self.learning_rate})")
         if self.weight_decay < 0:
@@ -151,35 +127,19 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
         if not self.dataset:
             raise ConfigError("dataset: no prompt dataset given (a .jsonl/.json file or a datasets name)")
-        if self.vllm_mode not in ("colocate", "server"):
-            raise ConfigError(f"vllm_mode: {self.vllm_mode!r} is not one of colocate, server")
-        if self.vllm_weight_transfer not in ("auto", "nccl", "gloo", "file"):
-            raise ConfigError(f"vllm_weight_transfer: {self.vllm_weight_transfer!r} is not one of auto, nccl, gloo, file")
-        if self.vllm_lora_sync not in ("merged", "adapter"):
-            raise ConfigError(f"vllm_lora_sync: {self.vllm_lora_sync!r} is not one of merged, adapter")
-        if self.use_vllm and self.vllm_lora_sync == "adapter" and (not self.use_peft or self.vllm_mode != "colocate"
-                                                                    or self.vllm_enable_sleep_mode or self.vllm_tensor_parallel_size > 1):
-            raise ConfigError("vllm_lora_sync adapter: for a LoRA policy (use_peft) in vllm_mode colocate, without sleep mode "
-                              "(level-2 sleep drops the base weights the adapter rides on) or tensor parallelism; use merged")
-        if self.vllm_tensor_parallel_size < 1 or (self.vllm_max_num_batched_tokens or 1) < 1:
-            raise ConfigError("vllm_tensor_parallel_size and vllm_max_num_batched_tokens must be ≥ 1")
-        if self.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"vllm_dtype: {self.vllm_dtype!r} is not one of auto, float32, bfloat16, float16")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1] (got {self.vllm_gpu_memory_utilization})")
+        for engine_config in self.engine_configs:  # an engine's own checks (its Config's ``validate``), whichever samples
+            if hasattr(engine_config, "validate"):
+                engine_config.validate(self)
         bad = set(self.report_to) - {"tensorboard", "wandb"}
         if bad:
             raise ConfigError(f"report_to: unknown {sorted(bad)} (choose tensorboard, wandb)")
 
-    @property
-    def vllm(self) -> "VLLMSettings":
-        """The vLLM engine's own settings group (read by ``rollout/vllm_*.py`` only)."""
-        return VLLMSettings(mode=self.vllm_mode, server_url=self.vllm_server_url, sync_dir=self.vllm_sync_dir,
-                            gpu_memory_utilization=self.vllm_gpu_memory_utilization, enforce_eager=self.vllm_enforce_eager,
-                            dtype=self.vllm_dtype, tensor_parallel_size=self.vllm_tensor_parallel_size,
-                            max_num_batched_tokens=self.vllm_max_num_batched_tokens, enable_sleep_mode=self.vllm_enable_sleep_mode,
-                            weight_transfer=self.vllm_weight_transfer,
-                            lora_rank=self.lora_r if self.use_peft and self.vllm_lora_sync == "adapter" else 0)
+    def __getattr__(self, name: str) -> Any:
+        """An engine's field read as any other (``train.<its field>``), from the engine config holding it."""
+        for part in self.__dict__.get("engine_configs", ()):
+            if name in {f.name for f in dataclasses.fields(part)}:
+                return getattr(part, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def heldout_seed(self) -> int:
@@ -210,8 +170,17 @@ def redact(obj: Any) -> Any:
 
 
 def to_dict(*configs) -> dict:
+    """The configs as one flat mapping of key → value (what config.yaml holds, secrets redacted);
+    a field marked ``flatten`` (the engines' configs) contributes its configs' fields in its place."""
     out = {}
     for c in configs:
-        if c is not None:
-            out.update(dataclasses.asdict(c))
+        if c is None:
+            continue
+        values = dataclasses.asdict(c)
+        for f in dataclasses.fields(c):
+            if f.metadata.get("flatten"):
+                for part in getattr(c, f.name):
+                    out.update(dataclasses.asdict(part))
+            else:
+                out[f.name] = values[f.name]
     return redact(out)

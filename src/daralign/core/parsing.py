@@ -91,11 +91,17 @@ def coerce(name: str, value: Any, tp, source: str) -> Any:
     raise ConfigError(f"{source}: {name} must be {getattr(base, '__name__', base)} (got {value!r})")
 
 
-def dataclass_fields(*classes) -> dict[str, tuple[type, dataclasses.Field]]:
+def dataclass_fields(*classes) -> dict[str, tuple[type, Any, dataclasses.Field]]:
+    """name → (the class that declares it, its type, the field) over ``classes``. A name two of them
+    declare is refused: a method's config field named like a TrainConfig field would otherwise
+    silently take its YAML key and flag (a plug-in's programming error, said in one line)."""
     out = {}
     for cls in classes:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if f.name in out:
+                raise ConfigError(f"config field {f.name!r} is declared by both {out[f.name][0].__name__} and "
+                                  f"{cls.__name__}; one YAML key and flag cannot set two fields: rename it in {cls.__name__}")
             out[f.name] = (cls, hints[f.name], f)
     return out
 

@@ -5,16 +5,17 @@ The loop calls, per online batch:
      constants (weights, advantages, pair signs, old values ...) as tensors whose first dim is
      N = num_prompts * K, plus metrics. Token log-prob tensors are (N, L-1), already zero outside
      the completion; ``x.sum(-1)`` gives the sequence log-prob.
-  2. ``compute_loss(model, micro_batch)`` per micro-batch; micro-batches always hold whole
-     prompt groups (all K samples of a prompt), so pairwise losses see both members of a pair.
+  2. ``compute_loss(model, micro_batch) -> LossOutput`` per micro-batch (by default the sequence
+     log-probs, then ``loss``); micro-batches always hold whole prompt groups (all K samples of a
+     prompt), so pairwise losses see both members of a pair.
 Objectives never call annotators and never step the optimizer.
 
 π_t without an extra forward (``behaviour_in_loss``): when the rollout backend gives no log-probs
 (vLLM) and the batch gets one update, the loop may hand ``prepare`` a rollout whose
 ``behaviour_token_logps`` is None. An objective that allows it then uses the detached log-prob of
 its own update forward as π_t (exact: θ = θ_t at that forward) and returns those per-token
-log-probs under ``RECORDED_TOKEN_LOGPS`` in its loss metrics; the loop fills the rollout with them
-afterwards and calls ``prepare`` again, for the metrics only.
+log-probs as ``LossOutput.pi_t_token_logps``; the loop fills the rollout with them afterwards and
+calls ``prepare`` again, for the metrics only.
 
 Under DDP each process holds its share of the prompts. Statistics that span the batch (DAR's
 advantage normalisation, PPO's whitening, "mean over valid samples") must span the *global*
@@ -24,6 +25,7 @@ sums passed through it (``global_mean_scale``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -33,13 +35,37 @@ from daralign.core.registry import registrar
 from daralign.core.types import Feedback, Rollout
 
 
-RECORDED_TOKEN_LOGPS = "recorded_token_logps"  # loss-metrics key: the update forward's detached (n, L-1) log-probs
+@dataclass
+class LossOutput:
+    """What ``compute_loss`` gives the loop for one micro-batch."""
+
+    loss: torch.Tensor  # scalar: Σ_rows(·)/n over the micro-batch's n rows (the loop weights it by n/N)
+    metrics: dict[str, float] = field(default_factory=dict)  # averaged over micro-batches, then logged
+    pi_t_token_logps: torch.Tensor | None = None  # this forward's detached (n, L-1) log-probs, when π_t is left to it
+
+
+def candidate_pairs(num_prompts: int, K: int, best_vs_worst: bool) -> list[tuple[int, int]]:
+    """The (i, j) flattened sample pairs a compare objective has judged, prompt by prompt: with
+    K > 2 and ``best_vs_worst`` all K(K-1)/2 pairs (a round-robin), else K//2 disjoint pairs
+    (0, 1), (2, 3), ... — for K = 2 the one pair (0, 1), as OAIF samples it."""
+    if K > 2 and best_vs_worst:
+        within = [(a, b) for a in range(K) for b in range(a + 1, K)]
+    else:
+        within = [(a, a + 1) for a in range(0, K - 1, 2)]
+    return [(p * K + a, p * K + b) for p in range(num_prompts) for a, b in within]
 
 
 class Objective:
-    Config: ClassVar[type | None] = None  # the objective's own dataclass config (fields join the CLI)
+    Config: ClassVar[type | None] = None  # the objective's own dataclass config (fields join the CLI and the model card)
+    feedback_kind: ClassVar[str] = "score"  # "score" | "compare" | "offline" (labels come with the data)
+    paper: ClassVar[str] = ""  # the paper of the method's protocol, as the model card cites it
+    title: ClassVar[str | None] = None  # how reports name the method in prose (default: its registered name)
+    # Its part in `daralign compare`'s headline numbers (docs/testbed.md): the "subject" is the method
+    # under study (P1's numerator, the reference of the paired differences, --sweep_algorithm's
+    # default); the "reference" is the baseline whose final gold P1 asks the subject to reach.
+    # At most one registered method plays each (``objectives.method_in_role``).
+    compare_role: ClassVar[str | None] = None
     behaviour_in_loss: ClassVar[bool] = False  # may take π_t from its update's own forward (module docstring)
-    feedback_kind: ClassVar[str] = "score"  # "score" | "compare" | "offline"
     needs_reference: ClassVar[bool] = True  # the loop computes frozen-reference log-probs
     trains_extra_modules: ClassVar[bool] = False  # ``trainable_modules`` returns some (known before setup)
 
@@ -51,6 +77,20 @@ class Objective:
     def num_generations(self) -> int:
         """K, the responses sampled per prompt; OAIF overrides it (one pair by default)."""
         return self.train.num_generations
+
+    @property
+    def best_vs_worst(self) -> bool:
+        """The pair rule of a compare method with K > 2 (``candidate_pairs``): judge every pair and
+        train on most wins against fewest wins (True), or judge and train on K//2 disjoint pairs."""
+        return True
+
+    def labels_per_prompt(self) -> int:
+        """Labels one prompt asks of the annotator: K scores, the judged pairs, or none (offline)."""
+        if self.feedback_kind == "score":
+            return self.num_generations()
+        if self.feedback_kind == "compare":
+            return len(candidate_pairs(1, self.num_generations(), self.best_vs_worst))
+        return 0
 
     def global_mean_scale(self, count: float, num_rows: int) -> float:
         """Row weight that makes the loop's per-process Σ_rows(w·ℓ)/N, averaged over the W
@@ -101,11 +141,11 @@ class Objective:
         """Loss from the policy's sequence log-probs (n,) of this micro-batch."""
         raise NotImplementedError
 
-    def compute_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def compute_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         """Default: sequence log-probs of the completion tokens, then ``loss``. PPO overrides."""
         logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                self.train.temperature, share_prompts=self.train.share_prompt_forward)
-        return self.loss(logps, batch)
+        return LossOutput(*self.loss(logps, batch))
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}

@@ -33,6 +33,8 @@ def best_of_n(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> tuple
 class BestOfNSFT(Objective):
     Config = None  # no knobs of its own: N is num_generations
     feedback_kind = "score"
+    paper = "SFT on the online best-of-N (rejection sampling)"
+    title = "best-of-N SFT"
     needs_reference = False
 
     def __init__(self, config, train, **kw) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from daralign.core.errors import ConfigError
 from daralign.core.models import token_logps
-from daralign.objectives.base import RECORDED_TOKEN_LOGPS, Objective, register_objective
+from daralign.objectives.base import LossOutput, Objective, register_objective
 
 NORMALIZATIONS = ("batch", "group", "none")
 
@@ -186,6 +186,9 @@ class DAR(Objective):
 
     Config = DARConfig
     feedback_kind = "score"
+    paper = "Direct Advantage Regression (He et al., arXiv 2504.14177)"
+    title = "DAR"
+    compare_role = "subject"  # the method compare studies: P1's numerator, paired differences against it
 
     # π_t may be left to the loss: w depends only on the sample's own log π_t(y|x), which with one
     # update per batch is the detached log-prob of the update's own forward (no extra pass).
@@ -240,4 +243,4 @@ class DAR(Objective):
                                 batch["completion_mask"], self.train.share_prompt_forward)
         logps = (per_token * batch["completion_mask"][:, 1:].to(per_token.dtype)).sum(-1)
         loss, metrics = self.loss(logps, batch)
-        return loss, metrics | {RECORDED_TOKEN_LOGPS: per_token.detach()}
+        return LossOutput(loss, metrics, pi_t_token_logps=per_token.detach())

@@ -18,7 +18,7 @@ import torch
 
 from daralign.core.errors import ConfigError
 from daralign.core.models import token_logps
-from daralign.objectives.base import RECORDED_TOKEN_LOGPS, Objective, register_objective
+from daralign.objectives.base import LossOutput, Objective, register_objective
 
 
 def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e-4) -> torch.Tensor:
@@ -72,6 +72,8 @@ class GRPOConfig:
 class GRPO(Objective):
     Config = GRPOConfig
     feedback_kind = "score"
+    paper = "GRPO (Shao et al., arXiv 2402.03300)"
+    title = "GRPO"
     behaviour_in_loss = True  # the ratio's denominator may be the update's own detached forward
 
     def __init__(self, config, train, **kw) -> None:
@@ -122,8 +124,6 @@ class GRPO(Objective):
         loss = (batch["token_scale"].to(logps.dtype) * row_sums).sum() / logps.shape[0]  # L = Σ ℓ_t / #tokens
         n_tokens = mask.sum().clamp(min=1)
         metrics = {"clip_ratio/region_mean": ((is_clipped.float() * mask).sum() / n_tokens).item()}
-        if "old_token_logps" not in batch:
-            metrics[RECORDED_TOKEN_LOGPS] = recorded
         if self.config.beta > 0:
             metrics["grpo/kl"] = ((kl.detach() * mask).sum() / n_tokens).item()
-        return loss, metrics
+        return LossOutput(loss, metrics, pi_t_token_logps=None if "old_token_logps" in batch else recorded)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from daralign.objectives.base import register_objective
-from daralign.objectives.online_dpo import OnlineDPO, PreferenceLossConfig
+from daralign.objectives.online_dpo import PairwisePreference, PreferenceLossConfig
 
 
 @dataclass
@@ -20,11 +20,13 @@ class DPOConfig(PreferenceLossConfig):
 
 
 @register_objective("dpo")
-class DPO(OnlineDPO):
+class DPO(PairwisePreference):
     """Rows of ``dataset`` are ``prompt, chosen, rejected`` (see ``data.load_pairs``); no annotator."""
 
     Config = DPOConfig
     feedback_kind = "offline"
+    paper = "DPO (Rafailov et al., arXiv 2305.18290), offline"
+    title = "DPO"
 
     def num_generations(self) -> int:
         return 2  # chosen, rejected

@@ -12,7 +12,8 @@ the three direct-alignment losses (TRL's ``loss_type`` spelling) are
     ipo     (IPO):  (h − 1/(2β))²
     hinge   (SLiC): max(0, 1 − β·h)
 
-``preference_loss`` is reused by offline DPO (``offline_dpo.py``).
+``preference_loss`` and the pair mechanics (``PairwisePreference``) are reused by offline DPO
+(``offline_dpo.py``).
 """
 
 from __future__ import annotations
@@ -96,22 +97,18 @@ class OnlineSLiCConfig(OnlineDPOConfig):
     loss_type: str = field(default="hinge", metadata={"help": "sigmoid (DPO) | ipo (IPO) | hinge (SLiC)"})
 
 
-@register_objective("online-dpo")
-class OnlineDPO(Objective):
-    """Pairwise loss on judged pairs of the current policy's samples, against the fixed reference.
+class PairwisePreference(Objective):
+    """Pairwise loss on preference pairs, against the fixed reference: the mechanics the three OAIF
+    methods below and offline DPO (``offline_dpo.py``) share. Not registered itself.
 
     Micro-batches are sliced by rows, so ``prepare`` stores pair m of prompt p on row p*K + m as
     offsets to its chosen and rejected rows (offsets survive slicing whole prompt groups).
     """
 
-    Config = OnlineDPOConfig
-    feedback_kind = "compare"
+    Config = PreferenceLossConfig
 
     def __init__(self, config, train, **kw) -> None:
         super().__init__(config if config is not None else self.Config(), train, **kw)
-
-    def num_generations(self) -> int:
-        return self.config.oaif_num_generations
 
     def prepare(self, rollout, feedback, ref_token_logps, model):
         N, K = rollout.input_ids.shape[0], rollout.num_generations
@@ -180,11 +177,40 @@ class OnlineDPO(Objective):
         return loss, metrics
 
 
+OAIF_PAPER = "Online AI Feedback (Guo et al., arXiv 2402.04792)"
+
+
+class OAIF(PairwisePreference):
+    """Online: judged pairs of the current policy's own samples (``oaif_num_generations`` a prompt)."""
+
+    Config = OnlineDPOConfig
+    feedback_kind = "compare"
+
+    def num_generations(self) -> int:
+        return self.config.oaif_num_generations
+
+    @property
+    def best_vs_worst(self) -> bool:
+        return self.config.best_vs_worst
+
+
+@register_objective("online-dpo")
+class OnlineDPO(OAIF):
+    Config = OnlineDPOConfig
+    paper = f"{OAIF_PAPER} with DPO (Rafailov et al., arXiv 2305.18290)"
+    title = "OAIF-DPO"
+    compare_role = "reference"  # the baseline of compare's P1: its final gold is the subject's target
+
+
 @register_objective("online-ipo")
-class OnlineIPO(OnlineDPO):
+class OnlineIPO(OAIF):
     Config = OnlineIPOConfig
+    paper = f"{OAIF_PAPER} with IPO (Azar et al., arXiv 2310.12036)"
+    title = "OAIF-IPO"
 
 
 @register_objective("online-slic")
-class OnlineSLiC(OnlineDPO):
+class OnlineSLiC(OAIF):
     Config = OnlineSLiCConfig
+    paper = f"{OAIF_PAPER} with SLiC (Zhao et al., arXiv 2305.10425)"
+    title = "OAIF-SLiC"

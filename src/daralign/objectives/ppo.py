@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from daralign.core.errors import ConfigError
-from daralign.objectives.base import Objective, register_objective
+from daralign.objectives.base import LossOutput, Objective, register_objective
 from daralign.core.models import first_completion_position
 from daralign.objectives.grpo import clipped_surrogate
 
@@ -91,6 +91,8 @@ class PPOConfig:
 class PPO(Objective):
     Config = PPOConfig
     feedback_kind = "score"
+    paper = "PPO for RLHF (Ouyang et al., arXiv 2203.02155)"
+    title = "PPO"
     trains_extra_modules = True  # the value head
 
     def __init__(self, config, train, **kw) -> None:
@@ -206,4 +208,4 @@ class PPO(Objective):
             "loss/value_avg": masked_mean(vf_losses),
             "val/clipfrac_avg": masked_mean(vf_clipped.float()),
         }
-        return loss, metrics
+        return LossOutput(loss, metrics)

@@ -49,6 +49,8 @@ class RLOOConfig:
 class RLOO(Objective):
     Config = RLOOConfig
     feedback_kind = "score"
+    paper = "RLOO (Ahmadian et al., arXiv 2402.14740)"
+    title = "RLOO"
 
     def __init__(self, config, train, **kw) -> None:
         super().__init__(config if config is not None else RLOOConfig(), train, **kw)

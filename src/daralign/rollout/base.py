@@ -12,8 +12,10 @@ and the engine's own log-probs in ``engine_token_logps``, which the loop checks 
 trainer's; ``rollout/logp_abs_diff``).
 
 A new engine is one file here with ``@register_engine("name")`` on a class built by
-``from_config(settings, tokenizer, device)``; ``build_engine`` picks it from the config
-(``docs/architecture.md``).
+``from_config(config, settings, tokenizer, device)`` — ``config`` an instance of its own ``Config``
+dataclass (None without one; its fields are YAML keys and flags of ``daralign train``) — and one
+import line in ``rollout/__init__.py``. ``rollout_engine: name`` selects it; under ``auto`` the
+engines whose ``auto_selects`` says yes compete by ``auto_priority`` (``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class SamplingSettings:
     generation_batch_size: int
     seed: int
     dtype: str
+    lora_rank: int = 0  # the policy trains a LoRA adapter of this rank (0: full weights)
     is_main: bool = True  # the main process (server engines push weights from it alone)
     autocast: Callable[[], ContextManager] = nullcontext  # the trainer's mixed-precision context
     wait_for_everyone: Callable[[], None] = lambda: None  # a barrier across processes
@@ -51,12 +54,24 @@ class SamplingSettings:
 class RolloutEngine:
     """Base class; see the module docstring."""
 
-    name: ClassVar[str] = "engine"
+    name: ClassVar[str] = "engine"  # set by ``@register_engine``
+    Config: ClassVar[type | None] = None  # the engine's own dataclass config (fields join the CLI and YAML)
     gives_behaviour_logps: ClassVar[bool] = True
+    auto_priority: ClassVar[int] = 0  # under ``rollout_engine: auto``, the highest that selects itself wins
 
     @classmethod
-    def check(cls, train, num_processes: int, device: torch.device) -> None:
+    def auto_selects(cls, train, config, feedback_kind: str) -> bool:
+        """Whether ``rollout_engine: auto`` may pick this engine for the run (``config``: its own
+        ``Config`` as read, ``feedback_kind``: the objective's). No by default: named engines only."""
+        return False
+
+    @classmethod
+    def check(cls, config, num_processes: int, device: torch.device) -> None:
         """Refuse, with one ConfigError line, a setup this engine cannot run (before any model loads)."""
+
+    @classmethod
+    def from_config(cls, config, settings: SamplingSettings, tokenizer, device) -> "RolloutEngine":
+        raise NotImplementedError
 
     def sample(self, model: torch.nn.Module, rows: list[dict[str, Any]], step: int) -> Rollout:
         raise NotImplementedError
@@ -72,31 +87,59 @@ ENGINES: dict[str, type[RolloutEngine]] = {}
 register_engine = registrar(ENGINES)  # ``@register_engine("hf")``: ``rollout_engine: hf`` builds it
 
 
-def engine_name(train, feedback_kind: str) -> str:
-    """Which engine a run uses: ``rollout_engine`` when named; else offline pairs for offline DPO,
-    vLLM when asked, HF ``generate`` otherwise."""
-    if train.rollout_engine != "auto":
-        return train.rollout_engine
-    if feedback_kind == "offline":
-        return "offline"
-    if train.use_vllm:
-        return f"vllm-{train.vllm.mode}"
-    return "hf"
+def engine_config_classes() -> list[type]:
+    """Every registered engine's ``Config``, each once (engines may share one), in registration
+    order: their fields are ``daralign train``'s keys whichever engine samples."""
+    return list(dict.fromkeys(cls.Config for cls in ENGINES.values() if cls.Config is not None))
+
+
+def engine_config(train, engine: type[RolloutEngine]):
+    """``engine``'s config as the run's settings hold it (``TrainConfig.engine_configs``, filled when
+    the config is read; its defaults for a ``TrainConfig`` built directly); None without a Config."""
+    if engine.Config is None:
+        return None
+    held = [c for c in train.engine_configs if type(c) is engine.Config]
+    return held[0] if held else engine.Config()
+
+
+def auto_order() -> list[type[RolloutEngine]]:
+    """The registered engines in the order ``auto`` asks them (ties: registration order)."""
+    return sorted(ENGINES.values(), key=lambda c: -c.auto_priority)
+
+
+def describe_engines() -> str:
+    """The registered engines for help text, in ``auto``'s order, each with when ``auto`` takes it
+    (its ``auto_selects`` docstring)."""
+    def rule(cls) -> str:
+        own = cls.auto_selects.__func__ is not RolloutEngine.auto_selects.__func__
+        return (cls.auto_selects.__doc__ or "").strip() if own else "only when named"
+
+    return "; ".join(f"{cls.name} ({rule(cls)})" for cls in auto_order())
 
 
 def engine_class(train, feedback_kind: str) -> type[RolloutEngine]:
-    from daralign.rollout import hf, offline  # noqa: F401  (register; the vLLM engines import vllm only when used)
+    """Which engine a run uses: ``rollout_engine`` when named; under ``auto`` the engine of highest
+    ``auto_priority`` whose ``auto_selects`` takes the run."""
+    if train.rollout_engine != "auto":
+        if train.rollout_engine not in ENGINES:
+            raise ConfigError(f"rollout engine {train.rollout_engine!r} is not registered (known: {sorted(ENGINES)})")
+        return ENGINES[train.rollout_engine]
+    for cls in auto_order():
+        if cls.auto_selects(train, engine_config(train, cls), feedback_kind):
+            return cls
+    raise ConfigError(f"rollout_engine auto: none of the registered engines {sorted(ENGINES)} takes this run; "
+                      "name one with rollout_engine")
 
-    name = engine_name(train, feedback_kind)
-    if name.startswith("vllm-"):
-        from daralign.rollout import vllm_colocate, vllm_server  # noqa: F401
-    if name not in ENGINES:
-        raise ConfigError(f"rollout engine {name!r} is not registered (known: {sorted(ENGINES)})")
-    return ENGINES[name]
+
+def check_engine(train, feedback_kind: str, num_processes: int, device) -> None:
+    """The run's engine refuses a setup it cannot run, before any model loads."""
+    cls = engine_class(train, feedback_kind)
+    cls.check(engine_config(train, cls), num_processes, device)
 
 
 def build_engine(train, feedback_kind: str, settings: SamplingSettings, tokenizer, device) -> RolloutEngine:
-    return engine_class(train, feedback_kind).from_config(train, settings, tokenizer, device)
+    cls = engine_class(train, feedback_kind)
+    return cls.from_config(engine_config(train, cls), settings, tokenizer, device)
 
 
 def behaviour_check(rollout: Rollout) -> dict[str, float]:

@@ -105,12 +105,18 @@ class HFEngine(RolloutEngine):
     """transformers ``generate`` on the policy itself: π_t recorded while sampling, nothing to sync."""
 
     gives_behaviour_logps = True
+    auto_priority = 0  # the fallback: ``auto`` samples with it when no other engine takes the run
 
     def __init__(self, settings: SamplingSettings, tokenizer) -> None:
         self.s, self.tokenizer = settings, tokenizer
 
     @classmethod
-    def from_config(cls, train, settings: SamplingSettings, tokenizer, device) -> "HFEngine":
+    def auto_selects(cls, train, config, feedback_kind: str) -> bool:
+        """any run no other engine takes"""
+        return True
+
+    @classmethod
+    def from_config(cls, config: None, settings: SamplingSettings, tokenizer, device) -> "HFEngine":
         return cls(settings, tokenizer)
 
     def sample(self, model, rows: list[dict], step: int) -> Rollout:

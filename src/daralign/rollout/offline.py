@@ -44,12 +44,18 @@ class OfflinePairs(RolloutEngine):
     """Offline DPO's "sampler": each prompt row's (chosen, rejected) pair from the dataset."""
 
     gives_behaviour_logps = True  # nothing was sampled: π_t is not used (zeros)
+    auto_priority = 20  # a method that learns from fixed pairs samples nothing, whatever else is set
 
     def __init__(self, settings: SamplingSettings, tokenizer, device) -> None:
         self.s, self.tokenizer, self.device = settings, tokenizer, device
 
     @classmethod
-    def from_config(cls, train, settings: SamplingSettings, tokenizer, device) -> "OfflinePairs":
+    def auto_selects(cls, train, config, feedback_kind: str) -> bool:
+        """a method learning from the dataset's fixed pairs"""
+        return feedback_kind == "offline"
+
+    @classmethod
+    def from_config(cls, config: None, settings: SamplingSettings, tokenizer, device) -> "OfflinePairs":
         return cls(settings, tokenizer, device)
 
     def sample(self, model, rows: list[dict], step: int) -> Rollout:

@@ -12,6 +12,12 @@ the engine runs in its own process — on its own GPUs, or another node — star
   first), and loaded with ``POST /collective_rpc`` → ``daralign_load_weights``
   (``rollout/vllm_worker.py``). Then ``POST /reset_prefix_cache``. Only the main process pushes.
 - π_t is the trainer's own log-prob, as in colocate; ``rollout/logp_abs_diff`` checks the server's.
+- Checked when the engine is built, on every rank alike (so none waits for another that stopped):
+  the server's ``max_model_len`` (``/v1/models``) holds ``max_prompt_length +
+  max_completion_length``, else one line says so — a too-short server answers 400 to one rank
+  while the others wait in the next collective until NCCL's timeout (huggingface/trl#2923).
+- Pushes travel in the server's dtype (``/server_info``), cast on the trainer's side: an fp32
+  policy sends a bf16 server half the bytes.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from daralign.core.errors import ConfigError
 from daralign.rollout.base import RolloutEngine, SamplingSettings, register_engine
 from daralign.core.sharding import merged_weights, whole
 from daralign.rollout.tokens import eos_token_ids, prompt_token_ids, tokenize_prompts
-from daralign.rollout.vllm_colocate import WORKER_EXTENSION, assemble_rollout, sample_seed, vllm_available
+from daralign.rollout import vllm_contract
+from daralign.rollout.vllm_colocate import WORKER_EXTENSION, assemble_rollout, per_request_seeds, sample_seed, vllm_available
+from daralign.rollout.vllm_config import VLLMConfig
 from daralign.core.types import Rollout
 
 
@@ -58,11 +66,14 @@ def serve_command(model: str, *, host: str, port: int, dtype: str, max_model_len
 class VLLMServer(RolloutEngine):
     """The trainer's side of ``vllm_mode: server``; π_t is the trainer's."""
 
+    Config = VLLMConfig  # shared with vllm-colocate
     gives_behaviour_logps = False
+    auto_priority = 10
 
     def __init__(self, url: str, tokenizer, settings: SamplingSettings, *, sync_dir: str | None,
-                 weight_transfer: str = "auto", timeout: float = 600.0) -> None:
+                 weight_transfer: str = "auto", timeout: float = 600.0, seeded: bool = True) -> None:
         self.url, self.tokenizer, self.s, self.is_main = url.rstrip("/"), tokenizer, settings, settings.is_main
+        self.seeded = seeded  # vllm_per_request_seeds (vllm_colocate.per_request_seeds)
         self.http = httpx.Client(base_url=self.url, timeout=timeout, transport=httpx.HTTPTransport(retries=3))
         try:
             models = self.http.get("/v1/models").raise_for_status().json()["data"]
@@ -70,9 +81,17 @@ class VLLMServer(RolloutEngine):
             raise ConfigError(f"vllm_server_url: no vLLM server answers at {self.url} ({type(e).__name__}: {e}); "
                               f"start one with `daralign vllm-serve --model MODEL`") from None
         self.model = models[0]["id"]
-        self.sync_dir = self.transfer = None
+        needed = settings.max_prompt_length + settings.max_completion_length
+        served = models[0].get("max_model_len")
+        if served is not None and served < needed:
+            raise ConfigError(f"vllm_server_url: the vLLM server at {self.url} holds max_model_len {served} tokens, fewer than "
+                              f"max_prompt_length {settings.max_prompt_length} + max_completion_length "
+                              f"{settings.max_completion_length} = {needed}; restart it with `daralign vllm-serve "
+                              f"--max_model_len {needed}` (or more), or lower those two settings")
+        self.sync_dir = self.transfer = self.dtype = None
         if not self.is_main:
             return
+        self.dtype = server_dtype(self.http)  # what the pushed weights are cast to (None: sent as the policy holds them)
         if weight_transfer == "file" or (weight_transfer == "auto" and not vllm_available()):
             kind = "file"
         else:  # vLLM's transfer classes live in the vllm package, on the trainer's side too
@@ -80,7 +99,7 @@ class VLLMServer(RolloutEngine):
 
             kind = vllm_transfer.choose(weight_transfer, self.http)
         if kind != "file":
-            self.transfer = vllm_transfer.WeightTransfer(kind, self.http, timeout)
+            self.transfer = vllm_transfer.WeightTransfer(kind, self.http, timeout, dtype=self.dtype)
             return
         # a folder of our own inside the one given, so closing removes only what daralign wrote
         base = Path(sync_dir) if sync_dir else Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
@@ -88,9 +107,19 @@ class VLLMServer(RolloutEngine):
         self.sync_dir = Path(tempfile.mkdtemp(prefix="daralign-weights-", dir=base))
 
     @classmethod
-    def from_config(cls, train, settings: SamplingSettings, tokenizer, device) -> "VLLMServer":
-        return cls(train.vllm.server_url, tokenizer, settings, sync_dir=train.vllm.sync_dir,
-                   weight_transfer=train.vllm.weight_transfer)
+    def auto_selects(cls, train, config: VLLMConfig, feedback_kind: str) -> bool:
+        """use_vllm with vllm_mode server"""
+        return config.use_vllm and config.vllm_mode == "server"
+
+    @classmethod
+    def check(cls, config: VLLMConfig, num_processes: int, device) -> None:
+        if config.vllm_weight_transfer != "file" and vllm_available():  # the trainer's end of vLLM's transfer
+            vllm_contract.check("transfer")
+
+    @classmethod
+    def from_config(cls, config: VLLMConfig, settings: SamplingSettings, tokenizer, device) -> "VLLMServer":
+        return cls(config.vllm_server_url, tokenizer, settings, sync_dir=config.vllm_sync_dir,
+                   weight_transfer=config.vllm_weight_transfer, seeded=per_request_seeds(config, device))
 
     def _complete(self, body: dict) -> list[tuple[list[int], list[float]]]:
         r = self.http.post("/v1/completions", json=body)
@@ -108,7 +137,7 @@ class VLLMServer(RolloutEngine):
         eos_ids = eos_token_ids(model, self.tokenizer)
         bodies = [{"model": self.model, "prompt": ids, "n": s.num_generations, "max_tokens": s.max_completion_length,
                    "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k if s.top_k > 0 else -1,
-                   "stop_token_ids": eos_ids, "logprobs": 0, "seed": sample_seed(s.seed, step, p)}
+                   "stop_token_ids": eos_ids, "logprobs": 0, **({"seed": sample_seed(s.seed, step, p)} if self.seeded else {})}
                   for p, ids in enumerate(prompt_token_ids(enc))]
         with ThreadPoolExecutor(max_workers=min(32, len(bodies))) as pool:
             samples = list(pool.map(self._complete, bodies))
@@ -137,7 +166,7 @@ class VLLMServer(RolloutEngine):
         from safetensors.torch import save_file
 
         target = self.sync_dir / "model.safetensors"
-        tensors = {name: whole(t).to("cpu").contiguous() for name, t in weights}
+        tensors = {name: whole(t).to(self.dtype or t.dtype).to("cpu").contiguous() for name, t in weights}  # cast where it is
         needed = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)  # + the header's room
         free = shutil.disk_usage(self.sync_dir).free + (target.stat().st_size if target.exists() else 0)
         if needed > free:  # a container's /dev/shm is 64 MB: say so, rather than fail inside safetensors
@@ -163,6 +192,18 @@ class VLLMServer(RolloutEngine):
         self.http.close()
 
 
+def server_dtype(http: httpx.Client) -> torch.dtype | None:
+    """The dtype the server holds its weights in (``/server_info``, which `daralign vllm-serve`
+    enables), or None where it does not say."""
+    try:
+        r = http.get("/server_info", params={"config_format": "json"})
+        name = ((r.json().get("vllm_config") or {}).get("model_config") or {}).get("dtype") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    dtype = getattr(torch, str(name).removeprefix("torch."), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def serve_main(argv: list[str]) -> int:
     """`daralign vllm-serve`: start vLLM's OpenAI server for ``vllm_mode: server``."""
     import argparse
@@ -184,7 +225,12 @@ def serve_main(argv: list[str]) -> int:
     ap.add_argument("--weight_transfer", choices=["auto", "nccl", "gloo", "none"], default="auto",
                     help="vLLM's weight transfer for the trainer's pushes: nccl (GPUs), gloo (no CUDA), none (the file "
                          "through vllm_sync_dir only); auto = nccl with CUDA, else none")
-    ap.add_argument("--no_enforce_eager", action="store_true", help="let vLLM compile graphs (slow start, faster on GPU)")
+    eager = ap.add_mutually_exclusive_group()
+    eager.add_argument("--enforce_eager", action="store_true",
+                       help="no CUDA graphs or compilation (a faster start, slower sampling); the default on a CPU only, "
+                            "where compiling took minutes")
+    eager.add_argument("--no_enforce_eager", action="store_true",
+                       help="let vLLM capture CUDA graphs and compile (the default with CUDA), on a CPU too")
     ap.add_argument("--print_command", action="store_true", help="print the command, do not start")
     argv = list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -195,9 +241,11 @@ def serve_main(argv: list[str]) -> int:
         args.gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.3
     if args.weight_transfer == "auto":
         args.weight_transfer = "nccl" if torch.cuda.is_available() else "none"
+    # eager only where asked, or on a CPU: on GPUs CUDA graphs are vLLM's fast path for decoding
+    enforce_eager = args.enforce_eager or (not args.no_enforce_eager and not torch.cuda.is_available())
     model = bundled.resolve(args.model) if bundled.is_bundled(args.model) else args.model
     cmd = serve_command(str(model), host=args.host, port=args.port, dtype=args.dtype, max_model_len=args.max_model_len,
-                        seed=args.seed, enforce_eager=not args.no_enforce_eager,
+                        seed=args.seed, enforce_eager=enforce_eager,
                         gpu_memory_utilization=args.gpu_memory_utilization, weight_transfer=args.weight_transfer, extra=extra)
     print("server: " + shlex.join(cmd))
     transfer = "file" if args.weight_transfer == "none" else args.weight_transfer

@@ -10,6 +10,9 @@ weight transfer, the routes of its RL API (``/init_weight_transfer_engine`` once
 - ``auto`` follows the server: the backend it was started with (``daralign vllm-serve
   --weight_transfer``), else the file (``rollout/vllm_server.py``).
 
+Each tensor travels in the server's dtype, cast before it is sent (an fp32 policy sends a bf16
+server half the bytes). Written against vLLM 0.32's ``WeightSource`` (``rollout/vllm_contract.py``).
+
 Only the main process talks to the server. The tensors may be FSDP2 shards: they are gathered one
 at a time as they are sent (``sharding.whole``); the other processes walk the same gathers.
 """
@@ -31,16 +34,17 @@ SERVER_BACKENDS = {"nccl": "nccl", "daralign_gloo": "gloo"}  # vLLM's backend na
 
 class PushedWeights(WeightSource):
     """One push's (name, tensor) pairs: the metadata without gathering (a shard knows its whole shape),
-    the tensors gathered one at a time as they are sent."""
+    the tensors gathered one at a time as they are sent, each cast to ``dtype`` (the server's) first
+    where one is given — what the metadata declares, so the server's buffers match the bytes sent."""
 
-    def __init__(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
-        self.pairs = pairs
+    def __init__(self, pairs: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> None:
+        self.pairs, self.dtype = pairs, dtype
 
     def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(name, t.dtype, whole_shape(t)) for name, t in self.pairs]
+        return [ParamMeta(name, self.dtype or t.dtype, whole_shape(t)) for name, t in self.pairs]
 
     def __iter__(self):
-        return ((name, whole(t)) for name, t in self.pairs)
+        return ((name, whole(t).to(self.dtype or t.dtype)) for name, t in self.pairs)
 
 
 def server_backend(http: httpx.Client) -> str | None:
@@ -85,8 +89,8 @@ def _free_port(host: str) -> int:
 class WeightTransfer:
     """The trainer's end of vLLM's weight transfer, opened once per run (main process only)."""
 
-    def __init__(self, kind: str, http: httpx.Client, timeout: float) -> None:
-        self.url = str(http.base_url).rstrip("/")
+    def __init__(self, kind: str, http: httpx.Client, timeout: float, dtype: torch.dtype | None = None) -> None:
+        self.url, self.dtype = str(http.base_url).rstrip("/"), dtype  # dtype: the server's, what pushes are cast to
         world = http.get("/get_world_size").raise_for_status().json()["world_size"]  # the server's workers, every engine
         host = _address_towards(http.base_url)
         self.client = HTTPVLLMWeightSyncClient(self.url, timeout=timeout)
@@ -104,7 +108,7 @@ class WeightTransfer:
 
     def push(self, pairs) -> None:
         """Send one push's (name, tensor) pairs (``sharding.merged_weights``)."""
-        self.engine.source = PushedWeights(list(pairs))
+        self.engine.source = PushedWeights(list(pairs), self.dtype)
         self._guarded("/update_weights", self.engine.send_weights)
 
     def _guarded(self, route: str, call):

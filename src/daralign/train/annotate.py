@@ -9,33 +9,21 @@ Score objectives get a (P, K) reward matrix. Compare objectives get pairs within
 
 Every ``Feedback`` carries what the annotator spent on it, read from its meter: labels
 (``num_annotations``), requests (``num_requests``, the budget's unit) and free cache hits.
+
+The shuffled-reward control (``shuffle_rewards``: learning vs drift) is applied here too
+(``shuffled_control``), after the labels are bought: the control spends exactly what its run spends.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from daralign.annotators.base import Annotator
 from daralign.core.errors import AnnotationError
 from daralign.core.types import Feedback, Rollout
-
-
-def candidate_pairs(num_prompts: int, K: int, best_vs_worst: bool) -> list[tuple[int, int]]:
-    """The (i, j) flattened sample pairs the judge is asked about, prompt by prompt."""
-    if K > 2 and best_vs_worst:
-        within = [(a, b) for a in range(K) for b in range(a + 1, K)]
-    else:
-        within = [(a, a + 1) for a in range(0, K - 1, 2)]
-    return [(p * K + a, p * K + b) for p in range(num_prompts) for a, b in within]
-
-
-def labels_per_prompt(feedback_kind: str, K: int, best_vs_worst: bool = True) -> int:
-    """Labels one prompt asks of the annotator: K scores, or the number of judged pairs."""
-    if feedback_kind == "score":
-        return K
-    if feedback_kind == "compare":
-        return len(candidate_pairs(1, K, best_vs_worst))
-    return 0  # offline: labels come with the data
+from daralign.objectives.base import candidate_pairs
 
 
 class _Spend:
@@ -131,3 +119,37 @@ def offline_feedback(rollout: Rollout) -> Feedback:
     one. The labels came with the data, so nothing is spent."""
     pairs = [(2 * p, 2 * p + 1) for p in range(rollout.num_prompts)]
     return Feedback(num_annotations=0, pairs=pairs, preference=torch.ones(len(pairs)))
+
+
+def annotate(annotator: Annotator | None, rollout: Rollout, *, kind: str, best_vs_worst: bool = True,
+             missing_eos_penalty: float | None = None) -> Feedback:
+    """The feedback an objective of ``kind`` (score | compare | offline) learns from."""
+    if kind == "offline":
+        return offline_feedback(rollout)
+    if kind == "compare":
+        return compare_feedback(annotator, rollout, best_vs_worst=best_vs_worst)
+    return score_feedback(annotator, rollout, missing_eos_penalty=missing_eos_penalty)
+
+
+def shuffled_control(feedback: Feedback, *, seed: int, step: int, rank: int,
+                     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> Feedback:
+    """The control run's feedback (``shuffle_rewards``): labels that say nothing about the responses.
+
+    - Scores: (reward, valid) permuted across the *global* batch (``gather`` collects every
+      process's rows), identically on every process, seeded by (seed, step).
+    - Preferences: every label replaced by a fair coin flip, seeded by (seed, step, process); ties
+      stay ties, so the control has exactly as many labels as the run it controls.
+    """
+    if feedback.rewards is None:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 8191 + rank)
+        coins = torch.bernoulli(torch.full((len(feedback.pairs),), 0.5), generator=g).to(feedback.preference)
+        feedback.preference = torch.where((feedback.preference - 0.5).abs() > 1e-6, coins, feedback.preference)
+        return feedback
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    P = feedback.rewards.shape[0]
+    rewards = gather(feedback.rewards.contiguous())
+    valid = gather(feedback.valid.long().contiguous()).bool()
+    rewards, valid = shuffle_rewards(rewards.cpu(), valid.cpu(), g)
+    mine = slice(rank * P, (rank + 1) * P)
+    feedback.rewards, feedback.valid = rewards[mine].to(feedback.rewards.device), valid[mine].to(feedback.rewards.device)
+    return feedback

@@ -1,6 +1,8 @@
 """``daralign train``'s settings: YAML (``--config``) then flags → (``TrainConfig``, the algorithm's
 config), with the annotators fitted to what the method learns from — all before any model loads.
-The Python API and ``daralign compare`` build their runs through the same function."""
+The keys are the fields of ``TrainConfig``, of every registered rollout engine's ``Config`` (held
+in ``TrainConfig.engine_configs``) and of the algorithm's ``Config``. The Python API and
+``daralign compare`` build their runs through the same function."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from daralign.core.parsing import (
 def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
     """YAML (``--config``) then CLI overrides → (TrainConfig, the algorithm's config)."""
     from daralign.objectives import OBJECTIVES
+    from daralign.rollout.base import describe_engines
 
     pre = ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
@@ -34,6 +37,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, Any]:
         prog="daralign train", allow_abbrev=False,
         description=f"Online alignment from AI feedback. Options below are for --algorithm {algorithm}; "
                     f"algorithms: {', '.join(sorted(OBJECTIVES))} (`--algorithm NAME --help` shows its own). "
+                    f"Rollout engines (rollout_engine; auto takes the first that fits): {describe_engines()}. "
                     "Values: YAML (--config) first, then these flags.")
     parser.add_argument("--config", help="YAML file of field: value (flags override it)")
     parser.add_argument("--with_control", type=parse_bool, nargs="?", const=True, metavar="BOOL",
@@ -66,14 +70,23 @@ def train_configs_from_values(values: dict, source: str) -> tuple[TrainConfig, A
     return build_configs(reconcile_parameterisations(objective_cls.Config, [(source, checked)]), objective_cls, fields)
 
 
+def config_fields(objective_cls) -> dict:
+    """The keys ``daralign train`` takes for this objective: name → (declaring class, type, field),
+    over TrainConfig, every registered engine's Config (an engine that does not sample this run
+    still has its keys: a config setting them for another engine loads) and the objective's."""
+    from daralign.rollout.base import engine_config_classes
+
+    classes = [TrainConfig, *engine_config_classes(), *([objective_cls.Config] if objective_cls.Config else [])]
+    return {name: spec for name, spec in dataclass_fields(*classes).items() if not spec[2].metadata.get("flatten")}
+
+
 def _checked_values(values: dict, algorithm: str, source: str):
-    """(objective class, its fields with TrainConfig's, the values coerced to the fields' types);
-    unknown keys are an error, another algorithm's keys a note."""
+    """(objective class, its fields with TrainConfig's and the engines', the values coerced to the
+    fields' types); unknown keys are an error, another algorithm's keys a note."""
     from daralign.objectives import OBJECTIVES, get_objective
 
     objective_cls = get_objective(algorithm)
-    classes = [TrainConfig] + ([objective_cls.Config] if objective_cls.Config else [])
-    fields = dataclass_fields(*classes)
+    fields = config_fields(objective_cls)
     others = {f.name for cls in OBJECTIVES.values() if cls.Config for f in dataclasses.fields(cls.Config)} - set(fields)
     unknown = sorted(set(values) - set(fields) - others)
     if unknown:
@@ -87,8 +100,14 @@ def _checked_values(values: dict, algorithm: str, source: str):
 
 
 def build_configs(values: dict, objective_cls, fields) -> tuple[TrainConfig, Any]:
-    train = TrainConfig(**{k: v for k, v in values.items() if fields[k][0] is TrainConfig})
-    algo = objective_cls.Config(**{k: v for k, v in values.items() if fields[k][0] is objective_cls.Config}) if objective_cls.Config else None
+    from daralign.rollout.base import engine_config_classes
+
+    def own(cls) -> dict:
+        return {k: v for k, v in values.items() if fields[k][0] is cls}
+
+    engines = tuple(cls(**own(cls)) for cls in engine_config_classes())  # the run's engine picks its own
+    train = TrainConfig(**own(TrainConfig), engine_configs=engines)
+    algo = objective_cls.Config(**own(objective_cls.Config)) if objective_cls.Config else None
     if isinstance(train.annotator, str):
         train.annotator = read_yaml(train.annotator)
     if isinstance(train.eval_annotator, str):

@@ -9,15 +9,22 @@ and the run stops at its budget."""
 from __future__ import annotations
 
 from daralign.annotators import Meter, requests_per_label
-from daralign.train.annotate import labels_per_prompt
+from daralign.objectives.base import Objective
+
+
+def requests_per_prompt(objective: Objective, annotator_config: dict) -> int:
+    """The cost model (of the loop's budget and of ``compare``'s plans): requests one prompt of a
+    step costs when nothing is invalid or cached — the labels the objective asks per prompt (K
+    scores, or the judged pairs) × the requests one label costs with this annotator."""
+    labels = objective.labels_per_prompt()
+    return labels * requests_per_label(annotator_config, objective.feedback_kind) if labels else 0
 
 
 class Budget:
-    def __init__(self, budget: int, annotator_config: dict | None, meter: Meter, *, kind: str, K: int,
-                 best_vs_worst: bool, prompts_per_step: int, world: int) -> None:
+    def __init__(self, budget: int, annotator_config: dict | None, meter: Meter, objective: Objective, *,
+                 prompts_per_step: int, world: int) -> None:
         self.budget, self.meter, self.world, self.full = budget, meter, world, prompts_per_step * world
-        self.per_prompt = (labels_per_prompt(kind, K, best_vs_worst) * requests_per_label(annotator_config, kind)
-                           if budget and annotator_config is not None else 0)
+        self.per_prompt = requests_per_prompt(objective, annotator_config) if budget and annotator_config is not None else 0
 
     def prompts(self, spent_requests: int) -> tuple[int, str | None]:
         """(prompts the next step may take, why it takes none); caps the meter for that step."""

@@ -26,6 +26,7 @@ import re
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,16 +41,16 @@ from daralign.annotators import Meter, build_annotator, describe_annotator
 from daralign.core.config import TrainConfig, to_dict
 from daralign.core.data import PromptSchedule, load_pairs, load_prompts
 from daralign.core.errors import AnnotationError, ConfigError
-from daralign.train.annotate import compare_feedback, offline_feedback, score_feedback, shuffle_rewards
+from daralign.train.annotate import annotate, shuffled_control
 from daralign.train.budget import Budget
 from daralign.train.heldout import HeldoutCheck
 from daralign.train.model_card import write_model_card
+from daralign.train.step_metrics import step_metrics
 from daralign.core.models import disable_dropout, flush_denormals, load_causal_lm, load_tokenizer, own_weights, token_logps
 from daralign.objectives import get_objective
-from daralign.objectives.base import RECORDED_TOKEN_LOGPS
 from daralign.core import sharding
 from daralign.core.provenance import provenance
-from daralign.rollout.base import SamplingSettings, behaviour_check, build_engine, engine_class
+from daralign.rollout.base import SamplingSettings, behaviour_check, build_engine, check_engine
 from daralign.core.tracking import MetricsLog, console, progress_bar
 
 MB_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -57,6 +58,15 @@ MAX_STEPS_WITHOUT_LABELS = 3  # then the annotator is broken for this task: stop
 # what --resume may change: how long, how often to save, log and evaluate — nothing that alters an update
 RESUME_MAY_CHANGE = {"max_steps", "annotation_budget", "save_strategy", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
                      "report", "report_to", "log_completions", "resume", "overwrite_output_dir"}
+
+
+@dataclass
+class Update:
+    """What one update returns: its metrics and, when the objective took π_t from its own forward
+    (``pi_t_from_update``), those per-token log-probs (N, L-1) — else None."""
+
+    metrics: dict
+    pi_t_token_logps: torch.Tensor | None = None
 
 
 class OnlineTrainer:
@@ -84,7 +94,7 @@ class OnlineTrainer:
         self.objective = get_objective(train.algorithm)(algo_config, train, reduce_sum=self._reduce_sum)
         self.kind = self.objective.feedback_kind  # score | compare | offline
         self.K = self.objective.num_generations()
-        engine_class(train, self.kind).check(train, self.accelerator.num_processes, self.accelerator.device)
+        check_engine(train, self.kind, self.accelerator.num_processes, self.accelerator.device)
         load = load_pairs if self.kind == "offline" else load_prompts
         self.rows = load(rows if rows is not None else train.dataset, column=train.prompt_column, split=train.dataset_split,
                          config=train.dataset_config, name="train_dataset")
@@ -120,8 +130,7 @@ class OnlineTrainer:
         self.schedule = PromptSchedule(self.rows, train.prompts_per_step * world, train.seed)
         self.rank, self.world = rank, world
         self.budget = Budget(train.annotation_budget, train.annotator if self.annotator is not None else None, self.meter,
-                             kind=self.kind, K=self.K, best_vs_worst=getattr(algo_config, "best_vs_worst", True),
-                             prompts_per_step=train.prompts_per_step, world=world)
+                             self.objective, prompts_per_step=train.prompts_per_step, world=world)
         self.heldout_check = HeldoutCheck(
             train, self.eval_rows, self.annotator, self.meter, policy=lambda: self.unwrapped, tokenizer=self.tokenizer,
             reference_token_logps=self.reference_token_logps, autocast=self.accelerator.autocast, out=self.out,
@@ -142,7 +151,8 @@ class OnlineTrainer:
         return SamplingSettings(
             model_name_or_path=cfg.model_name_or_path, num_generations=self.K, max_completion_length=cfg.max_completion_length,
             max_prompt_length=cfg.max_prompt_length, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            generation_batch_size=cfg.generation_batch_size, seed=cfg.seed, dtype=cfg.dtype, is_main=acc.is_main_process,
+            generation_batch_size=cfg.generation_batch_size, seed=cfg.seed, dtype=cfg.dtype,
+            lora_rank=cfg.lora_r if cfg.use_peft else 0, is_main=acc.is_main_process,
             autocast=acc.autocast, wait_for_everyone=acc.wait_for_everyone)
 
     # ---------------------------------------------------------------- models
@@ -192,9 +202,16 @@ class OnlineTrainer:
 
     def rows_per_micro_batch(self, rollout) -> int:
         """Sequences per micro-batch: whole prompt groups, ``per_device_train_batch_size`` of them, or
-        as many as fit in ``max_micro_batch_tokens`` padded tokens (the cost and memory of a forward)."""
+        as many as fit in ``max_micro_batch_tokens`` padded tokens (the cost and memory of a forward).
+
+        With several processes the padded length is the longest over all of them (a collective: every
+        process calls this for the same batch): each process pads to its own longest prompt, and under
+        FSDP2 / ZeRO-3 every forward all-gathers, so a process running one micro-batch more than
+        another would leave the collectives out of step — a hang."""
         K, length = rollout.num_generations, rollout.input_ids.shape[1]
         if self.cfg.max_micro_batch_tokens:
+            if self.world > 1:
+                length = int(self.accelerator.gather(torch.tensor([length], device=self.accelerator.device)).max())
             return K * max(1, self.cfg.max_micro_batch_tokens // (K * length))
         return K * self.cfg.per_device_train_batch_size
 
@@ -226,30 +243,23 @@ class OnlineTrainer:
         return rollout, timing
 
     def feedback(self, rollout, step: int):
-        if self.kind in ("offline", "compare"):
-            fb = offline_feedback(rollout) if self.kind == "offline" else \
-                compare_feedback(self.annotator, rollout, best_vs_worst=self.algo_config.best_vs_worst)
-            if self.cfg.shuffle_rewards:
-                # The control for preferences: every label replaced by a fair coin flip (seeded by seed,
-                # step and process), so which response "won" says nothing about the responses.
-                # Ties stay ties: the control has exactly as many labels as the run it controls.
-                g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * 8191 + self.rank)
-                coins = torch.bernoulli(torch.full((len(fb.pairs),), 0.5), generator=g).to(fb.preference)
-                fb.preference = torch.where((fb.preference - 0.5).abs() > 1e-6, coins, fb.preference)
-            return fb
-        fb = score_feedback(self.annotator, rollout, missing_eos_penalty=self.cfg.missing_eos_penalty)
+        """The annotator's labels for the rollout, as the objective learns from them (``annotate.py``);
+        under ``shuffle_rewards``, the control's labels instead (bought the same way)."""
+        fb = annotate(self.annotator, rollout, kind=self.kind, best_vs_worst=self.objective.best_vs_worst,
+                      missing_eos_penalty=self.cfg.missing_eos_penalty)
         if self.cfg.shuffle_rewards:
-            # The control permutes (reward, valid) across the *global* batch, identically on every process.
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-            P = fb.rewards.shape[0]
-            rewards = self.accelerator.gather(fb.rewards.contiguous())
-            valid = self.accelerator.gather(fb.valid.long().contiguous()).bool()
-            rewards, valid = shuffle_rewards(rewards.cpu(), valid.cpu(), g)
-            mine = slice(self.rank * P, (self.rank + 1) * P)
-            fb.rewards, fb.valid = rewards[mine].to(fb.rewards.device), valid[mine].to(fb.rewards.device)
+            fb = shuffled_control(fb, seed=self.cfg.seed, step=step, rank=self.rank, gather=self.accelerator.gather)
         return fb
 
-    def update(self, rollout, prepared: dict, signal: bool) -> dict:
+    def prepare(self, rollout, feedback, ref) -> tuple[dict, dict, bool]:
+        """The objective's per-sample constants and metrics (no gradient), and whether any process
+        has signal (the same decision on every process)."""
+        with torch.no_grad():
+            prepared, metrics = self.objective.prepare(rollout, feedback, ref, self.unwrapped)
+        signal = self._sum(self.objective.has_signal(feedback, prepared)) > 0
+        return prepared, metrics, signal
+
+    def update(self, rollout, prepared: dict, signal: bool) -> Update:
         """``num_updates_per_batch`` optimizer steps on the batch — none when no process has signal —
         then one scheduler step: the schedule counts online batches, as ``max_steps`` does."""
         cfg = self.cfg
@@ -257,7 +267,7 @@ class OnlineTrainer:
         batch = {k: getattr(rollout, k) for k in MB_KEYS} | prepared
         rows_per_mb = self.rows_per_micro_batch(rollout)  # whole prompt groups per micro-batch
         self.policy.train()
-        losses, extra_metrics, grad_norms, recorded = [], {}, [], []
+        losses, extra_metrics, grad_norms, pi_t = [], {}, [], []
         for _ in range(cfg.num_updates_per_batch if signal else 0):
             starts = list(range(0, N, rows_per_mb))
             for i, s in enumerate(starts):
@@ -265,13 +275,13 @@ class OnlineTrainer:
                 sync = i == len(starts) - 1
                 self.accelerator.gradient_state._set_sync_gradients(sync)  # DeepSpeed steps at the boundary only
                 with (nullcontext() if sync else self.accelerator.no_sync(self.policy)), self.accelerator.autocast():
-                    loss, m = self.objective.compute_loss(self.policy, mb)
-                    loss = loss * (mb["input_ids"].shape[0] / N)  # mean over the whole online batch
+                    out = self.objective.compute_loss(self.policy, mb)
+                    loss = out.loss * (mb["input_ids"].shape[0] / N)  # mean over the whole online batch
                 self.accelerator.backward(loss)
                 losses.append(loss.item())
-                if RECORDED_TOKEN_LOGPS in m:  # π_t from this forward (objectives/base.py)
-                    recorded.append(m.pop(RECORDED_TOKEN_LOGPS))
-                for k, v in m.items():
+                if out.pi_t_token_logps is not None:  # π_t from this forward (objectives/base.py)
+                    pi_t.append(out.pi_t_token_logps)
+                for k, v in out.metrics.items():
                     extra_metrics.setdefault(k, []).append(float(v))
             if self.world > 1:
                 for module in self.extra.values():
@@ -291,71 +301,52 @@ class OnlineTrainer:
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out.update({k: sum(v) / len(v) for k, v in extra_metrics.items()})
-        if recorded:
-            out[RECORDED_TOKEN_LOGPS] = torch.cat(recorded)
-        return out
+        return Update(metrics=out, pi_t_token_logps=torch.cat(pi_t) if pi_t else None)
+
+    def pi_t_after_update(self, rollout, feedback, ref, update: Update, timing: dict) -> dict:
+        """π_t left to the update (``pi_t_from_update``, see __init__): filled into the rollout from
+        the update's forward (one forward here when no update ran); returns the objective's metrics,
+        which need π_t and so are computed now (``prepare`` again: cheap, no forward)."""
+        pi_t = update.pi_t_token_logps
+        if pi_t is None:
+            t = time.perf_counter()
+            pi_t = self._forward_token_logps(self.unwrapped, rollout)
+            timing["timing/behaviour_forward"] = time.perf_counter() - t
+        rollout.behaviour_token_logps = pi_t.float() * rollout.completion_mask[:, 1:]
+        with torch.no_grad():
+            return self.objective.prepare(rollout, feedback, ref, self.unwrapped)[1]
 
     def _sum(self, x: float) -> float:
         return float(self.accelerator.reduce(torch.tensor(float(x), device=self.accelerator.device), "sum").item())
 
     def step(self, step: int, num_prompts: int, spent: dict) -> dict:
+        """One iteration of Algorithm 1, in the paper's order."""
         t0 = time.perf_counter()
-        rollout, rollout_metrics = self.rollout(step, num_prompts)
+        rollout, timing = self.rollout(step, num_prompts)  # y_1..y_K ~ π_t(·|x) for each prompt x
         t1 = time.perf_counter()
-        feedback = self.feedback(rollout, step)
+        feedback = self.feedback(rollout, step)  # the AI annotator: r(x, y), or P(y_i ≻ y_j)
         t2 = time.perf_counter()
-        ref = self.reference_token_logps(rollout) if self.objective.needs_reference else None
+        ref = self.reference_token_logps(rollout) if self.objective.needs_reference else None  # log π_ref(y|x)
         t3 = time.perf_counter()
-        with torch.no_grad():
-            prepared, obj_metrics = self.objective.prepare(rollout, feedback, ref, self.unwrapped)
-        signal = self._sum(self.objective.has_signal(feedback, prepared)) > 0  # the same decision on every process
-        upd = self.update(rollout, prepared, signal)
-        recorded = upd.pop(RECORDED_TOKEN_LOGPS, None)
-        if rollout.behaviour_token_logps is None:  # π_t was left to the update (see __init__)
-            if recorded is None:  # no update ran: one forward for it
-                t = time.perf_counter()
-                recorded = self._forward_token_logps(self.unwrapped, rollout)
-                rollout_metrics["timing/behaviour_forward"] = time.perf_counter() - t
-            rollout.behaviour_token_logps = recorded.float() * rollout.completion_mask[:, 1:]
-            with torch.no_grad():  # the objective's metrics need π_t (``prepare`` is cheap: no forward)
-                obj_metrics = self.objective.prepare(rollout, feedback, ref, self.unwrapped)[1]
+        prepared, objective_metrics, signal = self.prepare(rollout, feedback, ref)  # weights, advantages, pairs
+        update = self.update(rollout, prepared, signal)  # θ_t → θ_{t+1}
+        if rollout.behaviour_token_logps is None:
+            objective_metrics = self.pi_t_after_update(rollout, feedback, ref, update, timing)
         t4 = time.perf_counter()
         if signal:
-            self.engine.sync_weights(self.unwrapped)  # the engine samples the next batch from the updated policy
+            self.engine.sync_weights(self.unwrapped)  # the engine samples the next batch from θ_{t+1}
             if not self.engine.gives_behaviour_logps:
-                upd["timing/weight_sync"] = time.perf_counter() - t4
+                update.metrics["timing/weight_sync"] = time.perf_counter() - t4
             t4 = time.perf_counter()
-        upd |= rollout_metrics | behaviour_check(rollout)
-        lengths = rollout.completion_lengths.float()
-        m = {"annotations": spent["annotations"] + int(self._sum(feedback.num_annotations)),
-             "annotation_requests": spent["annotation_requests"] + int(self._sum(feedback.num_requests)),
-             "annotation_cache_hits": spent["annotation_cache_hits"] + int(self._sum(feedback.num_cache_hits)),
-             "eval_annotation_requests": spent["eval_annotation_requests"] + int(self._sum(self._eval_requests_since())),
-             # what training's judge requests cost at the configured prices (0 without prices)
-             "annotation_cost": spent["annotation_cost"] + self._sum(feedback.metrics.get("judge/cost", 0.0)),
-             "num_prompts": float(num_prompts)}
-        if feedback.rewards is not None:
-            r = feedback.rewards[feedback.valid] if feedback.valid is not None else feedback.rewards
-            m |= {"reward": r.mean().item() if r.numel() else None, "reward_std": r.std().item() if r.numel() > 1 else 0.0}
-        if ref is not None and self.kind != "offline":
-            # KL(π_t‖π_ref) per sequence, Monte-Carlo over the samples: E[log π_t − log π_ref]
-            m["kl"] = (rollout.behaviour_logps - ref.sum(-1)).mean().item()
-        if self.kind != "offline":  # offline responses were not sampled: no π_t entropy
-            m["entropy"] = (-rollout.behaviour_logps / lengths.clamp(min=1)).mean().item()  # per-token MC estimate
-        m |= {
-            "num_tokens": float(lengths.sum().item()),
-            "completions/mean_length": lengths.mean().item(),
-            "completions/min_length": lengths.min().item(),
-            "completions/max_length": lengths.max().item(),
-            "completions/clipped_ratio": 1.0 - rollout.is_eos.float().mean().item(),
-            **obj_metrics, **feedback.metrics, **upd,
-            "timing/rollout": t1 - t0, "timing/annotate": t2 - t1, "timing/reference": t3 - t2,
-            "timing/update": t4 - t3, "step_time": t4 - t0,
-        }
         if self.cfg.log_completions and self.accelerator.is_main_process:
             ids = self.schedule.indices(step)[:len(rollout.rows) * self.world][self.rank::self.world]
             outputs.log_completions(self.out / "completions.jsonl", step, rollout, feedback, ids)
-        return m
+        return step_metrics(
+            rollout, feedback, ref, spent=spent, eval_requests=self._eval_requests_since(), num_prompts=num_prompts,
+            objective=objective_metrics, update=update.metrics | timing | behaviour_check(rollout),
+            timing={"timing/rollout": t1 - t0, "timing/annotate": t2 - t1, "timing/reference": t3 - t2,
+                    "timing/update": t4 - t3, "step_time": t4 - t0},
+            sum_over_processes=self._sum, sampled=self.kind != "offline")
 
     # ---------------------------------------------------------------- budget
     def prompts_affordable(self, spent: dict) -> tuple[int, str | None]:

@@ -4,26 +4,24 @@ measured it, the data, the key settings, the held-out results and the provenance
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import yaml
 
 from daralign.annotators import describe_annotator
+from daralign.objectives import get_objective
 
-PAPERS = {  # the paper of each method's protocol (docs/algorithms.md)
-    "dar": "Direct Advantage Regression (He et al., arXiv 2504.14177)",
-    "online-dpo": "Online AI Feedback (Guo et al., arXiv 2402.04792) with DPO (Rafailov et al., arXiv 2305.18290)",
-    "online-ipo": "Online AI Feedback (Guo et al., arXiv 2402.04792) with IPO (Azar et al., arXiv 2310.12036)",
-    "online-slic": "Online AI Feedback (Guo et al., arXiv 2402.04792) with SLiC (Zhao et al., arXiv 2305.10425)",
-    "rloo": "RLOO (Ahmadian et al., arXiv 2402.14740)",
-    "grpo": "GRPO (Shao et al., arXiv 2402.03300)",
-    "ppo": "PPO for RLHF (Ouyang et al., arXiv 2203.02155)",
-    "bon-sft": "SFT on the online best-of-N (rejection sampling)",
-    "dpo": "DPO (Rafailov et al., arXiv 2305.18290), offline",
-}
-KEY_SETTINGS = ("learning_rate", "max_steps", "num_generations", "max_completion_length", "temperature", "annotation_budget",
-                "dar_alpha", "dar_beta", "weight_clip", "kl_coef", "beta", "loss_type", "use_peft", "seed")
+# TrainConfig's settings every card shows; the method's own (its Config's fields) go between them
+SHARED_SETTINGS = ("learning_rate", "max_steps", "num_generations", "max_completion_length", "temperature", "annotation_budget")
+SHARED_LAST = ("use_peft", "seed")
+
+
+def key_settings(algorithm: str) -> tuple[str, ...]:
+    """The settings the card lists: the shared ones, then every field of the method's config."""
+    cfg = get_objective(algorithm).Config
+    return SHARED_SETTINGS + (tuple(f.name for f in dataclasses.fields(cfg)) if cfg else ()) + SHARED_LAST
 
 
 def _fmt(x) -> str:
@@ -33,20 +31,21 @@ def _fmt(x) -> str:
 def write_model_card(out: Path, config: dict, provenance: dict) -> Path:
     """Write ``out/final/README.md`` from the run folder (config, held-out files, metrics)."""
     final = out / "final"
-    algorithm = config.get("algorithm", "dar")
+    algorithm = config["algorithm"]  # the run's whole config (``to_dict`` of its TrainConfig and method config)
+    objective = get_objective(algorithm)
     annotator, evaluator = config.get("annotator"), config.get("eval_annotator")
     meta = {"library_name": "transformers", "base_model": config.get("model_name_or_path"),
             "tags": ["daralign", algorithm, "rlaif", "alignment"], "pipeline_tag": "text-generation"}
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {Path(str(config.get('model_name_or_path'))).name} aligned with {algorithm}", "",
              f"Trained online from AI feedback with [daralign](https://pypi.org/project/daralign/): **{algorithm}** — "
-             f"{PAPERS.get(algorithm, algorithm)}.", "",
+             f"{objective.paper or algorithm}.", "",
              "## Training", "",
              f"- Base model: `{config.get('model_name_or_path')}`",
              f"- Annotator (what it learned from): {describe_annotator(annotator) if isinstance(annotator, dict) else 'none (offline pairs)'}",
              f"- Data: `{config.get('dataset')}`" + (f"; held-out prompts `{config.get('eval_dataset')}`" if config.get("eval_dataset") else ""),
              "", "| setting | value |", "|---|---|"]
-    lines += [f"| `{k}` | {_fmt(config[k])} |" for k in KEY_SETTINGS if config.get(k) is not None]
+    lines += [f"| `{k}` | {_fmt(config[k])} |" for k in key_settings(algorithm) if config.get(k) is not None]
     spent = out / "annotation_requests.json"
     if spent.is_file():
         s = json.loads(spent.read_text())
