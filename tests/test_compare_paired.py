@@ -69,3 +69,35 @@ def test_p1_with_its_bootstrap_interval():
     assert res["p1"] == pytest.approx(0.625)
     # both resampled seeds 1: 0.5; both seeds 2: DAR reaches 0.7 at 150, P1 = 0.75
     assert res["p1_ci_low"] == pytest.approx(0.5) and res["p1_ci_high"] == pytest.approx(0.75)
+
+
+def test_p1_counts_the_resamples_where_dar_never_gets_there():
+    """A resample where DAR never reaches OAIF-DPO's final gold is P1 = ∞ ("never"), kept in the
+    interval: once more than 2.5% of the resamples are such, the upper bound is "never"."""
+    dpo = [{"group": "online-dpo", "seed": s, "curve": curve([0.5, 0.6, 0.7])} for s in (1, 2)]
+    runs = dpo + [{"group": "dar", "seed": 1, "curve": curve([0.5, 0.7, 0.8])},   # reaches 0.7 at 100: P1 0.5
+                  {"group": "dar", "seed": 2, "curve": curve([0.5, 0.55, 0.6])}]  # never reaches 0.7
+    res = p1_bootstrap(runs, n_boot=400, seed=3)
+    # as run: DAR's mean curve 0.5, 0.625, 0.7 reaches 0.7 at 200, as OAIF-DPO does: P1 = 1
+    assert res["p1"] == pytest.approx(1.0)
+    # resamples {1, 1}: 0.5; {1, 2}: 1.0; {2, 2}: never, a quarter of them (the old interval dropped those)
+    assert res["p1_never_frac"] == pytest.approx(0.25, abs=0.06) and res["p1_undefined_frac"] == res["p1_never_frac"]
+    assert res["p1_ci_low"] == pytest.approx(0.5) and res["p1_ci_high"] == math.inf
+    only_dar_2 = p1_bootstrap(dpo + [runs[3]], n_boot=50)
+    assert only_dar_2["p1"] is None and only_dar_2["p1_ci_low"] == only_dar_2["p1_ci_high"] == math.inf
+    assert only_dar_2["p1_never_frac"] == 1.0
+
+
+@pytest.mark.parametrize("slow_final, never_at_top", [(0.65, False), (0.55, True)])
+def test_p1_upper_bound_is_never_only_past_2_5_percent(slow_final, never_at_top):
+    """Four seeds, three of which reach the target early; the fourth ends at ``slow_final``. At 0.65
+    the mean misses 0.7 only when all four resampled seeds are the fourth: (1/4)^4 = 0.4% of
+    resamples, so the bound stays finite. At 0.55 it misses with three or four of them: 5.1%."""
+    runs = [{"group": "online-dpo", "seed": s, "curve": curve([0.5, 0.6, 0.7])} for s in (1, 2, 3, 4)]
+    runs += [{"group": "dar", "seed": s, "curve": curve([0.5, 0.8, 0.9])} for s in (1, 2, 3)]
+    runs.append({"group": "dar", "seed": 4, "curve": curve([0.5, 0.52, slow_final])})
+    res = p1_bootstrap(runs, n_boot=4000, seed=0)
+    expected = 0.25 ** 4 if not never_at_top else 4 * 0.25 ** 3 * 0.75 + 0.25 ** 4
+    assert res["p1_never_frac"] == pytest.approx(expected, abs=0.012)
+    assert (res["p1_ci_high"] == math.inf) is never_at_top
+    assert res["p1_ci_low"] < 1

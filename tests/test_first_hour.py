@@ -76,6 +76,10 @@ def test_resume_refuses_a_changed_config_but_may_extend_the_run(tmp_path, tiny_p
     assert "trained with another config" in err and "algorithm: 'dar' → 'rloo'" in err and "learning_rate" in err
     assert train(cfg, out, "--resume", "--max_steps", "3") == 0  # longer is fine: one more step
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    # the settings of an engine the run does not sample with change nothing it does
+    assert train(cfg, out, "--resume", "--max_steps", "4", "--vllm_max_num_seqs", "7") == 0
+    assert train(cfg, out, "--resume", "--max_steps", "5", "--use_vllm", "true") == 1  # but not the engine itself
+    assert "use_vllm: False → True" in capsys.readouterr().err
 
 
 def test_other_algorithms_keys_are_ignored_with_a_note(tmp_path, tiny_policy_dir, tiny_prompts_file, capsys):

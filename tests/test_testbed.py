@@ -357,6 +357,8 @@ def test_study_page_pairs_arms_across_folders(gold_compare, tmp_path):
     assert res["max_paired_se"] == pytest.approx(max(v["gold_after"]["se"] for v in
                                                      [*res["paired_vs_dar"].values(), *res["paired_asked"].values()]))
     assert res["verdict"] in {"confirmed", "refuted", "undecided"} and (page / "study.png").is_file()
+    assert got["mde80"] == pytest.approx(study.mde80(got)) and "MDE at the budget" in (page / "study.md").read_text()
+    json.loads((page / "study.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
     assert "Verdict on the paper's claim" in (page / "study.md").read_text()
 
 
@@ -401,3 +403,17 @@ def test_study_verdict_rule():
     assert verdict(p1, {"gold_after": {"mean": -0.05, "ci95": 0.02}}) == "refuted"  # ends below at the same budget
     assert verdict({"p1": 1.5, "p1_ci_low": 1.2, "p1_ci_high": 2.0, "p1_undefined_frac": 0}, level) == "refuted"
     assert verdict({"p1": None, "p1_ci_low": None, "p1_ci_high": None}, None) == "undecided"
+    # P1's bounds may be "never" (inf: DAR too often never reaches the target); the rule reads them as any number
+    assert verdict({**p1, "p1_ci_high": math.inf, "p1_undefined_frac": 0.33}, level) == "undecided"
+    assert verdict({"p1": None, "p1_ci_low": math.inf, "p1_ci_high": math.inf, "p1_undefined_frac": 1.0}, level) == "refuted"
+
+
+def test_study_minimum_detectable_difference():
+    """MDE ≈ (t_{0.975, n−1} + t_{0.8, n−1}) · SE, with t quantiles from tables; "never" in study.json."""
+    study = _example("study")
+    for df, p, t in [(7, 0.975, 2.364624), (7, 0.8, 0.896030), (9, 0.975, 2.262157), (1, 0.8, 1.376382), (2, 0.8, 1.060660)]:
+        assert study.t_quantile(p, df) == pytest.approx(t, abs=2e-6)
+    # DAR − OAIF-DPO in the study: SE 0.012566 over 8 seeds → 3.2606 SE = 0.041 (the doc's figure)
+    assert study.mde80({"se": 0.012566, "n": 8}) == pytest.approx(3.260654 * 0.012566, abs=1e-6)
+    assert study.mde80({"se": None, "n": 1}) is None
+    assert study.jsonable({"a": [math.inf, 1.0]}) == {"a": ["never", 1.0]} and study.fmt(math.inf, ".2f") == "never"

@@ -245,11 +245,14 @@ def test_vllm_serve_uses_cuda_graphs_on_a_gpu(monkeypatch, capsys):
 @needs_vllm
 def test_a_second_engine_starts_after_the_first_is_shut_down(tmp_path, monkeypatch):
     """`daralign compare` runs its arms in one process: each run's engine must free its memory when
-    closed (deleting it frees nothing: vllm-project/vllm#21073). Three in-process engines in turn on
-    the tiny policy: the first, parked on close, is shut down when one built otherwise starts — its
-    1 GiB KV cache leaves the process — and the next samples; the third is built inside a process
-    group that was there before it (the trainer's, with several processes), which its shutdown
-    leaves standing. Each engine's build ends at the run's barrier."""
+    closed, whoever still holds a reference to it (deleting it frees nothing while one does:
+    vllm-project/vllm#21073; here a variable keeps it, as a notebook's output or a traceback would).
+    Three in-process engines in turn on the tiny policy: the first, parked on close (a CPU), is shut
+    down when one built otherwise starts — its 1 GiB KV cache leaves the process although referenced —
+    and the next samples; the third is built inside a process group that was there before it (the
+    trainer's, with several processes) and closed as on CUDA: shut down, leaving that group standing
+    (vLLM's own teardown, which a dropped engine's finalizer runs, destroys it). Each engine's build
+    ends at the run's barrier."""
     import gc
 
     import psutil
@@ -276,16 +279,16 @@ def test_a_second_engine_starts_after_the_first_is_shut_down(tmp_path, monkeypat
     assert barriers == [1] and built == [42]
     first.sync_weights(model)
     assert first.sample(model, rows, step=0).input_ids.shape[0] == 2
-    held = rss()
+    held, kept = rss(), first.llm
     first.close()  # on a CPU: parked for a run built the same way
     assert vllm_colocate._IDLE and held - before > 0.9  # the KV cache, at least
     second = VLLMColocate(path, tok, dataclasses.replace(one, seed=7))  # built otherwise: the parked one is shut down
     assert not vllm_colocate._IDLE and built == [42, 7] and barriers == [1, 1]
     second.sync_weights(model)
     assert second.sample(model, rows, step=0).input_ids.shape[0] == 2
-    del first
     gc.collect()
     assert rss() < held + 0.5, (before, held, rss())  # two engines' worth were never held at once
+    del kept
     second.close()
     vllm_colocate.release_idle_engines()
     gc.collect()
@@ -299,8 +302,10 @@ def test_a_second_engine_starts_after_the_first_is_shut_down(tmp_path, monkeypat
         assert not third.owns_group
         third.sync_weights(model)
         assert third.sample(model, rows, step=0).input_ids.shape[0] == 2
-        vllm_colocate.shutdown_engine(third.llm, third.owns_group)
-        third.llm = None
+        third.park = False  # closed as on CUDA: shut down at once
+        third.close()
+        assert third.llm is None and not vllm_colocate._IDLE
+        gc.collect()
         assert torch.distributed.is_initialized()  # the trainer's group survives its engine
         torch.distributed.barrier()
     finally:

@@ -7,6 +7,7 @@
   (gold at the budget, gold over the curve), and the pairs the study asks about (DAR's reference
   term on and off, DAR against its shuffled-reward control, label noise, DAR against OAIF-DPO under noise); P1 with its bootstrap CI; and the
   verdict on the paper's claim, by the rule written in ``verdict`` below, fixed before any result was seen;
+  beside every paired difference, the smallest true difference it would detect with 80% power (``mde80``);
 - ``study.md``: those tables; ``study.png``: gold against requests per arm, and the paired
   differences with their 95% intervals.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -33,7 +35,9 @@ from daralign.compare.curves import gold_section  # noqa: E402
 from daralign.compare.paired import p1_bootstrap, paired_differences, t_interval  # noqa: E402
 from daralign.compare.report import aggregate  # noqa: E402
 
-SE_GOAL = 0.015  # the issue's goal: a 0.03 gold difference decided at 2 SE
+SE_GOAL = 0.015  # the first study's goal: 0.03 = 2 SE, about 41% power at 8 seeds, not 80% (see mde80)
+SETS = {"heldout.jsonl": " (the dev set)", "test.jsonl": " (the sealed test set)"}  # docs/testbed.md, "The prompt sets"
+POWER = 0.8  # the power the minimum detectable difference is stated at, two-sided α = 0.05
 NOISE, RATIO0, CONTROL = ", 25% noise", ", dar_ratio 0", ", shuffled rewards"
 
 
@@ -105,12 +109,40 @@ def arm(name: str, g: dict, runs: list[dict]) -> dict:
             "gao_peak_sqrt_kl": fit["peak_sqrt_kl"], "gao_peak_gain": fit["peak_gain"]}
 
 
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p ≥ 0.5) of Student's t with ``df`` degrees of freedom: Simpson's rule on its
+    density and bisection, to ~1e-9 (no scipy here; stats.T95 has only some df, rounded)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, steps: int = 2000) -> float:
+        h = x / steps
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(steps + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 100.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mde80(t: dict) -> float | None:
+    """The minimum detectable difference of a paired comparison: the true mean difference its
+    two-sided 5% paired t-test finds with 80% power at its n and SE, by the usual approximation
+    MDE ≈ (t_{0.975, n−1} + t_{0.8, n−1}) · SE (the noncentral t gives a little less)."""
+    if t.get("se") is None or t.get("n", 0) < 2:
+        return None
+    return (t_quantile(0.975, t["n"] - 1) + t_quantile(POWER, t["n"] - 1)) * t["se"]
+
+
 def pair(runs: list[dict], a: str, b: str) -> dict | None:
-    """(a − b) per seed on the gold at the budget and over the curve: mean, SE, 95% CI, n."""
+    """(a − b) per seed on the gold at the budget and over the curve: mean, SE, 95% CI, n, and the
+    difference detectable with 80% power (``mde80``)."""
     both = [r for r in runs if r["group"] in (a, b)]
     if not any(r["group"] == a for r in both) or not any(r["group"] == b for r in both):
         return None
-    return paired_differences(both, b, keys=("gold_after", "gold_curve_mean"))[a]
+    out = paired_differences(both, b, keys=("gold_after", "gold_curve_mean"))[a]
+    return {key: {**t, "mde80": mde80(t)} for key, t in out.items()}
 
 
 def verdict(p1: dict, dar_vs_dpo: dict | None) -> str:
@@ -141,11 +173,13 @@ def analyse(core: dict, ratio0: dict | None, noise: dict | None, control: dict |
              "online-dpo: 25% noise − clean": pair(runs, "online-dpo" + NOISE, "online-dpo")}
     asked = {k: v for k, v in asked.items() if v is not None}
     p1 = p1_bootstrap(core["runs"])
-    ses = [v["gold_after"]["se"] for v in [*vs_dar.values(), *asked.values()] if v and v["gold_after"]["se"] is not None]
+    ses = [v["gold_after"] for v in [*vs_dar.values(), *asked.values()] if v and v["gold_after"]["se"] is not None]
+    largest = max(ses, key=lambda t: t["se"]) if ses else None
     return {"budget": core["annotation_budget"], "seeds": core["seeds"], "training_annotator": core["training_annotator"],
-            "evaluator": core["evaluator"], "arms": arms, "paired_vs_dar": vs_dar, "paired_asked": asked, "p1": p1,
-            "max_paired_se": max(ses) if ses else None, "se_goal": SE_GOAL,
-            "se_goal_met": bool(ses) and max(ses) <= SE_GOAL,
+            "evaluator": core["evaluator"], "eval_dataset": core.get("eval_dataset"), "arms": arms,
+            "paired_vs_dar": vs_dar, "paired_asked": asked, "p1": p1,
+            "max_paired_se": largest and largest["se"], "max_paired_se_mde80": largest and largest["mde80"],
+            "se_goal": SE_GOAL, "se_goal_met": bool(ses) and largest["se"] <= SE_GOAL,
             "verdict": verdict(p1, asked.get("dar − online-dpo")), "verdict_rule": " ".join(verdict.__doc__.split())}
 
 
@@ -156,12 +190,24 @@ def shown_pairs(res: dict) -> dict:
 
 
 def fmt(x, spec: str = "+.3f") -> str:
+    if x == math.inf:  # P1's upper bound when the subject too often never reaches the target
+        return "never"
     return "—" if x is None else format(x, spec)
+
+
+def jsonable(x):
+    """``study.json`` without the non-standard ``Infinity``: an infinite P1 bound is written "never"."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [jsonable(v) for v in x]
+    return "never" if isinstance(x, float) and math.isinf(x) else x
 
 
 def markdown(res: dict) -> str:
     out = [f"Budget {res['budget']} training requests per run, seeds {res['seeds']}; trained on "
-           f"{res['training_annotator']}, graded by {res['evaluator']}.", "",
+           f"{res['training_annotator']}, graded by {res['evaluator']} on {res.get('eval_dataset')}"
+           f"{SETS.get(Path(res.get('eval_dataset') or '').name, '')}. Every ± and CI is over seeds.", "",
            "| arm | seeds | gold Δ ± SE | gold at budget | gold over the curve | proxy Δ ± SE | KL at budget | "
            "length | gold peak @ requests | turns down | Gao peak √KL (gain) |", "|---" * 11 + "|"]
     for a in res["arms"]:
@@ -170,8 +216,9 @@ def markdown(res: dict) -> str:
                    f"{fmt(a['gold_at_budget'], '.3f')} | {fmt(a['gold_curve_mean'], '.3f')} | "
                    f"{fmt(a['proxy_change'])} ± {fmt(a['proxy_change_se'], '.3f')} | {fmt(a['kl_at_budget'], '.2f')} | "
                    f"{fmt(a['length_after'], '.1f')} | {fmt(a['peak_requests'], '.0f')} | {'yes' if a['turn_down'] else 'no'} | {gao} |")
-    out += ["", "Paired within-seed differences of the gold (mean ± SE [95% CI], n seeds):", "",
-            "| difference | at the budget | over the curve |", "|---|---|---|"]
+    out += ["", "Paired within-seed differences of the gold (mean ± SE [95% CI], n seeds; MDE: the true difference a "
+            "two-sided 5% paired t-test finds with 80% power at that n and SE, ≈ (t₀.₉₇₅ + t₀.₈, n − 1 df) · SE):", "",
+            "| difference | at the budget | MDE at the budget | over the curve | MDE over the curve |", "|---|---|---|---|---|"]
 
     def cell(t):
         if t["mean"] is None:
@@ -179,13 +226,15 @@ def markdown(res: dict) -> str:
         ci = "" if t["ci95"] is None else f" [{t['mean'] - t['ci95']:+.3f}, {t['mean'] + t['ci95']:+.3f}]"
         return f"{t['mean']:+.3f} ± {fmt(t['se'], '.3f')}{ci}, n={t['n']}"
     for k, v in shown_pairs(res).items():
-        out.append(f"| {k} | {cell(v['gold_after'])} | {cell(v['gold_curve_mean'])} |")
+        out.append(f"| {k} | {cell(v['gold_after'])} | {fmt(v['gold_after']['mde80'], '.3f')} | "
+                   f"{cell(v['gold_curve_mean'])} | {fmt(v['gold_curve_mean']['mde80'], '.3f')} |")
     p1 = res["p1"]
     out += ["", f"P1 (DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold): {fmt(p1['p1'], '.2f')}, "
-            f"95% CI [{fmt(p1['p1_ci_low'], '.2f')}, {fmt(p1['p1_ci_high'], '.2f')}], undefined in "
-            f"{fmt(p1['p1_undefined_frac'], '.0%')} of resamples.",
+            f"95% CI over seed resamples [{fmt(p1['p1_ci_low'], '.2f')}, {fmt(p1['p1_ci_high'], '.2f')}]; DAR never "
+            f"reaches it in {fmt(p1.get('p1_never_frac'), '.0%')} of resamples (counted: P1 = never, past any bound).",
             f"Largest paired SE: {fmt(res['max_paired_se'], '.4f')} (goal ≤ {res['se_goal']}: "
-            f"{'met' if res['se_goal_met'] else 'not met'}).", "",
+            f"{'met' if res['se_goal_met'] else 'not met'}); at that SE the difference detectable with 80% power is "
+            f"{fmt(res['max_paired_se_mde80'], '.3f')}.", "",
             f"**Verdict on the paper's claim: {res['verdict']}.** Rule: {res['verdict_rule']}"]
     return "\n".join(out) + "\n"
 
@@ -222,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     core, ratio0, noise, control = load(a.core), load(a.ratio0, RATIO0), load(a.noise, NOISE), load(a.control, CONTROL)
     res = analyse(core, ratio0, noise, control)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "study.json").write_text(json.dumps(res, indent=1))
+    (a.out / "study.json").write_text(json.dumps(jsonable(res), indent=1, allow_nan=False))
     (a.out / "study.md").write_text(markdown(res))
     groups = {n: g for s in (core, ratio0, noise, control) if s for n, g in s["gold"]["groups"].items()}
     plot(res, groups, a.out / "study.png")

@@ -107,6 +107,7 @@ def gold_section(summary: dict, root: Path) -> dict:
     boot = p1_bootstrap(traced, subject=subject, reference=reference)
     return {"groups": groups, "oaif_dpo_final_gold": target, "p1": boot["p1"], "p1_ci_low": boot["p1_ci_low"],
             "p1_ci_high": boot["p1_ci_high"], "p1_undefined_frac": boot["p1_undefined_frac"],
+            "p1_never_frac": boot["p1_never_frac"],
             "paired_reference": paired_reference,
             "paired": paired_differences(traced, paired_reference) if paired_reference else {},
             "bon_reference": json.loads((root / "best_of_n.json").read_text()) if (root / "best_of_n.json").exists() else None}

@@ -11,7 +11,8 @@ differences (their seed-to-seed noise largely cancels), with Student-t intervals
   peak the fit implies.
 - ``p1_bootstrap``: P1 = the subject's requests ÷ the reference's to reach the reference's final
   mean gold (DAR and OAIF-DPO: the methods whose classes declare that ``compare_role``), with a
-  percentile CI from resampling seeds (the same seeds for both methods, as they were run).
+  percentile CI from resampling seeds (the same seeds for both methods, as they were run); a
+  resample where the subject never gets there counts as P1 = ∞ ("never"), not as a missing value.
 """
 
 from __future__ import annotations
@@ -111,9 +112,16 @@ def gao_points(runs: list[dict]) -> list[tuple[float, float]]:
 def p1_bootstrap(runs: list[dict], n_boot: int = 2000, seed: int = 0, subject: str | None = None,
                  reference: str | None = None) -> dict:
     """P1 on the seeds as run, and its 95% percentile CI from resampling seeds with replacement
-    (the same resample for both methods). A resample where either never reaches the target has
-    no P1; their share is ``p1_undefined_frac`` and the CI is over the rest. ``subject`` and
-    ``reference`` are group names; by default the methods in those ``compare_role``s."""
+    (the same resample for both methods). ``subject`` and ``reference`` are group names; by default
+    the methods in those ``compare_role``s.
+
+    A resample where the subject never reaches the target is P1 = ∞ ("never": more than any
+    request count) and stays in the interval: dropping it would keep only the resamples that
+    favour the subject. So the upper bound is ``math.inf`` ("never") once more than about 2.5% of
+    the resamples never get there; ``p1_never_frac`` is their share. A resample with no P1 at all
+    (the reference at its target before training: 0 ÷ 0) is left out. ``p1_undefined_frac``, the
+    share without a finite P1 (never + none), keeps its earlier meaning for the verdict rules that
+    read it. P1 as run stays None when the subject never gets there."""
     subject = subject or method_in_role("subject")
     reference = reference or method_in_role("reference")
 
@@ -121,22 +129,27 @@ def p1_bootstrap(runs: list[dict], n_boot: int = 2000, seed: int = 0, subject: s
         by_seed = {r["seed"]: r["curve"] for r in runs if r["group"] == group and r.get("curve")}
         return [by_seed[s] for s in seeds]
 
-    def p1(seeds):
+    def p1(seeds):  # a ratio, math.inf when the subject never reaches the target, None when there is none
         subject_curve, reference_curve = group_curve(curves(subject, seeds)), group_curve(curves(reference, seeds))
         if not subject_curve or not reference_curve:
             return None
         target = reference_curve[-1]["gold"]
         a, b = requests_to_reach(subject_curve, target), requests_to_reach(reference_curve, target)
-        return a / b if a is not None and b else None
+        if not b:
+            return None
+        return math.inf if a is None else a / b
 
     seeds = sorted({r["seed"] for r in runs if r["group"] == subject and r.get("curve")}
                    & {r["seed"] for r in runs if r["group"] == reference and r.get("curve")})
     if not seeds:
-        return {"p1": None, "p1_ci_low": None, "p1_ci_high": None, "p1_undefined_frac": None, "seeds": 0}
+        return {"p1": None, "p1_ci_low": None, "p1_ci_high": None, "p1_undefined_frac": None, "p1_never_frac": None,
+                "seeds": 0}
     rng = random.Random(seed)
     draws = [p1([rng.choice(seeds) for _ in seeds]) for _ in range(n_boot)]
-    valid = sorted(d for d in draws if d is not None)
-    low = valid[int(0.025 * (len(valid) - 1))] if valid else None
-    high = valid[int(math.ceil(0.975 * (len(valid) - 1)))] if valid else None
-    return {"p1": p1(seeds), "p1_ci_low": low, "p1_ci_high": high,
-            "p1_undefined_frac": 1 - len(valid) / n_boot, "seeds": len(seeds)}
+    counted = sorted(d for d in draws if d is not None)  # "never" (inf) sorts last
+    low = counted[int(0.025 * (len(counted) - 1))] if counted else None
+    high = counted[int(math.ceil(0.975 * (len(counted) - 1)))] if counted else None
+    as_run = p1(seeds)
+    return {"p1": None if as_run == math.inf else as_run, "p1_ci_low": low, "p1_ci_high": high,
+            "p1_undefined_frac": 1 - sum(d is not None and d != math.inf for d in draws) / n_boot,
+            "p1_never_frac": sum(d == math.inf for d in draws) / n_boot, "seeds": len(seeds)}

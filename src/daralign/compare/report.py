@@ -381,7 +381,11 @@ def p1_definition() -> str:
 def p1_text(g: dict) -> str:
     if g["p1"] is None:
         return "not measured ({} or {} never reached the target)".format(*p1_titles())
-    ci = (f" (95% bootstrap CI over seeds {g['p1_ci_low']:.2f}–{g['p1_ci_high']:.2f}; "
+
+    def bound(x):  # inf: in too many resamples the subject never reaches the target
+        return "never" if x == math.inf else f"{x:.2f}"
+
+    ci = (f" (95% bootstrap CI over seeds {bound(g['p1_ci_low'])}–{bound(g['p1_ci_high'])}; "
           f"{g['p1_undefined_frac']:.0%} of resamples never reached it)") if g.get("p1_ci_low") is not None else ""
     return f"{g['p1']:.2f}{ci}"
 

@@ -26,7 +26,7 @@ import re
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ from daralign.core.models import disable_dropout, flush_denormals, load_causal_l
 from daralign.objectives import get_objective
 from daralign.core import sharding
 from daralign.core.provenance import provenance
-from daralign.rollout.base import SamplingSettings, behaviour_check, build_engine, check_engine
+from daralign.rollout.base import SamplingSettings, behaviour_check, build_engine, check_engine, engine_config_classes
 from daralign.core.tracking import MetricsLog, console, progress_bar
 
 MB_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -365,6 +365,11 @@ class OnlineTrainer:
         """The resolved config as JSON values (secrets redacted), as checkpoints record it."""
         return json.loads(json.dumps(to_dict(self.cfg, self.algo_config), default=str))
 
+    def _idle_engine_fields(self) -> set[str]:
+        """Settings of the engines this run does not sample with: a change to them (a default moved
+        by a later daralign, say) alters nothing this run does, so --resume may take it."""
+        return {f.name for c in engine_config_classes() if c is not type(self.engine).Config for f in fields(c)}
+
     def _finished(self, step: int, spent: dict) -> str | None:
         if step >= self.cfg.max_steps:
             return f"max_steps ({self.cfg.max_steps}) done"
@@ -384,7 +389,7 @@ class OnlineTrainer:
         if cfg.resume and resume_from is None:
             console.print(f"[yellow]--resume: no checkpoint in {self.out}; starting from scratch[/yellow]")
         if resume_from is not None:
-            checkpoint.check_resume_config(resume_from, self.config_dict, RESUME_MAY_CHANGE)
+            checkpoint.check_resume_config(resume_from, self.config_dict, RESUME_MAY_CHANGE | self._idle_engine_fields())
             state = checkpoint.load(acc, resume_from, self.extra)
             start = state["step"]
             spent |= {k: state[k] for k in spent if k in state}

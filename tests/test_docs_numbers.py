@@ -1,0 +1,187 @@
+"""The numbers the docs state, against the committed JSON that holds them (issue 32), and the
+sealed test set: its sha256 in docs/testbed.md, and its prompts disjoint, exactly and by
+template, from every prompt set the shipped configs and proxies use."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS, STUDY = ROOT / "docs", ROOT / "docs" / "img" / "study"
+TEST_SET = ROOT / "examples" / "testbed" / "test.jsonl"
+COSINE_LIMIT = 0.70  # docs/testbed.md: the dev–train near-duplicates score 0.90 and 0.97
+
+
+def prompts(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def trigrams(text: str) -> set[tuple[str, ...]]:
+    w = words(text)
+    return {tuple(w[i:i + 3]) for i in range(len(w) - 2)}
+
+
+def other_prompt_sets() -> dict[str, list[str]]:
+    """Every prompt file a shipped config names (``dataset``, ``eval_dataset``), every other prompt
+    file beside them, and the prompts every shipped learned proxy was fitted on."""
+    files = {p for p in (ROOT / "examples").rglob("*.jsonl")}
+    for cfg in (ROOT / "examples").rglob("*.yaml"):
+        values = yaml.safe_load(cfg.read_text()) or {}
+        for key in ("dataset", "eval_dataset"):
+            if isinstance(values.get(key), str) and (ROOT / values[key]).is_file():
+                files.add(ROOT / values[key])
+    sets = {str(f.relative_to(ROOT)): prompts(f) for f in sorted(files) if f != TEST_SET}
+    for record in (DOCS / "img").rglob("agreement.json"):  # a proxy fitted by `daralign fit-proxy`
+        proxy = record.parent
+        sets[f"{proxy.relative_to(ROOT)} (fit data)"] = [json.loads(x)["prompt"] for x in
+                                                        (proxy / "samples.jsonl").read_text().splitlines()]
+        dataset = json.loads(record.read_text())["config"]["dataset"]
+        sets[f"{dataset} (the proxy's dataset)"] = prompts(ROOT / dataset)
+    return sets
+
+
+# ---------------------------------------------------------------- the sealed test set
+def test_the_test_set_is_sealed_by_its_sha256_in_the_doc():
+    doc = (DOCS / "testbed.md").read_text()
+    stated = re.search(r"\| test \| `examples/testbed/test\.jsonl` \| (\d+) \| sealed, sha256 `([0-9a-f]{64})` \|", doc)
+    assert stated, "docs/testbed.md's table of prompt sets lost the test set's line"
+    assert hashlib.sha256(TEST_SET.read_bytes()).hexdigest() == stated[2], "examples/testbed/test.jsonl was edited"
+    assert int(stated[1]) == len(prompts(TEST_SET))
+    assert "The rule for the test set, written 2026-12-07, before any run has seen it." in doc
+
+
+def test_the_test_set_is_disjoint_from_every_other_prompt_set():
+    test = prompts(TEST_SET)
+    assert len({" ".join(words(q)) for q in test}) == len(test) == 32
+    sets = other_prompt_sets()
+    assert {"examples/testbed/train.jsonl", "examples/testbed/heldout.jsonl", "examples/data/quickstart_train.jsonl",
+            "examples/data/quickstart_heldout.jsonl", "docs/img/testbed/proxy (fit data)"} <= set(sets)
+    for name, others in sets.items():
+        exact = {" ".join(words(q)) for q in others}
+        starts = {tuple(words(q)[:3]) for q in others}
+        grams = set().union(*(trigrams(q) for q in others))
+        for q in test:
+            assert " ".join(words(q)) not in exact, (q, name)
+            assert tuple(words(q)[:3]) not in starts, f"{q!r} opens with a template of {name}"
+            assert not trigrams(q) & grams, f"{q!r} shares {trigrams(q) & grams} with {name}"
+
+
+def test_no_test_prompt_is_a_near_duplicate_by_minilm():
+    from daralign.annotators.learned import embed
+
+    test = prompts(TEST_SET)
+    others = sorted({q for qs in other_prompt_sets().values() for q in qs})
+    cosine = embed(test) @ embed(others).T
+    nearest = cosine.max(dim=1)
+    worst = int(nearest.values.argmax())
+    assert nearest.values.max() <= COSINE_LIMIT, (test[worst], others[int(nearest.indices[worst])])
+    # the threshold separates what the doc calls near-duplicates: the two closest dev–train pairs
+    dev = ["What is a fun thing to do with friends?", "What can I do to relax after work?"]
+    train = ["What is a fun thing to do with friends on a weekend?", "What is a good way to relax after work?"]
+    assert (embed(dev) * embed(train)).sum(-1).min() > 0.85 > COSINE_LIMIT
+
+
+# ---------------------------------------------------------------- the study (docs/testbed.md)
+def t_interval(xs):
+    from daralign.compare.paired import t_interval
+
+    return t_interval(xs)
+
+
+def test_the_study_tables_in_the_doc_are_study_md():
+    doc, md = (DOCS / "testbed.md").read_text(), (STUDY / "study.md").read_text()
+    table = md[md.index("Paired within-seed differences"):md.index("\n\n**Verdict")]
+    assert table in doc, "docs/testbed.md's paired table or P1 line differs from img/study/study.md: rerun study.py"
+    res = json.loads((STUDY / "study.json").read_text())
+    p1 = res["p1"]
+    assert p1["p1_ci_high"] == "never" and f"[{p1['p1_ci_low']:.2f}, never]" in doc
+    assert f"in {p1['p1_never_frac']:.0%} of the\nseed resamples" in doc
+    dar_dpo = res["paired_asked"]["dar − online-dpo"]
+    mde = dar_dpo["gold_after"]["mde80"], dar_dpo["gold_curve_mean"]["mde80"]
+    assert f"{mde[0]:.3f} at the budget and {mde[1]:.3f} over the curve" in doc
+    assert f"DAR − OAIF-DPO's is {dar_dpo['gold_after']['se']:.4f}" in doc
+    assert res["verdict"] == "undecided" and "**Verdict on the paper's claim: undecided at this power.**" in doc
+
+
+def test_no_doc_claims_a_difference_would_have_shown():
+    for page in [*DOCS.glob("*.md"), ROOT / "README.md"]:
+        assert "would have shown" not in page.read_text(), page
+
+
+def test_the_study_sentences_recompute_from_study_json():
+    doc = (DOCS / "testbed.md").read_text()
+    res = json.loads((STUDY / "study.json").read_text())
+    arms = {a["arm"]: a for a in res["arms"]}
+    control = res["paired_asked"]["dar − its shuffled-reward control"]["gold_after"]
+    assert f"({control['mean'] / control['se']:.1f} SE; MDE {control['mde80']:.3f})" in doc  # 4.4, not 4.5
+    z = {name: a["gold_change"] / a["gold_change_se"] for name, a in arms.items()}
+    clean = [z[a] for a in ("dar", "online-dpo", "rloo", "grpo", "dar, dar_ratio 0")]
+    noisy = [z[a] for a in ("dar, 25% noise", "online-dpo, 25% noise")]
+    assert f"by {min(clean):.1f}–{max(clean):.1f} standard errors over\n  seeds on the clean proxy and " \
+           f"{min(noisy):.1f}–{max(noisy):.1f} on the noisy one" in doc
+    kl_dar, kl_control = arms["dar"]["kl_at_budget"], arms["dar, shuffled rewards"]["kl_at_budget"]
+    assert f"(KL {kl_control:.1f} at the budget, against DAR's {kl_dar:.1f}: {1 - kl_control / kl_dar:.0%} less)" in doc
+
+
+def test_rloo_against_dar_over_ten_seeds():
+    """Seeds 1–8 from the committed run records, seeds 9–10 from rloo-dar-seeds9-10.json (the
+    values issue 32 gives): the doc's ten-seed interval, and its leave-one-out count."""
+    runs = [r for name in ("summary-dar-online-dpo.json", "summary-four-methods-seeds1-5.json",
+                           "summary-rloo-grpo-seeds6-8.json") for r in json.loads((STUDY / name).read_text())["runs"]]
+    after = {(r["group"], r["seed"]): r["gold_after"] for r in runs}
+    diffs = {s: after["rloo", s] - after["dar", s] for s in range(1, 9)}
+    later = json.loads((STUDY / "rloo-dar-seeds9-10.json").read_text())
+    for seed, v in later["seeds"].items():
+        assert v["rloo_minus_dar"] == pytest.approx(v["rloo_gold_change"] - v["dar_gold_change"], abs=1e-9)
+        diffs[int(seed)] = v["rloo_minus_dar"]
+    ten = t_interval(list(diffs.values()))
+    stated = later["rloo_minus_dar_seeds1_10"]
+    assert ten["n"] == stated["n"] == 10
+    assert ten["mean"] == pytest.approx(stated["mean"], abs=5e-5) and ten["se"] == pytest.approx(stated["se"], abs=5e-5)
+    assert ten["mean"] - ten["ci95"] == pytest.approx(stated["ci95_low"], abs=5e-5)
+    assert ten["mean"] + ten["ci95"] == pytest.approx(stated["ci95_high"], abs=5e-5)
+    sys.path.insert(0, str(ROOT / "examples" / "testbed"))
+    try:
+        from study import mde80
+    finally:
+        sys.path.pop(0)
+    assert mde80(ten) == pytest.approx(stated["mde80"], abs=5e-5)
+    spans = sum(t["mean"] - t["ci95"] < 0 < t["mean"] + t["ci95"] for t in
+                (t_interval([d for k, d in diffs.items() if k != s]) for s in diffs))
+    assert spans == stated["leave_one_out_ci_spans_zero"] == 9
+    doc = (DOCS / "testbed.md").read_text()
+    low, high = ten["mean"] - ten["ci95"], ten["mean"] + ten["ci95"]
+    text = f"**{ten['mean']:+.3f} ± {ten['se']:.3f} [{low:+.3f}, {high:+.3f}]**".replace("-", "−")
+    assert text in doc and f"MDE {mde80(ten):.3f}" in doc and "undecided over ten seeds" in doc
+    assert "RLOO first" not in doc and "buys more" not in doc  # the ranking is no longer stated as settled
+    eight = t_interval([diffs[s] for s in range(1, 9)])
+    import statistics
+
+    assert f"SD rose from {statistics.stdev(diffs[s] for s in range(1, 9)):.3f} to " \
+           f"{statistics.stdev(diffs.values()):.3f}" in doc
+    assert eight["mean"] == pytest.approx(0.0154, abs=1e-4)
+
+
+# ---------------------------------------------------------------- the quickstart (docs/quickstart.md, README)
+def test_the_quickstart_numbers_say_they_are_over_prompts_of_one_seed():
+    res = json.loads((DOCS / "img" / "quickstart" / "results.json").read_text())
+    z_control = res["gold_delta_vs_control"] / res["gold_delta_vs_control_se"]
+    z_start = res["trained"]["gold_delta"] / res["trained"]["gold_delta_se"]
+    assert (round(z_control, 1), round(z_start, 1)) == (5.4, 2.0)
+    doc, readme = (DOCS / "quickstart.md").read_text(), (ROOT / "README.md").read_text()
+    assert "5.4 standard errors over the 32 held-out prompts of one\n  training seed" in doc
+    assert "(5.4 standard errors over the 32 held-out prompts)" in readme and "Measured on one training seed" in readme
+    assert "Neither set was used to fit the proxy" not in doc
+    assert f"(KL {res['control']['kl_after']:.1f},\n  about DAR's {res['trained']['kl_after']:.1f})" in doc
+    assert "Both took longer than" not in doc
