@@ -91,9 +91,10 @@ def stub():
     server.close()
 
 
-def test_a_server_too_short_for_the_lengths_is_refused_in_one_line(stub, tiny_policy_dir, tmp_path, capsys):
-    """A server started with the default 2048 (here 100) tokens, a run that needs 268: refused when the
-    engine is built — on every rank alike, before the first step — naming both settings and the fix."""
+def test_a_server_too_short_for_the_lengths_is_refused_in_one_line(stub, tiny_policy_dir, tmp_path, capsys, monkeypatch):
+    """A server started with the default 2048 (here 100) tokens, a run that needs 268: refused on
+    every rank alike before any model loads (the engine's check; an engine built directly refuses
+    too), naming both settings and the fix."""
     from daralign.core.models import load_tokenizer
     from daralign.rollout.vllm_server import VLLMServer
 
@@ -112,6 +113,11 @@ def test_a_server_too_short_for_the_lengths_is_refused_in_one_line(stub, tiny_po
            "vllm_mode": "server", "vllm_server_url": stub.url, "vllm_weight_transfer": "file"}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     capsys.readouterr()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the server's length was checked")
+
+    monkeypatch.setattr("daralign.train.loop.load_causal_lm", no_model)
     assert daralign_main(["train", "--config", str(tmp_path / "cfg.yaml"), "--output_dir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and not (tmp_path / "run" / "metrics.jsonl").exists()

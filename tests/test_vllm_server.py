@@ -236,17 +236,18 @@ def test_colocate_engine_settings_per_device_and_rank():
     engine = engine_class(run, "score")
     assert engine is VLLMColocate and engine_config(run, engine) == one  # auto: use_vllm, vllm_mode colocate
     assert engine_class(run, "offline").name == "offline" and engine_class(read(vllm_mode="server"), "score").name == "hf"
-    engine.check(one, 2, cpu)
-    engine.check(one, 8, cuda)  # several GPUs: one engine per rank
-    engine.check(tp, 4, cuda)
+    engine.check(one, settings(), 2, cpu)
+    engine.check(one, settings(), 8, cuda)  # several GPUs: one engine per rank
+    engine.check(tp, settings(), 4, cuda)
     with pytest.raises(ConfigError, match="vllm_tensor_parallel_size 2 must divide the number of training processes \\(3\\)"):
-        engine.check(tp, 3, cuda)
+        engine.check(tp, settings(), 3, cuda)
     for cfg in (VLLMConfig(use_vllm=True, vllm_enable_sleep_mode=True), VLLMConfig(use_vllm=True, vllm_tensor_parallel_size=2)):
         with pytest.raises(ConfigError, match="need CUDA GPUs \\(here: cpu\\)"):
-            engine.check(cfg, 2, cpu)
+            engine.check(cfg, settings(), 2, cpu)
     server = read(use_vllm=True, vllm_mode="server")
     assert engine_class(server, "score").name == "vllm-server" and server.vllm_mode == "server"
-    engine_class(server, "score").check(engine_config(server, engine_class(server, "score")), 8, torch.device("cuda", 3))
+    with pytest.raises(ConfigError, match="no vLLM server answers at http://127.0.0.1:8000"):  # asked before any model loads
+        engine_class(server, "score").check(engine_config(server, engine_class(server, "score")), settings(), 8, torch.device("cuda", 3))
     with pytest.raises(ConfigError, match="vllm_dtype: 'int8' is not one of"):
         read(use_vllm=True, vllm_dtype="int8")
     # adapter-only LoRA sync: an engine with vLLM LoRA at the smallest rank vLLM allows that holds lora_r

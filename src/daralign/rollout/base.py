@@ -66,8 +66,9 @@ class RolloutEngine:
         return False
 
     @classmethod
-    def check(cls, config, num_processes: int, device: torch.device) -> None:
-        """Refuse, with one ConfigError line, a setup this engine cannot run (before any model loads)."""
+    def check(cls, config, settings: SamplingSettings, num_processes: int, device: torch.device) -> None:
+        """Refuse, with one ConfigError line, a setup this engine cannot run (before any model loads):
+        ``config`` its own Config, ``settings`` how the run samples."""
 
     @classmethod
     def from_config(cls, config, settings: SamplingSettings, tokenizer, device) -> "RolloutEngine":
@@ -131,10 +132,10 @@ def engine_class(train, feedback_kind: str) -> type[RolloutEngine]:
                       "name one with rollout_engine")
 
 
-def check_engine(train, feedback_kind: str, num_processes: int, device) -> None:
+def check_engine(train, feedback_kind: str, settings: SamplingSettings, num_processes: int, device) -> None:
     """The run's engine refuses a setup it cannot run, before any model loads."""
     cls = engine_class(train, feedback_kind)
-    cls.check(engine_config(train, cls), num_processes, device)
+    cls.check(engine_config(train, cls), settings, num_processes, device)
 
 
 def build_engine(train, feedback_kind: str, settings: SamplingSettings, tokenizer, device) -> RolloutEngine:

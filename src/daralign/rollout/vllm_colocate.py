@@ -128,7 +128,7 @@ class VLLMColocate(RolloutEngine):
         return config.use_vllm and config.vllm_mode == "colocate"
 
     @classmethod
-    def check(cls, config: VLLMConfig, num_processes: int, device) -> None:
+    def check(cls, config: VLLMConfig, settings: SamplingSettings, num_processes: int, device) -> None:
         if vllm_available():  # what daralign calls in vLLM is there, or one line naming it (else: the build says so)
             vllm_contract.check("colocate", "worker")
         if device.type != "cuda" and (config.vllm_enable_sleep_mode or config.vllm_tensor_parallel_size > 1):

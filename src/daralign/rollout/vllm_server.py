@@ -62,6 +62,18 @@ def serve_command(model: str, *, host: str, port: int, dtype: str, max_model_len
               if weight_transfer != "none" else []), *extra]
 
 
+def check_length(url: str, model: dict, settings: SamplingSettings) -> None:
+    """A server whose ``max_model_len`` cannot hold prompt + completion answers one rank a 400 while
+    the others wait in the next collective until NCCL's timeout (huggingface/trl#2923): one line instead."""
+    needed = settings.max_prompt_length + settings.max_completion_length
+    served = model.get("max_model_len")
+    if served is not None and served < needed:
+        raise ConfigError(f"vllm_server_url: the vLLM server at {url} holds max_model_len {served} tokens, fewer than "
+                          f"max_prompt_length {settings.max_prompt_length} + max_completion_length "
+                          f"{settings.max_completion_length} = {needed}; restart it with `daralign vllm-serve "
+                          f"--max_model_len {needed}` (or more), or lower those two settings")
+
+
 @register_engine("vllm-server")
 class VLLMServer(RolloutEngine):
     """The trainer's side of ``vllm_mode: server``; π_t is the trainer's."""
@@ -81,13 +93,7 @@ class VLLMServer(RolloutEngine):
             raise ConfigError(f"vllm_server_url: no vLLM server answers at {self.url} ({type(e).__name__}: {e}); "
                               f"start one with `daralign vllm-serve --model MODEL`") from None
         self.model = models[0]["id"]
-        needed = settings.max_prompt_length + settings.max_completion_length
-        served = models[0].get("max_model_len")
-        if served is not None and served < needed:
-            raise ConfigError(f"vllm_server_url: the vLLM server at {self.url} holds max_model_len {served} tokens, fewer than "
-                              f"max_prompt_length {settings.max_prompt_length} + max_completion_length "
-                              f"{settings.max_completion_length} = {needed}; restart it with `daralign vllm-serve "
-                              f"--max_model_len {needed}` (or more), or lower those two settings")
+        check_length(self.url, models[0], settings)  # as check() did before any model loaded: an engine built directly too
         self.sync_dir = self.transfer = self.dtype = None
         if not self.is_main:
             return
@@ -112,9 +118,16 @@ class VLLMServer(RolloutEngine):
         return config.use_vllm and config.vllm_mode == "server"
 
     @classmethod
-    def check(cls, config: VLLMConfig, num_processes: int, device) -> None:
+    def check(cls, config: VLLMConfig, settings: SamplingSettings, num_processes: int, device) -> None:
         if config.vllm_weight_transfer != "file" and vllm_available():  # the trainer's end of vLLM's transfer
             vllm_contract.check("transfer")
+        url = config.vllm_server_url.rstrip("/")
+        try:  # every rank asks, so every rank refuses alike: none is left waiting in a collective
+            models = httpx.get(f"{url}/v1/models", timeout=30.0).raise_for_status().json()["data"]
+        except (httpx.HTTPError, KeyError, ValueError) as e:
+            raise ConfigError(f"vllm_server_url: no vLLM server answers at {url} ({type(e).__name__}: {e}); "
+                              f"start one with `daralign vllm-serve --model MODEL`") from None
+        check_length(url, models[0], settings)
 
     @classmethod
     def from_config(cls, config: VLLMConfig, settings: SamplingSettings, tokenizer, device) -> "VLLMServer":

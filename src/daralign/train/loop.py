@@ -94,7 +94,7 @@ class OnlineTrainer:
         self.objective = get_objective(train.algorithm)(algo_config, train, reduce_sum=self._reduce_sum)
         self.kind = self.objective.feedback_kind  # score | compare | offline
         self.K = self.objective.num_generations()
-        check_engine(train, self.kind, self.accelerator.num_processes, self.accelerator.device)
+        check_engine(train, self.kind, self._sampling_settings(), self.accelerator.num_processes, self.accelerator.device)
         load = load_pairs if self.kind == "offline" else load_prompts
         self.rows = load(rows if rows is not None else train.dataset, column=train.prompt_column, split=train.dataset_split,
                          config=train.dataset_config, name="train_dataset")
