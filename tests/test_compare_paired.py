@@ -101,3 +101,16 @@ def test_p1_upper_bound_is_never_only_past_2_5_percent(slow_final, never_at_top)
     assert res["p1_never_frac"] == pytest.approx(expected, abs=0.012)
     assert (res["p1_ci_high"] == math.inf) is never_at_top
     assert res["p1_ci_low"] < 1
+
+
+def test_an_unbounded_p1_is_never_in_summary_json_and_the_report():
+    """summary.json is strict JSON: an infinite P1 bound is written "never" (other non-finite
+    numbers None), and the report's sentence reads it back."""
+    import json
+
+    from daralign.compare.report import _finite, p1_text
+
+    g = _finite({"p1": 0.89, "p1_ci_low": 0.46, "p1_ci_high": math.inf, "p1_undefined_frac": 0.33, "kl": math.nan})
+    assert json.loads(json.dumps(g, allow_nan=False)) == {"p1": 0.89, "p1_ci_low": 0.46, "p1_ci_high": "never",
+                                                         "p1_undefined_frac": 0.33, "kl": None}
+    assert "0.46–never" in p1_text(g)

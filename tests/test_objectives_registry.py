@@ -36,6 +36,19 @@ def test_compare_roles_are_each_played_by_one_method():
     assert sorted(n for n, c in OBJECTIVES.items() if c.compare_role) == sorted([subject, reference])
 
 
+def test_a_variant_of_a_method_does_not_take_its_part_in_compare():
+    """A plug-in written as a subclass of DAR (the natural way to try a variant) is not a second
+    subject: the part is declared on the class itself."""
+    @register_objective("dar-variant")
+    class DARVariant(get_objective("dar")):
+        paper = "a variant"
+
+    try:
+        assert DARVariant.compare_role == "subject" and method_in_role("subject") == "dar"
+    finally:
+        OBJECTIVES.pop("dar-variant")
+
+
 def test_pair_rule_and_labels_of_a_compare_method():
     train = tiny_train()
     one_pair = get_objective("online-dpo")(OnlineDPOConfig(), train)

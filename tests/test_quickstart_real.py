@@ -95,6 +95,7 @@ def test_quickstart_results_json_and_a_quiet_console(quickstart_run):
     for key in ("gold_delta_vs_control", "gold_delta_vs_control_se", "proxy_delta_vs_control", "proxy_delta_vs_control_se"):
         assert isinstance(res[key], float) and math.isfinite(res[key]), key
     assert res["trained"]["gold_after"] == summary["score"] and res["num_heldout_prompts"] == 2
+    assert res["se_unit"].startswith("held-out prompts of one training run")  # the ± is over prompts, not seeds
     control_after = json.loads((quickstart_run / "control" / "heldout_after.json").read_text())["per_prompt"]
     diffs = [a - b for a, b in zip(summary["per_prompt"], control_after)]
     assert math.isclose(res["gold_delta_vs_control"], sum(diffs) / 2, abs_tol=1e-9)  # paired over the 2 prompts

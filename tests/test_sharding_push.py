@@ -139,11 +139,18 @@ def test_a_merged_weight_is_computed_when_used_one_layer_at_a_time(tiny_policy_d
         assert not isinstance(off[Q], Merged) and torch.equal(whole(off[Q]), layer.base_layer.weight)
 
 
-@pytest.mark.parametrize("variant", ["dora", "lora_bias"])
+@pytest.mark.parametrize("variant", ["dora", "lora_bias", "embedding"])
 def test_lora_variants_merge_out_of_place_as_peft_does(tiny_policy_dir, variant):
-    """DoRA (PEFT's own out-of-place merge) and a LoRA bias: what PEFT's merge gives, base untouched."""
+    """DoRA (PEFT's own out-of-place merge), a LoRA bias and LoRA on the embedding (its factors are
+    ``lora_embedding_A/B``): what PEFT's merge gives, base untouched."""
     if variant == "dora":
         model = lora(str(tiny_policy_dir), use_dora=True)
+    elif variant == "embedding":
+        model = lora(str(tiny_policy_dir), target_modules=["embed_tokens", "q_proj"])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_embedding_" in name:  # PEFT starts an embedding's A at zero
+                    p.add_(torch.randn_like(p) * 0.1)
     else:  # the tiny Llama's projections have no bias: give o_proj one
         from peft import LoraConfig, get_peft_model
 
@@ -158,6 +165,8 @@ def test_lora_variants_merge_out_of_place_as_peft_does(tiny_policy_dir, variant)
                     p.add_(torch.randn_like(p) * 0.1)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     want = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert any(not torch.equal(want[k.replace("base_model.model.", "").replace("base_layer.", "")], v)
+               for k, v in base.items() if "base_layer" in k)  # the adapter does change a weight
     got = pushed(model)
     assert got.keys() == want.keys()
     for k in want:

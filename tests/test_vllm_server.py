@@ -246,8 +246,10 @@ def test_colocate_engine_settings_per_device_and_rank():
             engine.check(cfg, settings(), 2, cpu)
     server = read(use_vllm=True, vllm_mode="server")
     assert engine_class(server, "score").name == "vllm-server" and server.vllm_mode == "server"
-    with pytest.raises(ConfigError, match="no vLLM server answers at http://127.0.0.1:8000"):  # asked before any model loads
-        engine_class(server, "score").check(engine_config(server, engine_class(server, "score")), settings(), 8, torch.device("cuda", 3))
+    nowhere = read(use_vllm=True, vllm_mode="server", vllm_server_url="http://127.0.0.1:9")  # the discard port: nothing listens
+    with pytest.raises(ConfigError, match="no vLLM server answers at http://127.0.0.1:9"):  # asked before any model loads
+        engine_class(nowhere, "score").check(engine_config(nowhere, engine_class(nowhere, "score")), settings(), 8,
+                                             torch.device("cuda", 3))
     with pytest.raises(ConfigError, match="vllm_dtype: 'int8' is not one of"):
         read(use_vllm=True, vllm_dtype="int8")
     # adapter-only LoRA sync: an engine with vLLM LoRA at the smallest rank vLLM allows that holds lora_r

@@ -129,7 +129,7 @@ def t_quantile(p: float, df: int) -> float:
 def mde80(t: dict) -> float | None:
     """The minimum detectable difference of a paired comparison: the true mean difference its
     two-sided 5% paired t-test finds with 80% power at its n and SE, by the usual approximation
-    MDE ≈ (t_{0.975, n−1} + t_{0.8, n−1}) · SE (the noncentral t gives a little less)."""
+    MDE ≈ (t_{0.975, n−1} + t_{0.8, n−1}) · SE (the noncentral t gives a hair more: 3.27 SE, not 3.26, at 7 df)."""
     if t.get("se") is None or t.get("n", 0) < 2:
         return None
     return (t_quantile(0.975, t["n"] - 1) + t_quantile(POWER, t["n"] - 1)) * t["se"]

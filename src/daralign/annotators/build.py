@@ -1,7 +1,7 @@
 """Building annotators from their YAML mappings, and what the loop and ``compare`` ask of a
 mapping before building it: its cost per label, the mode a method needs, a one-line description,
 whether two mappings are one annotator. Every kind is looked up in ``ANNOTATORS``, which the
-package's ``__init__`` fills by importing the built-in kinds (it runs before this module)."""
+package's ``__init__`` fills by importing the built-in kinds (before anything here is called)."""
 
 from __future__ import annotations
 

@@ -263,7 +263,9 @@ class JudgeAnnotator(Annotator):
         c, r, own = self.config, ask.request, self.config.backend_config
         settings = {f.name: getattr(own, f.name) for f in fields(own) if f.metadata.get("in_cache_key")}  # the backend's
         # The layout of the keys written before backends owned their settings (endpoint apart,
-        # top_logprobs among the decoding, 20 where a backend has none), so caches made then still answer.
+        # top_logprobs among the decoding, 20 where a backend has none), so caches made then still
+        # answer — but for an openai completions judge with a ``tokenizer``, which the key left out
+        # then although another tokenizer renders another prompt.
         endpoint, top_logprobs = settings.pop("endpoint", None), settings.pop("top_logprobs", 20)
         settings = {k: v for k, v in settings.items() if v is not None}
         return cache_key(

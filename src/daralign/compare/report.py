@@ -149,12 +149,13 @@ def summarise(plan, root: Path) -> dict:
     return _finite(summary)
 
 
-def _finite(obj):
-    """NaN/inf → None, so summary.json is strict JSON."""
+def _finite(obj, key: str = ""):
+    """NaN/inf → None, so summary.json is strict JSON; but an infinite P1 bound (the subject never
+    reaches the target in too many resamples) is "never", as ``study.json`` writes it."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        return obj if math.isfinite(obj) else "never" if key.startswith("p1") and obj == math.inf else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: _finite(v, k) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_finite(v) for v in obj]
     return obj
@@ -382,8 +383,8 @@ def p1_text(g: dict) -> str:
     if g["p1"] is None:
         return "not measured ({} or {} never reached the target)".format(*p1_titles())
 
-    def bound(x):  # inf: in too many resamples the subject never reaches the target
-        return "never" if x == math.inf else f"{x:.2f}"
+    def bound(x):  # inf ("never" in summary.json): in too many resamples the subject never reaches the target
+        return "never" if x in (math.inf, "never") else f"{x:.2f}"
 
     ci = (f" (95% bootstrap CI over seeds {bound(g['p1_ci_low'])}–{bound(g['p1_ci_high'])}; "
           f"{g['p1_undefined_frac']:.0%} of resamples never reached it)") if g.get("p1_ci_low") is not None else ""

@@ -56,6 +56,7 @@ from daralign.core.errors import ConfigError
 from daralign.core.provenance import provenance
 from daralign.core.tracking import console
 from daralign.objectives import OBJECTIVES, get_objective, method_in_role
+from daralign.rollout.base import engine_class, engine_of, settings_of_other_engines
 
 FORCED = {"algorithm": "--algorithms", "seed": "--seeds", "annotation_budget": "--annotation_budget",
           "output_dir": "--output_dir", "max_steps": "--annotation_budget (compare derives max_steps from it)"}
@@ -334,8 +335,13 @@ def check_existing(run: Run) -> None:
     new = json.loads(json.dumps(_fingerprint(run), default=str))
     defaults = {f.name: f.default for c in (run.train, *run.train.engine_configs, run.algo) if c is not None
                 for f in dataclasses.fields(c)}
-    # a field added by a later daralign, at its default, changes nothing the old run did
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not (k not in old and new.get(k) == defaults.get(k)))
+    # a field added by a later daralign, at its default, changes nothing the old run did; nor do the
+    # settings of engines other than the one both runs sample with
+    kind = get_objective(run.train.algorithm).feedback_kind
+    engine = engine_class(run.train, kind)
+    idle = settings_of_other_engines(engine) if engine_of(old, kind) is engine else set()
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in idle
+                  and not (k not in old and new.get(k) == defaults.get(k)))
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"{run.out} was made with another config ({shown}); use another --output_dir or delete that folder")

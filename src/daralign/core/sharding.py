@@ -124,7 +124,7 @@ class Merged:
     def compute(self) -> torch.Tensor:
         layer = self.layer
         with gathered(layer):
-            out = self.base.data
+            out = base = self.base.data
             for a in self.adapters:
                 if self.attr == "bias":
                     out = (out + layer.lora_B[a].bias * layer.scaling[a]).to(self.dtype)
@@ -132,7 +132,7 @@ class Merged:
                     out = layer.lora_variant[a].merge_safe(layer, a, out)
                 else:  # one rounding to the base's dtype, as PEFT's `weight.data += delta` rounds
                     out = (out + layer.get_delta_weight(a)).to(self.dtype)
-            return out.clone() if out is self.base.data else out  # (no adapter to add: still never the base)
+            return out.clone() if out is base else out  # (no adapter to add: still never the base)
 
 
 def push_weights(model) -> list[tuple[str, torch.Tensor | Merged]]:
@@ -199,8 +199,9 @@ def _through_peft(m, prefix: str, rest: str, t):
     if not rest.startswith("base_layer."):
         return None, None  # lora_A, lora_B, DoRA's magnitude: the adapter's own
     attr = rest[len("base_layer."):]
+    factors = {**m.lora_A, **getattr(m, "lora_embedding_A", {})}  # an embedding's adapter has factors of its own
     adapters = [] if m.disable_adapters else [a for a in m.active_adapters
-                                              if a in m.lora_A and a not in m.merged_adapters]  # (merged: in the base)
+                                              if a in factors and a not in m.merged_adapters]  # (merged: in the base)
     if attr == "bias":
         adapters = [a for a in adapters if getattr(m, "lora_bias", {}).get(a)]
     if adapters and attr in ("weight", "bias"):

@@ -15,7 +15,8 @@ def get_objective(name: str) -> type[Objective]:
 def method_in_role(role: str) -> str | None:
     """The registered method whose class plays ``role`` in compare ("subject" | "reference",
     ``Objective.compare_role``), or None when none does."""
-    names = [name for name, cls in OBJECTIVES.items() if cls.compare_role == role]
+    # declared on the class itself: a variant subclassing DAR or OAIF-DPO does not inherit their part
+    names = [name for name, cls in OBJECTIVES.items() if vars(cls).get("compare_role") == role]
     if len(names) > 1:
         raise ConfigError(f"compare_role {role!r} is claimed by {names}; at most one method may play it")
     return names[0] if names else None

@@ -63,7 +63,8 @@ class Objective:
     # Its part in `daralign compare`'s headline numbers (docs/testbed.md): the "subject" is the method
     # under study (P1's numerator, the reference of the paired differences, --sweep_algorithm's
     # default); the "reference" is the baseline whose final gold P1 asks the subject to reach.
-    # At most one registered method plays each (``objectives.method_in_role``).
+    # At most one registered method plays each, declared on its own class: a subclass does not inherit
+    # the part (``objectives.method_in_role``).
     compare_role: ClassVar[str | None] = None
     behaviour_in_loss: ClassVar[bool] = False  # may take π_t from its update's own forward (module docstring)
     needs_reference: ClassVar[bool] = True  # the loop computes frozen-reference log-probs

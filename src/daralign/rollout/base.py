@@ -21,7 +21,8 @@ engines whose ``auto_selects`` says yes compete by ``auto_priority`` (``docs/arc
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from types import SimpleNamespace
 from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
@@ -101,6 +102,28 @@ def engine_config(train, engine: type[RolloutEngine]):
         return None
     held = [c for c in train.engine_configs if type(c) is engine.Config]
     return held[0] if held else engine.Config()
+
+
+def settings_of_other_engines(engine: type[RolloutEngine]) -> set[str]:
+    """The keys of every engine config but ``engine``'s own: a change to them (a default moved by a
+    later daralign, say) alters nothing a run sampled by ``engine`` does (--resume, compare's reuse)."""
+    return {f.name for c in engine_config_classes() if c is not engine.Config for f in fields(c)}
+
+
+def engine_of(values: dict, feedback_kind: str) -> type[RolloutEngine] | None:
+    """The engine a run's saved flat config (config.yaml's keys) was sampled by, by ``engine_class``'s
+    rule; None when it names an engine not registered here."""
+    name = values.get("rollout_engine", "auto")
+    if name != "auto":
+        return ENGINES.get(name)
+    for cls in auto_order():
+        config = None
+        if cls.Config is not None:
+            known = {f.name for f in fields(cls.Config)}
+            config = cls.Config(**{k: v for k, v in values.items() if k in known})
+        if cls.auto_selects(SimpleNamespace(**values), config, feedback_kind):
+            return cls
+    return None
 
 
 def auto_order() -> list[type[RolloutEngine]]:

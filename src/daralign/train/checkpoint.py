@@ -57,12 +57,17 @@ def load(accelerator, path: Path, modules: dict | None = None) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
+def saved_config(path: Path) -> dict | None:
+    """The resolved config a checkpoint recorded (None: one from before configs were recorded)."""
+    return json.loads((path / "trainer_state.json").read_text()).get("config")
+
+
 def check_resume_config(path: Path, now: dict, may_change: set[str]) -> None:
     """--resume continues *this* run: a change that would alter training is refused, naming the
     fields; ``may_change`` (length, checkpoint, logging and eval cadence) may differ."""
     from daralign.core.errors import ConfigError
 
-    saved = json.loads((path / "trainer_state.json").read_text()).get("config")
+    saved = saved_config(path)
     if saved is None:
         return  # a checkpoint from before configs were recorded
     # a field added to daralign after the checkpoint was written is not a change

@@ -26,7 +26,7 @@ import re
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,12 +45,13 @@ from daralign.train.annotate import annotate, shuffled_control
 from daralign.train.budget import Budget
 from daralign.train.heldout import HeldoutCheck
 from daralign.train.model_card import write_model_card
-from daralign.train.step_metrics import step_metrics
+from daralign.train.step_metrics import nothing_spent, step_metrics
 from daralign.core.models import disable_dropout, flush_denormals, load_causal_lm, load_tokenizer, own_weights, token_logps
 from daralign.objectives import get_objective
 from daralign.core import sharding
 from daralign.core.provenance import provenance
-from daralign.rollout.base import SamplingSettings, behaviour_check, build_engine, check_engine, engine_config_classes
+from daralign.rollout.base import (SamplingSettings, behaviour_check, build_engine, check_engine, engine_class,
+                                   engine_of, settings_of_other_engines)
 from daralign.core.tracking import MetricsLog, console, progress_bar
 
 MB_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -94,6 +95,8 @@ class OnlineTrainer:
         self.objective = get_objective(train.algorithm)(algo_config, train, reduce_sum=self._reduce_sum)
         self.kind = self.objective.feedback_kind  # score | compare | offline
         self.K = self.objective.num_generations()
+        if train.resume and checkpoint.latest(self.out) is not None:  # the sampler of the run resumed, before any model loads
+            self._check_resume_engine(checkpoint.latest(self.out), engine_class(train, self.kind))
         check_engine(train, self.kind, self._sampling_settings(), self.accelerator.num_processes, self.accelerator.device)
         load = load_pairs if self.kind == "offline" else load_prompts
         self.rows = load(rows if rows is not None else train.dataset, column=train.prompt_column, split=train.dataset_split,
@@ -365,10 +368,15 @@ class OnlineTrainer:
         """The resolved config as JSON values (secrets redacted), as checkpoints record it."""
         return json.loads(json.dumps(to_dict(self.cfg, self.algo_config), default=str))
 
-    def _idle_engine_fields(self) -> set[str]:
-        """Settings of the engines this run does not sample with: a change to them (a default moved
-        by a later daralign, say) alters nothing this run does, so --resume may take it."""
-        return {f.name for c in engine_config_classes() if c is not type(self.engine).Config for f in fields(c)}
+    def _check_resume_engine(self, path: Path, engine) -> None:
+        """--resume samples with the engine the run sampled with (then the other engines' settings may
+        differ: they change nothing it does)."""
+        then = checkpoint.saved_config(path)
+        before = engine_of(then, self.kind) if then is not None else engine
+        if before is not engine:
+            raise ConfigError(f"--resume: {path} was sampled by the {getattr(before, 'name', then.get('rollout_engine'))} "
+                              f"engine and this config samples with {engine.name} (rollout_engine, use_vllm, "
+                              f"vllm_mode); resume with the run's own settings, or start a new run in another output_dir")
 
     def _finished(self, step: int, spent: dict) -> str | None:
         if step >= self.cfg.max_steps:
@@ -383,13 +391,13 @@ class OnlineTrainer:
             checkpoint.clean_partial(self.out)  # half-written folders of a killed run (ours: the folder is marked)
         acc.wait_for_everyone()
         start = 0
-        spent = {"annotations": 0, "annotation_requests": 0, "annotation_cache_hits": 0, "eval_annotation_requests": 0,
-                 "annotation_cost": 0.0}
+        spent = nothing_spent()
         resume_from = checkpoint.latest(self.out) if cfg.resume else None
         if cfg.resume and resume_from is None:
             console.print(f"[yellow]--resume: no checkpoint in {self.out}; starting from scratch[/yellow]")
         if resume_from is not None:
-            checkpoint.check_resume_config(resume_from, self.config_dict, RESUME_MAY_CHANGE | self._idle_engine_fields())
+            checkpoint.check_resume_config(resume_from, self.config_dict,
+                                           RESUME_MAY_CHANGE | settings_of_other_engines(type(self.engine)))
             state = checkpoint.load(acc, resume_from, self.extra)
             start = state["step"]
             spent |= {k: state[k] for k in spent if k in state}

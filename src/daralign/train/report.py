@@ -157,7 +157,9 @@ def write_results(run_dir: Path, summaries: dict, gap: dict | None) -> Path:
     trained, control = summaries.get("trained"), summaries.get("shuffled-reward control")
     results = {"evaluator": (trained or {}).get("evaluator"),
                "evaluator_is_training_annotator": (trained or {}).get("evaluator_is_training_annotator"),
-               "num_heldout_prompts": (trained or {}).get("n_prompts")}
+               "num_heldout_prompts": (trained or {}).get("n_prompts"),
+               # what every *_se here is over: one training seed's held-out prompts, not seeds
+               "se_unit": "held-out prompts of one training run (paired per prompt); seed-to-seed spread not included"}
     for name, s in (("trained", trained), ("control", control)):
         if s:
             results[name] = {"gold_before": s["before"], "gold_after": s["after"], "gold_delta": s["diff"],

@@ -16,6 +16,11 @@ from daralign.core.types import Feedback, Rollout
 SPENT_KEYS = ("annotations", "annotation_requests", "annotation_cache_hits", "eval_annotation_requests", "annotation_cost")
 
 
+def nothing_spent() -> dict:
+    """The running totals of a run that has not started (``SPENT_KEYS``; the cost in currency)."""
+    return {k: 0.0 if k == "annotation_cost" else 0 for k in SPENT_KEYS}
+
+
 def step_metrics(rollout: Rollout, feedback: Feedback, ref_token_logps: torch.Tensor | None, *, spent: dict,
                  eval_requests: int, num_prompts: int, objective: dict, update: dict, timing: dict,
                  sum_over_processes: Callable[[float], float], sampled: bool = True) -> dict:
