@@ -256,3 +256,17 @@ def test_the_quickstart_prompts_are_disjoint_from_its_proxy_fit_data_and_the_tes
         for i, j in (cosine > COSINE_LIMIT).nonzero().tolist():
             overlaps.append(f"{qa[i]!r} of {a} ~ {qb[j]!r} of {b}: MiniLM cosine {float(cosine[i, j]):.2f}")
     assert not overlaps, f"{len(overlaps)} overlaps:\n" + "\n".join(overlaps)
+
+
+def test_the_async_benchmark_table_is_its_json():
+    res = json.loads((DOCS / "img" / "performance" / "async_judge.json").read_text())
+    doc = (DOCS / "performance.md").read_text()
+    for entry in res["runs"].values():
+        for run in entry["runs"]:
+            n = str(run["async_steps"])
+            row = (f"| {run['async_steps']} | {run['step_time_median']:.2f} | ", f"{entry['ratio_to_ideal'][n]:.2f} |")
+            assert row[0] in doc and row[1] in doc, row
+    one = res["runs"]["judge about as slow as the update"]
+    assert f"| 1 | {one['runs'][1]['step_time_median']:.2f} | **{one['ratio_to_sync']['1']:.2f}** | " \
+           f"**{one['ratio_to_bound']['1']:.2f}** |" in doc
+    assert res["goal"]["met"] is False and "**The goal is half met.**" in doc

@@ -46,7 +46,7 @@ def _config(tmp_path: Path, policy_dir: Path, prompts: Path) -> Path:
 
 def _metrics(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if not k.startswith("timing/") and k != "step_time"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "async/wait_")) and k != "step_time"} for r in rows]
 
 
 def _assert_same_run(a: Path, b: Path) -> None:

@@ -72,6 +72,9 @@ class TrainConfig:
     max_steps: int = field(default=12, metadata={"help": "online iterations"})
     annotation_budget: int = field(default=0, metadata={"help": "annotator requests a run may spend (both orders = 2, retries and invalid answers count, cache hits are free); the last step is cut to fit (0 = no limit)"})
     seed: int = field(default=42, metadata={"help": "seed of data order, sampling and init"})
+    # --- asynchrony (docs/algorithms.md, "Asynchronous training")
+    async_steps: int = field(default=0, metadata={"help": "sample the next N steps' batches, and buy their labels on a background thread, while this step updates: a batch trains at most N updates after the policy that sampled it (0 = the synchronous loop, exactly). DAR's π_t term is the sampling policy's; RLOO, GRPO and PPO apply a truncated importance ratio"})
+    importance_ratio_cap: float = field(default=2.0, metadata={"help": "with async_steps: the truncated importance ratio min(π_θ/π_sampler, cap) that RLOO (per sequence), GRPO and PPO (per token) weight stale samples by (truncated importance sampling, Yao et al. 2025, as in TRL's and verl's vLLM correction)"})
     # --- evaluation
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out prompts: judged before/after and every eval_steps"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0 = only before and after)"})
@@ -113,6 +116,8 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be ≥ 0 (got {self.learning_rate})")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be ≥ 0 (got {self.weight_decay})")
+        if not self.importance_ratio_cap > 0:
+            raise ConfigError(f"importance_ratio_cap must be > 0 (got {self.importance_ratio_cap})")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm must be ≥ 0 (got {self.max_grad_norm})")
         from transformers import SchedulerType
@@ -122,7 +127,7 @@ class TrainConfig:
             raise ConfigError(f"lr_scheduler_type: {self.lr_scheduler_type!r} is not one of {schedulers}")
         if self.save_strategy not in ("steps", "no"):
             raise ConfigError(f"save_strategy: {self.save_strategy!r} is not one of steps, no")
-        for name in ("save_steps", "eval_steps", "warmup_steps", "annotation_budget", "max_micro_batch_tokens"):
+        for name in ("save_steps", "eval_steps", "warmup_steps", "annotation_budget", "max_micro_batch_tokens", "async_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
         if not self.dataset:

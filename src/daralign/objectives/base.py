@@ -25,6 +25,7 @@ sums passed through it (``global_mean_scale``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -67,6 +68,11 @@ class Objective:
     # the part (``objectives.method_in_role``).
     compare_role: ClassVar[str | None] = None
     behaviour_in_loss: ClassVar[bool] = False  # may take π_t from its update's own forward (module docstring)
+    # How it learns from a batch sampled by an older policy (``async_steps``): None needs nothing (DAR's
+    # π_t is the sampling policy by definition; preference and SFT losses do not ask who sampled);
+    # "sequence" or "token": the loop hands ``prepare`` the current policy as π_old and adds a truncated
+    # importance weight min(π_θ/π_sampler, cap) at that level (``importance_weights``) to the batch.
+    importance_ratio: ClassVar[str | None] = None
     needs_reference: ClassVar[bool] = True  # the loop computes frozen-reference log-probs
     trains_extra_modules: ClassVar[bool] = False  # ``trainable_modules`` returns some (known before setup)
 
@@ -147,6 +153,26 @@ class Objective:
         logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                self.train.temperature, share_prompts=self.train.share_prompt_forward)
         return LossOutput(*self.loss(logps, batch))
+
+
+def importance_weights(current: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor, *, cap: float,
+                       level: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"): w = min(π_θ(y|x) / π_sampler(y|x), cap), detached, per completion token
+    (N, L-1) or per sequence (N,), from token log-probs that are 0 off the completion. Computed in log
+    space and clipped before exp, so a sequence ratio cannot overflow."""
+    log_ratio = (current.double() - sampled.double()) * mask
+    counted = mask.bool()
+    if level == "sequence":
+        log_ratio, counted = log_ratio.sum(-1), counted.any(-1)
+    elif level != "token":
+        raise ValueError(f"importance ratio level {level!r}: 'token' or 'sequence'")
+    weights = log_ratio.clamp(max=math.log(cap)).exp()
+    kept = log_ratio[counted]
+    metrics = {"async/is_weight_mean": weights[counted].mean().item() if kept.numel() else 1.0,
+               "async/is_truncated_frac": (kept > math.log(cap)).double().mean().item() if kept.numel() else 0.0,
+               "async/is_log_ratio_max": kept.abs().max().item() if kept.numel() else 0.0}
+    return weights.float() * counted, metrics
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}

@@ -75,6 +75,7 @@ class GRPO(Objective):
     paper = "GRPO (Shao et al., arXiv 2402.03300)"
     title = "GRPO"
     behaviour_in_loss = True  # the ratio's denominator may be the update's own detached forward
+    importance_ratio = "token"
 
     def __init__(self, config, train, **kw) -> None:
         super().__init__(config if config is not None else GRPOConfig(), train, **kw)
@@ -117,6 +118,8 @@ class GRPO(Objective):
         old = batch["old_token_logps"].to(logps.dtype) if "old_token_logps" in batch else recorded
         old = old.masked_fill(off, 0.0)
         per_token, is_clipped = clipped_surrogate(logps, old, adv, self.config.epsilon)
+        if "importance_weight" in batch:  # async_steps: π_old is the current policy, w = min(π_old/π_sampler, cap)
+            per_token = batch["importance_weight"].to(logps.dtype) * per_token
         if self.config.beta > 0:
             kl = k3_kl(logps, batch["ref_token_logps"].to(logps.dtype).masked_fill(off, 0.0))
             per_token = per_token + self.config.beta * kl  # ℓ_t = −min(ρA, clip(ρ)A) + β·KL_t

@@ -94,6 +94,7 @@ class PPO(Objective):
     paper = "PPO for RLHF (Ouyang et al., arXiv 2203.02155)"
     title = "PPO"
     trains_extra_modules = True  # the value head
+    importance_ratio = "token"
 
     def __init__(self, config, train, **kw) -> None:
         super().__init__(config if config is not None else PPOConfig(), train, **kw)
@@ -192,6 +193,8 @@ class PPO(Objective):
 
         # L_pg = max(−Â·ρ, −Â·clip(ρ, 1−ε, 1+ε))
         pg_losses, pg_clipped = clipped_surrogate(logps, old_logps, adv, cfg.cliprange)
+        if "importance_weight" in batch:  # async_steps: π_old is the current policy, w = min(π_old/π_sampler, cap)
+            pg_losses = batch["importance_weight"].to(logps.dtype) * pg_losses
         # L_vf = ½·max((V − R)², (V_old + clip(V − V_old, ±c) − R)²)
         vf_losses, vf_clipped = clipped_value_loss(vpred, old_values, returns, cfg.cliprange_value)
         per_token = pg_losses + cfg.vf_coef * vf_losses  # ℓ_t = L_pg + vf_coef·L_vf

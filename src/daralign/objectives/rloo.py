@@ -51,6 +51,7 @@ class RLOO(Objective):
     feedback_kind = "score"
     paper = "RLOO (Ahmadian et al., arXiv 2402.14740)"
     title = "RLOO"
+    importance_ratio = "sequence"  # its loss is per sequence: the stale sample is reweighted whole
 
     def __init__(self, config, train, **kw) -> None:
         super().__init__(config if config is not None else RLOOConfig(), train, **kw)
@@ -84,5 +85,7 @@ class RLOO(Objective):
     def loss(self, policy_logps, batch):
         # L = − mean_i A_i · log π_θ(y_i|x_i)   (A is a constant)
         per_row = -batch["advantages"].to(policy_logps.dtype) * policy_logps
+        if "importance_weight" in batch:  # async_steps: w = min(π_θ/π_sampler, cap) of the whole sequence
+            per_row = batch["importance_weight"].to(policy_logps.dtype) * per_row
         loss = (batch["row_weight"].to(policy_logps.dtype) * per_row).sum() / policy_logps.shape[0]
         return loss, {}

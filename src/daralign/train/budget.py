@@ -26,8 +26,9 @@ class Budget:
         self.budget, self.meter, self.world, self.full = budget, meter, world, prompts_per_step * world
         self.per_prompt = requests_per_prompt(objective, annotator_config) if budget and annotator_config is not None else 0
 
-    def prompts(self, spent_requests: int) -> tuple[int, str | None]:
-        """(prompts the next step may take, why it takes none); caps the meter for that step."""
+    def prompts(self, spent_requests: int, *, cap_meter: bool = True) -> tuple[int, str | None]:
+        """(prompts the next step may take, why it takes none); caps the meter for that step
+        (``cap_meter``; under ``async_steps`` the meter is capped once, by ``cap_run``)."""
         if not self.per_prompt:
             return self.full, None
         left = self.budget - spent_requests
@@ -35,5 +36,13 @@ class Budget:
         if n == 0:
             return 0, (f"annotation budget reached: {spent_requests} of {self.budget} requests spent; "
                        f"a prompt costs {self.per_prompt}")
-        self.meter.allow(left // self.world)
+        if cap_meter:
+            self.meter.allow(left // self.world)
         return n, None
+
+    def cap_run(self, spent_requests: int) -> None:
+        """Cap the meter at the requests the run has left (each process its share), once: batches
+        sampled ahead reserve their requests at any time on the annotation thread, so a per-step cap,
+        counted from the requests reserved so far, would cut batches already planned."""
+        if self.per_prompt:
+            self.meter.allow((self.budget - spent_requests) // self.world)

@@ -13,6 +13,9 @@ offline pairs — the loop never asks which), ``annotate.py`` turns the annotato
 ``Feedback``, the objective turns it into a loss, and the held-out check (``heldout.py``) measures
 progress with requests counted apart.
 
+Under ``async_steps: N`` the next N batches are sampled ahead and labelled on a background thread
+while this one updates (``pipeline.py``; ``step_async``); the rest of a step (``learn``) is the same.
+
 The budget (``annotation_budget``) is in annotator *requests*, counted by the run's one meter
 (``annotators/base.py``). Before each step the step is cut to the prompts whose requests still fit
 (or not taken) and the meter is capped at the requests left: every request is reserved before it
@@ -21,6 +24,7 @@ is sent, so retries can never pass the budget, and a run that reaches it mid-ste
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -45,9 +49,11 @@ from daralign.train.annotate import annotate, shuffled_control
 from daralign.train.budget import Budget
 from daralign.train.heldout import HeldoutCheck
 from daralign.train.model_card import write_model_card
+from daralign.train.pipeline import Pipeline
 from daralign.train.step_metrics import nothing_spent, step_metrics
 from daralign.core.models import disable_dropout, flush_denormals, load_causal_lm, load_tokenizer, own_weights, token_logps
 from daralign.objectives import get_objective
+from daralign.objectives.base import importance_weights
 from daralign.core import sharding
 from daralign.core.provenance import provenance
 from daralign.rollout.base import (SamplingSettings, behaviour_check, build_engine, check_engine, engine_class,
@@ -141,8 +147,15 @@ class OnlineTrainer:
         self.engine = build_engine(train, self.kind, self._sampling_settings(), self.tokenizer, self.accelerator.device)
         # An engine that gives no π_t (vLLM): with one update per batch (and no dropout) DAR's and GRPO's
         # π_t is the detached value of the update's own forward, so no extra pass (objectives/base.py)
+        # Not under async_steps: there the update's policy is not the one that sampled.
         self.pi_t_from_update = (not self.engine.gives_behaviour_logps and self.objective.behaviour_in_loss
-                                 and train.num_updates_per_batch == 1 and train.disable_dropout)
+                                 and train.num_updates_per_batch == 1 and train.disable_dropout and not train.async_steps)
+        self.pipeline = None
+        if train.async_steps and self.kind == "offline":  # so `compare --async_steps N` runs every method
+            console.print(f"async_steps: {train.algorithm} trains on fixed pairs, with nothing to sample or annotate "
+                          "ahead; it runs synchronously")
+        elif train.async_steps:
+            self.pipeline = Pipeline(train.async_steps, self.labels)
 
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
@@ -245,11 +258,16 @@ class OnlineTrainer:
             timing["timing/behaviour_forward"] = time.perf_counter() - t
         return rollout, timing
 
-    def feedback(self, rollout, step: int):
-        """The annotator's labels for the rollout, as the objective learns from them (``annotate.py``);
-        under ``shuffle_rewards``, the control's labels instead (bought the same way)."""
-        fb = annotate(self.annotator, rollout, kind=self.kind, best_vs_worst=self.objective.best_vs_worst,
-                      missing_eos_penalty=self.cfg.missing_eos_penalty)
+    def labels(self, rollout):
+        """The annotator's labels for the rollout, as the objective learns from them (``annotate.py``).
+        No collective: under ``async_steps`` this runs on the annotation thread."""
+        return annotate(self.annotator, rollout, kind=self.kind, best_vs_worst=self.objective.best_vs_worst,
+                        missing_eos_penalty=self.cfg.missing_eos_penalty)
+
+    def feedback(self, rollout, step: int, labels=None):
+        """The labels (bought now, or bought ahead: ``labels``); under ``shuffle_rewards``, the
+        control's labels instead (bought the same way)."""
+        fb = labels if labels is not None else self.labels(rollout)
         if self.cfg.shuffle_rewards:
             fb = shuffled_control(fb, seed=self.cfg.seed, step=step, rank=self.rank, gather=self.accelerator.gather)
         return fb
@@ -329,9 +347,72 @@ class OnlineTrainer:
         t1 = time.perf_counter()
         feedback = self.feedback(rollout, step)  # the AI annotator: r(x, y), or P(y_i ≻ y_j)
         t2 = time.perf_counter()
+        return self.learn(step, num_prompts, rollout, feedback, spent, timing,
+                          {"timing/rollout": t1 - t0, "timing/annotate": t2 - t1}, started=t0)
+
+    def step_async(self, step: int, spent: dict) -> dict | None:
+        """One step under ``async_steps`` (``pipeline.py``): sample ahead, take this step's batch
+        and its labels bought meanwhile, learn from it. None when no batch was left to train."""
+        t0 = time.perf_counter()
+        sampling = self.sample_ahead(step, spent)
+        batch = self.pipeline.pop(step)
+        if batch is None:
+            return None
+        t1 = time.perf_counter()
+        labels, annotate_s = batch.labels.result()  # an annotator's failure is raised here, on this thread
+        waited = time.perf_counter() - t1
+        feedback = self.feedback(batch.rollout, step, labels)
+        timing = dict(batch.timing)
+        phases = {"timing/rollout": timing.pop("timing/rollout"), "timing/annotate": annotate_s}
+        lag = {"async/staleness": float(step - batch.sampled_at), "async/wait_annotate": waited, "async/wait_rollout": sampling}
+        return self.learn(step, batch.num_prompts, batch.rollout, feedback, spent, timing, phases, started=t0, extra=lag)
+
+    def sample_ahead(self, step: int, spent: dict) -> float:
+        """Sample, from θ_step, every batch up to step + async_steps not yet sampled and hand each to
+        the annotation thread; never past ``max_steps``, the budget, or the next checkpoint (the
+        pipeline drains there, so --resume repeats the run exactly). Returns the seconds spent."""
+        pipe, cfg = self.pipeline, self.cfg
+        last = min(step + pipe.depth, cfg.max_steps - 1)
+        if cfg.save_strategy != "no" and cfg.save_steps:
+            last = min(last, (step // cfg.save_steps + 1) * cfg.save_steps - 1)
+        took = 0.0
+        while pipe.next_step <= last and pipe.stopped is None:
+            planned = pipe.planned_prompts() * self.budget.per_prompt  # requests of the batches in flight
+            num_prompts, why = self.budget.prompts(spent["annotation_requests"] + planned, cap_meter=False)
+            if num_prompts == 0:
+                pipe.stopped = why
+                break
+            t = time.perf_counter()
+            rollout, timing = self.rollout(pipe.next_step, num_prompts)
+            timing["timing/rollout"] = time.perf_counter() - t
+            took += timing["timing/rollout"]
+            pipe.add(pipe.next_step, num_prompts, rollout, timing, sampled_at=step)
+        return took
+
+    def off_policy(self, rollout) -> tuple:
+        """Under ``async_steps``, for an objective with an ``importance_ratio`` (RLOO, GRPO, PPO): the
+        rollout as ``prepare`` sees it — π_old the current policy, from one forward — and the truncated
+        importance weights min(π_θ/π_sampler, cap) with their metrics. Else the rollout as it is."""
+        level = self.objective.importance_ratio
+        if not (self.cfg.async_steps and level):
+            return rollout, None, {}
+        t = time.perf_counter()
+        current = self._forward_token_logps(self.unwrapped, rollout)
+        weights, metrics = importance_weights(current, rollout.behaviour_token_logps, rollout.completion_mask[:, 1:].float(),
+                                              cap=self.cfg.importance_ratio_cap, level=level)
+        metrics["timing/importance_forward"] = time.perf_counter() - t
+        return dataclasses.replace(rollout, behaviour_token_logps=current), weights, metrics
+
+    def learn(self, step: int, num_prompts: int, rollout, feedback, spent: dict, timing: dict, phases: dict, *,
+              started: float, extra: dict | None = None) -> dict:
+        """The rest of Algorithm 1 on a labelled batch: reference, prepare, update, sync; its metrics."""
+        t2 = time.perf_counter()
         ref = self.reference_token_logps(rollout) if self.objective.needs_reference else None  # log π_ref(y|x)
         t3 = time.perf_counter()
-        prepared, objective_metrics, signal = self.prepare(rollout, feedback, ref)  # weights, advantages, pairs
+        seen, weights, extra_metrics = self.off_policy(rollout)
+        prepared, objective_metrics, signal = self.prepare(seen, feedback, ref)  # weights, advantages, pairs
+        if weights is not None:
+            prepared["importance_weight"] = weights
         update = self.update(rollout, prepared, signal)  # θ_t → θ_{t+1}
         if rollout.behaviour_token_logps is None:
             objective_metrics = self.pi_t_after_update(rollout, feedback, ref, update, timing)
@@ -346,15 +427,34 @@ class OnlineTrainer:
             outputs.log_completions(self.out / "completions.jsonl", step, rollout, feedback, ids)
         return step_metrics(
             rollout, feedback, ref, spent=spent, eval_requests=self._eval_requests_since(), num_prompts=num_prompts,
-            objective=objective_metrics, update=update.metrics | timing | behaviour_check(rollout),
-            timing={"timing/rollout": t1 - t0, "timing/annotate": t2 - t1, "timing/reference": t3 - t2,
-                    "timing/update": t4 - t3, "step_time": t4 - t0},
+            objective=objective_metrics, update=update.metrics | timing | behaviour_check(rollout) | extra_metrics | (extra or {}),
+            timing=phases | {"timing/reference": t3 - t2, "timing/update": t4 - t3, "step_time": t4 - started},
             sum_over_processes=self._sum, sampled=self.kind != "offline")
 
     # ---------------------------------------------------------------- budget
     def prompts_affordable(self, spent: dict) -> tuple[int, str | None]:
         """(prompts the next step may take, why it takes none): ``budget.py``."""
         return self.budget.prompts(spent["annotation_requests"])
+
+    def _more_to_train(self, spent: dict) -> bool:
+        """Whether a step follows this one (within ``max_steps``): a batch in flight, or one the budget affords."""
+        if self.pipeline is None:
+            return self.prompts_affordable(spent)[0] > 0
+        planned = self.pipeline.planned_prompts() * self.budget.per_prompt
+        return bool(self.pipeline.in_flight) or (self.pipeline.stopped is None and
+                                                 self.budget.prompts(spent["annotation_requests"] + planned, cap_meter=False)[0] > 0)
+
+    def _count_unused(self, spent: dict) -> dict:
+        """Batches sampled ahead and labelled but never trained (a callback stopped the run): their
+        requests were paid for, so they are counted in the run's spend."""
+        pipe, spent = self.pipeline, dict(spent)
+        for batch in pipe.in_flight:
+            fb, _ = batch.labels.result()
+            for key, n in (("annotations", fb.num_annotations), ("annotation_requests", fb.num_requests),
+                           ("annotation_cache_hits", fb.num_cache_hits)):
+                spent[key] += int(self._sum(n))
+        pipe.in_flight.clear()
+        return spent
 
     def _eval_requests_since(self) -> int:
         """Evaluation requests on this process since the last call (held-out scoring, win rates)."""
@@ -420,6 +520,9 @@ class OnlineTrainer:
             acc.init_trackers(self.out.name, config={k: v for k, v in to_dict(self.cfg, self.algo_config).items()
                                                     if isinstance(v, (int, float, str, bool))})
         log = MetricsLog(self.out, acc, resume_step=start if resume_from is not None else None) if acc.is_main_process else None
+        if self.pipeline is not None:  # batches are planned against what is in flight; the meter is capped once
+            self.pipeline.next_step = start
+            self.budget.cap_run(spent["annotation_requests"])
         self.engine.sync_weights(self.unwrapped)  # an engine holding other weights (a server, a resumed run) starts at these
         if start == 0 and not (self.out / "heldout_before.json").exists():
             self._heldout_showing("before", "before training")
@@ -429,11 +532,15 @@ class OnlineTrainer:
         with progress:
             task = progress.add_task(f"{cfg.algorithm} steps", total=cfg.max_steps, completed=start)
             for step in range(start, cfg.max_steps):
-                num_prompts, why = self.prompts_affordable(spent)
-                if num_prompts == 0:
+                if self.pipeline is not None:
+                    metrics = self.step_async(step, spent)
+                    why = self.pipeline.stopped
+                else:
+                    num_prompts, why = self.prompts_affordable(spent)
+                    metrics = self.step(step, num_prompts, spent) if num_prompts else None
+                if metrics is None:
                     console.print(f"{why}; stopping after step {step}")
                     break
-                metrics = self.step(step, num_prompts, spent)
                 unlabelled = unlabelled + 1 if self.kind != "offline" and metrics["annotations"] == spent["annotations"] else 0
                 if unlabelled >= MAX_STEPS_WITHOUT_LABELS:
                     said = getattr(self.annotator, "last_answers", None)
@@ -443,7 +550,9 @@ class OnlineTrainer:
                         "and backend (`daralign annotate` shows what it returns)")
                 spent = {k: metrics[k] for k in spent}
                 if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < cfg.max_steps \
-                        and self.prompts_affordable(spent)[0]:  # the last step of a budget: "after" is this evaluation
+                        and self._more_to_train(spent):  # the last step of a budget: "after" is this evaluation
+                    if self.pipeline is not None:
+                        self.pipeline.settle()  # no training request runs while evaluation's are counted
                     progress.update(task, description=f"{cfg.algorithm} · held-out evaluation ({len(self.eval_rows)} prompts)")
                     res = self.heldout_check.run(f"step{step + 1}")
                     if res:
@@ -466,6 +575,8 @@ class OnlineTrainer:
                     break
             else:
                 step = cfg.max_steps
+        if self.pipeline is not None:
+            spent = self._count_unused(spent)
         if checkpoints and saved != step:  # a checkpoint at the end: --resume of a finished run then does nothing
             checkpoint.save(acc, self.out, step, {"step": step, **spent, "config": self.config_dict}, cfg.save_total_limit, self.extra)
         after = self._heldout_showing("after", "after training")
@@ -499,6 +610,8 @@ class OnlineTrainer:
             outputs.save_final(self.out, model, self.tokenizer, self.extra, merge_lora=self.cfg.use_peft and self.cfg.merge_lora, state_dict=state)
 
     def close(self) -> None:
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.close()
         if getattr(self, "heldout_check", None) is not None:
             self.heldout_check.close()
         if getattr(self, "annotator", None) is not None:

@@ -1,0 +1,96 @@
+"""Asynchronous online training (``async_steps: N``): the labels of the next N batches are bought
+in the background while this step updates, so the trainer does not idle through the annotator.
+
+One step t, with N = 1 (verl's "one-step-off", prime-rl's ``max_async_level``)::
+
+    sample batch t+1 from θ_t ──► its annotation starts on the annotation thread
+    wait for batch t's labels (bought while step t−1 updated)
+    reference, prepare, update θ_t → θ_{t+1}                 ◄── annotation of t+1 runs meanwhile
+
+so a batch is trained at most N updates after the policy that sampled it (``async/staleness``).
+Sampling stays on the training thread: the engine, its weight pushes and every collective (DDP,
+FSDP2, ZeRO-3, the shuffled control's gather) run where they run in the synchronous loop, in the
+same order on every process. The one thing that moves is the annotator's call: one worker thread,
+so a batch's requests are counted on the meter exactly as before (``annotate.py``'s ``_Spend``).
+
+What stays exact:
+- **π_t is the sampler's.** Behaviour log-probs are recorded when the batch is sampled; the loop
+  turns off "π_t from the update's forward" under ``async_steps``.
+- **The budget.** A batch is planned against the requests spent *and* those planned for batches
+  still in flight (their nominal cost); the meter is capped once, at the run's requests left, and
+  reserves every request before it is sent. When the budget is reached nothing more is sampled and
+  the batches already paid for are trained.
+- **Resume.** The pipeline drains at every checkpoint: no batch past a checkpoint is sampled before
+  that checkpoint is written, so a run resumed from it (an empty pipeline) samples every later
+  batch from the same weights at the same step as the run that was not stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from daralign.core.types import Feedback, Rollout
+
+
+@dataclass
+class InFlight:
+    """A batch sampled ahead: its rollout, and the future of its labels and their seconds."""
+
+    step: int  # the step that will train on it
+    num_prompts: int  # global prompts (what the budget planned)
+    rollout: Rollout
+    timing: dict  # the rollout's own timings (timing/rollout, timing/behaviour_forward)
+    sampled_at: int  # the step during which it was sampled: updates θ_0…θ_{sampled_at} were done
+    labels: Future  # → (Feedback, seconds the annotator took)
+
+
+class Pipeline:
+    """The batches sampled ahead, in step order, and the thread that buys their labels."""
+
+    def __init__(self, depth: int, annotate: Callable[[Rollout], Feedback]) -> None:
+        self.depth = depth
+        self.annotate = annotate
+        self.in_flight: deque[InFlight] = deque()
+        self.next_step = 0  # the step whose batch is sampled next
+        self.stopped: str | None = None  # why nothing more is sampled (the budget)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daralign-annotate")
+
+    def _timed_annotate(self, rollout: Rollout) -> tuple[Feedback, float]:
+        start = time.perf_counter()
+        return self.annotate(rollout), time.perf_counter() - start
+
+    def add(self, step: int, num_prompts: int, rollout: Rollout, timing: dict, sampled_at: int) -> None:
+        """A batch just sampled: its annotation starts now, behind those already queued."""
+        self.in_flight.append(InFlight(step, num_prompts, rollout, timing, sampled_at,
+                                       self._pool.submit(self._timed_annotate, rollout)))
+        self.next_step = step + 1
+
+    def planned_prompts(self) -> int:
+        """Global prompts of the batches sampled but not yet trained (their labels not yet in the
+        run's spend)."""
+        return sum(b.num_prompts for b in self.in_flight)
+
+    def pop(self, step: int) -> InFlight | None:
+        """This step's batch, or None when none was sampled (the budget or ``max_steps`` ended it)."""
+        if not self.in_flight:
+            return None
+        batch = self.in_flight.popleft()
+        assert batch.step == step, f"pipeline out of order: step {step} got the batch of step {batch.step}"
+        return batch
+
+    def settle(self) -> None:
+        """Wait until no annotation is running (before a held-out evaluation: its requests are
+        counted on the same meter, in its evaluation phase). A failed annotation raises later, when
+        its step takes it."""
+        for batch in self.in_flight:
+            batch.labels.exception()
+
+    def close(self) -> None:
+        for batch in self.in_flight:
+            batch.labels.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.in_flight.clear()

@@ -1,0 +1,188 @@
+"""Asynchronous training (``async_steps``, train/pipeline.py) through the real loop on the tiny
+policy: the same batches and labels as the synchronous loop, π_t the sampler's, the staleness
+bounded and reset at checkpoints, RLOO's truncated importance ratio, the budget exact against a
+real judge server on loopback, kill -9 + --resume equal to the run that was not stopped, and an
+annotator's failure ending the run with its one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import http_judge, keyword_judge, undocumented_metrics
+
+import tiny
+from daralign.cli import main as daralign_main
+from test_resume import _assert_same_run, _config, _launch_and_kill
+
+TIMING = ("timing/", "step_time", "async/", "judge/latency_s")
+
+
+def config(tmp: Path, policy: Path, prompts: Path, **over) -> Path:
+    return tiny.run_config(tmp, policy, prompts, **{"max_completion_length": 5, "max_steps": 4, **over})
+
+
+def train(cfg: Path, out: Path, *args: str) -> list[dict]:
+    assert daralign_main(["train", "--config", str(cfg), "--output_dir", str(out), *args]) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+    a, b = untimed(a), untimed(b)
+    assert [r.keys() for r in a] == [r.keys() for r in b]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            assert ra[k] == (pytest.approx(rb[k], rel=1e-6, abs=1e-6) if isinstance(rb[k], float) else rb[k]), (ra["step"], k)
+
+
+@pytest.mark.parametrize("algorithm", ["dar", "online-dpo"])
+def test_a_policy_that_does_not_move_trains_on_the_same_batches_and_labels(tmp_path, tiny_policy_dir, tiny_prompts_file,
+                                                                           algorithm, judge_http):
+    """With lr 0 the sampler is the current policy whatever the lag: the pipelined run must see the
+    batches, labels and losses of the synchronous one, step for step (the schedule, the per-step
+    sampling seeds and the budget's plan are the same)."""
+    judge_http.handler = keyword_judge  # online DPO: AI preferences from a real judge server on loopback
+    annotator = http_judge(judge_http, mode="compare") if algorithm == "online-dpo" else None
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, learning_rate=0.0, algorithm=algorithm,
+                 **({"annotator": annotator} if annotator else {}))
+    sync = train(cfg, tmp_path / "sync")
+    lagged = train(cfg, tmp_path / "async", "--async_steps", "2")
+    assert [r["async/staleness"] for r in lagged] == [0.0, 1.0, 2.0, 2.0]
+    assert all(r["async/wait_annotate"] >= 0 and r["async/wait_rollout"] >= 0 for r in lagged)
+    assert_same_metrics(lagged, sync)
+    assert (tmp_path / "sync" / "completions.jsonl").read_text() == (tmp_path / "async" / "completions.jsonl").read_text()
+
+
+def test_dars_pi_t_is_the_policy_that_sampled(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    """One step of lag: step 2 trains on samples drawn by θ_0, the reference itself, so its
+    KL(π_t‖π_ref) and DAR's log π_ref − log π_t are zero — they would not be with π_t the current
+    policy θ_1. The synchronous run's step 2 samples from θ_1: its KL is not zero."""
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, learning_rate=5e-3, max_steps=3)
+    sync = train(cfg, tmp_path / "sync")
+    lagged = train(cfg, tmp_path / "async", "--async_steps", "1")
+    assert [r["async/staleness"] for r in lagged] == [0.0, 1.0, 1.0]
+    assert lagged[1]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert lagged[1]["dar/log_ratio_ref_behaviour"] == pytest.approx(0.0, abs=1e-4)
+    assert abs(sync[1]["kl"]) > 1e-3 and abs(lagged[2]["kl"]) > 1e-3
+    assert not any(k.startswith("async/is_") for k in lagged[1])  # DAR needs no ratio: π_t is the correction
+    assert not undocumented_metrics(lagged)
+
+
+def test_rloo_weights_stale_samples_by_a_truncated_ratio(tmp_path, tiny_policy_dir, tiny_prompts_file, capsys):
+    """RLOO under lag: the ratio π_θ/π_sampler is exactly 1 for a batch sampled by the current
+    policy (step 1) and not for a stale one; with a cap of 1 every ratio above 1 is cut."""
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, learning_rate=5e-3, algorithm="rloo", max_steps=3)
+    m = train(cfg, tmp_path / "run", "--async_steps", "1", "--importance_ratio_cap", "1.0")
+    assert m[0]["async/staleness"] == 0.0
+    assert m[0]["async/is_weight_mean"] == pytest.approx(1.0, abs=1e-4) and m[0]["async/is_log_ratio_max"] < 1e-4
+    stale = m[1]
+    assert stale["async/staleness"] == 1.0 and stale["async/is_log_ratio_max"] > 1e-3
+    assert 0 < stale["async/is_weight_mean"] <= 1.0 and 0 <= stale["async/is_truncated_frac"] <= 1
+    assert stale["timing/importance_forward"] >= 0
+    assert not undocumented_metrics(m)  # every async/* key is in docs/metrics.md
+    capsys.readouterr()
+    assert daralign_main(["train", "--config", str(cfg), "--output_dir", str(tmp_path / "bad"), "--importance_ratio_cap", "0"]) == 1
+    assert "importance_ratio_cap must be > 0 (got 0.0)" in capsys.readouterr().err
+
+
+def test_checkpoints_drain_the_pipeline(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, max_steps=5)
+    m = train(cfg, tmp_path / "run", "--async_steps", "2", "--save_steps", "2")
+    assert [r["async/staleness"] for r in m] == [0.0, 1.0, 0.0, 1.0, 0.0]
+
+
+def test_the_budget_is_exact_against_a_real_judge_server(tmp_path, tiny_policy_dir, tiny_prompts_file, judge_http):
+    """Budget 7 (2 prompts × K=2 = 4 requests a step): the synchronous run buys 4 + 2; the pipelined
+    one plans each batch against what is in flight and buys the same, and the server's own count
+    agrees. Then it trains what it paid for and stops with the budget's line."""
+    judge_http.handler = keyword_judge
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, annotation_budget=7, annotator=http_judge(judge_http))
+    sync = train(cfg, tmp_path / "sync")
+    served_sync = len(judge_http.requests)
+    lagged = train(cfg, tmp_path / "async", "--async_steps", "2")
+    assert [r["annotation_requests"] for r in lagged] == [r["annotation_requests"] for r in sync] == [4, 6]
+    assert [r["num_prompts"] for r in lagged] == [2, 1]
+    assert len(judge_http.requests) - served_sync == served_sync == 6
+    spent = json.loads((tmp_path / "async" / "annotation_requests.json").read_text())
+    assert spent["annotation_requests"] == 6
+
+
+def test_a_failing_annotator_ends_the_run_with_its_line(tmp_path, tiny_policy_dir, tiny_prompts_file, judge_http, capsys):
+    """The judge answers the first step's requests, then the server errors: the failure raised on the
+    annotation thread ends the run on the training thread with the same one line as synchronously."""
+    judge_http.handler = lambda path, body, n: keyword_judge(path, body, n) if n <= 4 else (400, {"error": "bad key"}, {})
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, annotator=http_judge(judge_http))
+    lines = {}
+    for mode, args in (("sync", []), ("async", ["--async_steps", "1"])):
+        judge_http.requests.clear()
+        assert daralign_main(["train", "--config", str(cfg), "--output_dir", str(tmp_path / mode), *args]) == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        lines[mode] = err[-1]
+        assert "Traceback" not in "\n".join(err)
+    assert lines["async"] == lines["sync"] and "400" in lines["sync"]
+
+
+@pytest.mark.slow  # kills a training subprocess
+def test_kill9_then_resume_equals_straight_run_with_async_steps(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    cfg = _config(tmp_path, tiny_policy_dir, tiny_prompts_file)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ["--config", str(cfg), "--save_steps", "2", "--async_steps", "1"]
+    assert daralign_main(["train", *args, "--output_dir", str(straight)]) == 0
+    _launch_and_kill([*args, "--output_dir", str(killed)], killed,
+                     lambda: (killed / "checkpoint-2" / "trainer_state.json").is_file())
+    assert daralign_main(["train", *args, "--output_dir", str(killed), "--resume"]) == 0
+    _assert_same_run(straight, killed)
+    staleness = [json.loads(x)["async/staleness"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert staleness == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_grpo_and_ppo_weight_stale_tokens(tmp_path, tiny_policy_dir, tiny_prompts_file, algorithm):
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, learning_rate=5e-3, algorithm=algorithm, max_steps=3)
+    m = train(cfg, tmp_path / "run", "--async_steps", "1")
+    assert [r["async/staleness"] for r in m] == [0.0, 1.0, 1.0]
+    assert m[0]["async/is_log_ratio_max"] < 1e-4 < m[1]["async/is_log_ratio_max"]
+    assert all(0 < r["async/is_weight_mean"] <= 2.0 and r["loss"] == r["loss"] for r in m)  # capped at 2, finite
+    assert not undocumented_metrics(m)
+
+
+def test_compare_runs_every_method_with_async_steps_on_the_same_budget(tmp_path, tiny_policy_dir, tiny_prompts_file,
+                                                                      judge_http, capsys):
+    """`daralign compare --async_steps 1`: every method pipelines and spends what the synchronous
+    compare spends."""
+    judge_http.handler = keyword_judge
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, annotator=http_judge(judge_http))
+    spent = {}
+    for mode, extra in (("sync", []), ("async", ["--async_steps", "1"])):
+        out = tmp_path / mode
+        assert daralign_main(["compare", "--config", str(cfg), "--algorithms", "dar,rloo,online-dpo",
+                              "--annotation_budget", "8", "--output_dir", str(out), *extra]) == 0
+        runs = sorted(p.parent for p in out.glob("*/seed*/annotation_requests.json"))  # <method>/seed<n>/
+        spent[mode] = {run.parent.name: json.loads((run / "annotation_requests.json").read_text())["annotation_requests"]
+                       for run in runs}
+        if mode == "async":
+            rows = {run.parent.name: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in runs}
+            assert rows and all("async/staleness" in r[-1] for r in rows.values())
+    assert spent["async"] == spent["sync"] and len(spent["sync"]) == 3 and all(0 < v <= 8 for v in spent["sync"].values())
+
+
+def test_offline_dpo_runs_synchronously_with_a_note(tmp_path, tiny_policy_dir, capsys):
+    """Offline DPO has nothing to sample or annotate ahead: one line says so and it trains as usual."""
+    pairs = tiny.write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": p, "chosen": "Here we see the sea, free and serene.", "rejected": "No."} for p in tiny.PROMPTS[:4]])
+    argv = ["train", "--algorithm", "dpo", "--model_name_or_path", str(tiny_policy_dir), "--dataset", str(pairs),
+            "--per_device_train_batch_size", "2", "--max_steps", "2", "--report", "false"]
+    sync = train_argv(argv, tmp_path / "sync")
+    lagged = train_argv(argv + ["--async_steps", "1"], tmp_path / "async")
+    assert "dpo trains on fixed pairs, with nothing to sample or annotate ahead; it runs synchronously" in capsys.readouterr().err
+    assert_same_metrics(lagged, sync) and not any("async/staleness" in r for r in lagged)
+
+
+def train_argv(argv: list[str], out: Path) -> list[dict]:
+    assert daralign_main([*argv, "--output_dir", str(out)]) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
