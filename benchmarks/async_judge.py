@@ -10,7 +10,9 @@ shape (6 prompts × 4 samples, 24 new tokens). A second pair of runs uses a judg
 update (``--slow_factor`` × the latency): the trainer then waits, and the JSON shows it waiting,
 not spinning — its CPU seconds per wall second while it trains.
 
-    OMP_NUM_THREADS=2 python benchmarks/async_judge.py --json docs/img/performance/async_judge.json
+    OMP_NUM_THREADS=2 python benchmarks/async_judge.py --json docs/img/performance/async_judge.json \
+        --plot docs/img/performance/async_judge.png
+    python benchmarks/async_judge.py --replot --json docs/img/performance/async_judge.json --plot docs/img/performance/async_judge.png
 
 Goal (issue 33): ``async_steps: 1`` ≤ 0.65 of the synchronous step time, and within 10% of the bound.
 """
@@ -120,6 +122,28 @@ def ideal(sync: dict) -> float:
     return max(sync["rollout_median"] + sync["reference_median"] + sync["update_median"], sync["annotate_median"])
 
 
+def plot(result: dict, path: str) -> None:
+    """Median step time per ``async_steps``, one group per judge, the bound and the ideal as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(result["runs"].items())
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), sharey=True)
+    for ax, (name, entry) in zip(axes, groups):
+        levels = [str(r["async_steps"]) for r in entry["runs"]]
+        ax.bar(levels, [r["step_time_median"] for r in entry["runs"]], color="tab:blue")
+        ax.axhline(entry["bound_s"], color="tab:red", ls="--", label="bound: rollout + reference + max(annotate, update)")
+        ax.axhline(entry["ideal_s"], color="tab:green", ls=":", label="ideal: max(rollout + reference + update, annotate)")
+        ax.set(title=f"{name}\n({entry['latency_s']:.1f} s a request)", xlabel="async_steps")
+    axes[0].set_ylabel("median step time (s)")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"DAR, SmolLM2, K = 4, on {result['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--latency", type=float, default=0.8, help="seconds the judge takes per request")
@@ -128,10 +152,16 @@ def main(argv=None) -> int:
     p.add_argument("--slow_factor", type=float, default=3.0, help="the slow judge's latency, in multiples of --latency")
     p.add_argument("--steps", type=int, default=7, help=f"steps a run; the first (warm-up) and the last {DRAIN} are not counted")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write a bar plot of the results here (PNG)")
+    p.add_argument("--replot", action="store_true", help="measure nothing: plot the results already in --json")
     a = p.parse_args(argv)
+    if a.replot:
+        plot(json.loads(Path(a.json).read_text()), a.plot)
+        return 0
     from daralign.core.provenance import cpu
 
-    result = {"what": __doc__.split("\n\n")[0], "cpu": cpu(), "settings": vars(a) | {"json": None}, "runs": {}}
+    result = {"what": __doc__.split("\n\n")[0], "cpu": cpu(), "settings": {k: v for k, v in vars(a).items()
+                                                                            if k not in ("json", "plot", "replot")}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, latency, levels in (("judge about as slow as the update", a.latency, (0, 1, 2)),
                                       ("judge slower than the update", a.latency * a.slow_factor, (0, 1))):
@@ -157,6 +187,8 @@ def main(argv=None) -> int:
     print(f"goal (async_steps 1 ≤ 0.65 of sync and ≤ 1.10 of the bound): {result['goal']}")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+    if a.plot:
+        plot(result, a.plot)
     return 0
 
 
