@@ -240,3 +240,41 @@ def test_the_real_quickstart_stack_runs_pipelined(tmp_path, monkeypatch):
     assert [r["async/staleness"] for r in m] == [0.0, 1.0, 1.0]
     assert abs(m[1]["kl"]) < 1e-3 < abs(m[2]["kl"])
     assert all(r["annotation_requests"] == 4 * (i + 1) for i, r in enumerate(m))
+
+
+def test_batches_bought_ahead_and_never_trained_are_counted(tmp_path, tiny_policy_dir, tiny_prompts_file, judge_http):
+    """A callback stops the run after step 1 while async_steps 2 has bought the labels of steps 2
+    and 3: those requests were paid for, so the run's spend counts them — the server's own count."""
+    from daralign.train.args import parse_train_args
+    from daralign.train.loop import OnlineTrainer
+
+    judge_http.handler = keyword_judge
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, annotator=http_judge(judge_http), max_steps=5)
+    train_cfg, algo = parse_train_args(["--config", str(cfg), "--output_dir", str(tmp_path / "run"), "--async_steps", "2"])
+    trainer = OnlineTrainer(train_cfg, algo, on_step=lambda step, metrics: step == 1)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
+    spent = json.loads((tmp_path / "run" / "annotation_requests.json").read_text())
+    assert [json.loads(x)["annotation_requests"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [4]
+    assert result["annotation_requests"] == spent["annotation_requests"] == len(judge_http.requests) == 12
+
+
+def test_evaluation_requests_are_counted_apart_while_batches_are_in_flight(tmp_path, tiny_policy_dir, tiny_prompts_file,
+                                                                         judge_http):
+    """Held-out scoring by the training judge every step, with two batches in flight: the pipeline
+    settles before each evaluation, so its requests land on the evaluation account and the training
+    account holds exactly the synchronous run's requests; the server saw their sum."""
+    judge_http.handler = keyword_judge
+    heldout = tiny.write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:2]])
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, annotator=http_judge(judge_http),
+                 eval_dataset=str(heldout), eval_max_prompts=2, eval_steps=1)
+    seen = {}
+    for mode, extra in (("sync", []), ("async", ["--async_steps", "2"])):
+        before = len(judge_http.requests)
+        m = train(cfg, tmp_path / mode, *extra)
+        spent = json.loads((tmp_path / mode / "annotation_requests.json").read_text())
+        assert spent["annotation_requests"] + spent["eval_annotation_requests"] == len(judge_http.requests) - before
+        seen[mode] = ([r["annotation_requests"] for r in m], [r["eval_annotation_requests"] for r in m])
+    assert seen["async"] == seen["sync"]
