@@ -16,23 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201}
 
 
 def seed_level(values: list[float]) -> dict:
-    """Mean, SE over seeds and the 95% t-interval (n − 1 degrees of freedom)."""
-    n, mean = len(values), statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
-    half = T975.get(n - 1, 1.96) * se
-    return {"n_seeds": n, "mean": mean, "se": se, "ci95": [mean - half, mean + half], "mean_over_se": mean / se if se else None}
+    """Mean, SE over seeds and the 95% t-interval (n − 1 degrees of freedom): compare's statistics."""
+    from daralign.compare.paired import t_interval
+
+    t = t_interval(values)
+    return {"n_seeds": t["n"], "mean": t["mean"], "se": t["se"], "ci95": [t["mean"] - t["ci95"], t["mean"] + t["ci95"]],
+            "mean_over_se": t["mean"] / t["se"] if t["se"] else None}
 
 
 def run_seed(seed: int, runs: Path) -> dict:

@@ -14,6 +14,7 @@ from conftest import http_judge, keyword_judge, undocumented_metrics
 
 import tiny
 from daralign.cli import main as daralign_main
+from test_budget_and_audit import train
 from test_resume import _assert_same_run, _config, _launch_and_kill
 
 TIMING = ("timing/", "step_time", "async/", "judge/latency_s")
@@ -21,11 +22,6 @@ TIMING = ("timing/", "step_time", "async/", "judge/latency_s")
 
 def config(tmp: Path, policy: Path, prompts: Path, **over) -> Path:
     return tiny.run_config(tmp, policy, prompts, **{"max_completion_length": 5, "max_steps": 4, **over})
-
-
-def train(cfg: Path, out: Path, *args: str) -> list[dict]:
-    assert daralign_main(["train", "--config", str(cfg), "--output_dir", str(out), *args]) == 0
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def untimed(rows: list[dict]) -> list[dict]:

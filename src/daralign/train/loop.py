@@ -155,7 +155,8 @@ class OnlineTrainer:
             console.print(f"async_steps: {train.algorithm} trains on fixed pairs, with nothing to sample or annotate "
                           "ahead; it runs synchronously")
         elif train.async_steps:
-            self.pipeline = Pipeline(train.async_steps, self.labels)
+            self.pipeline = Pipeline(train.async_steps, self.labels, self.budget, max_steps=train.max_steps,
+                                     checkpoint_every=train.save_steps if train.save_strategy != "no" else 0)
 
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
@@ -354,7 +355,7 @@ class OnlineTrainer:
         """One step under ``async_steps`` (``pipeline.py``): sample ahead, take this step's batch
         and its labels bought meanwhile, learn from it. None when no batch was left to train."""
         t0 = time.perf_counter()
-        sampling = self.sample_ahead(step, spent)
+        sampling = self.pipeline.fill(step, spent["annotation_requests"], self.rollout)  # from θ_step, drained at checkpoints
         batch = self.pipeline.pop(step)
         if batch is None:
             return None
@@ -362,32 +363,9 @@ class OnlineTrainer:
         labels, annotate_s = batch.labels.result()  # an annotator's failure is raised here, on this thread
         waited = time.perf_counter() - t1
         feedback = self.feedback(batch.rollout, step, labels)
-        timing = dict(batch.timing)
-        phases = {"timing/rollout": timing.pop("timing/rollout"), "timing/annotate": annotate_s}
+        phases = {"timing/rollout": batch.sampling_s, "timing/annotate": annotate_s}
         lag = {"async/staleness": float(step - batch.sampled_at), "async/wait_annotate": waited, "async/wait_rollout": sampling}
-        return self.learn(step, batch.num_prompts, batch.rollout, feedback, spent, timing, phases, started=t0, extra=lag)
-
-    def sample_ahead(self, step: int, spent: dict) -> float:
-        """Sample, from θ_step, every batch up to step + async_steps not yet sampled and hand each to
-        the annotation thread; never past ``max_steps``, the budget, or the next checkpoint (the
-        pipeline drains there, so --resume repeats the run exactly). Returns the seconds spent."""
-        pipe, cfg = self.pipeline, self.cfg
-        last = min(step + pipe.depth, cfg.max_steps - 1)
-        if cfg.save_strategy != "no" and cfg.save_steps:
-            last = min(last, (step // cfg.save_steps + 1) * cfg.save_steps - 1)
-        took = 0.0
-        while pipe.next_step <= last and pipe.stopped is None:
-            planned = pipe.planned_prompts() * self.budget.per_prompt  # requests of the batches in flight
-            num_prompts, why = self.budget.prompts(spent["annotation_requests"] + planned, cap_meter=False)
-            if num_prompts == 0:
-                pipe.stopped = why
-                break
-            t = time.perf_counter()
-            rollout, timing = self.rollout(pipe.next_step, num_prompts)
-            timing["timing/rollout"] = time.perf_counter() - t
-            took += timing["timing/rollout"]
-            pipe.add(pipe.next_step, num_prompts, rollout, timing, sampled_at=step)
-        return took
+        return self.learn(step, batch.num_prompts, batch.rollout, feedback, spent, batch.timing, phases, started=t0, extra=lag)
 
     def off_policy(self, rollout) -> tuple:
         """Under ``async_steps``, for an objective with an ``importance_ratio`` (RLOO, GRPO, PPO): the
@@ -437,24 +415,11 @@ class OnlineTrainer:
         return self.budget.prompts(spent["annotation_requests"])
 
     def _more_to_train(self, spent: dict) -> bool:
-        """Whether a step follows this one (within ``max_steps``): a batch in flight, or one the budget affords."""
+        """Whether a step follows this one (within ``max_steps``): the budget affords one, or (async) a
+        batch is in flight."""
         if self.pipeline is None:
             return self.prompts_affordable(spent)[0] > 0
-        planned = self.pipeline.planned_prompts() * self.budget.per_prompt
-        return bool(self.pipeline.in_flight) or (self.pipeline.stopped is None and
-                                                 self.budget.prompts(spent["annotation_requests"] + planned, cap_meter=False)[0] > 0)
-
-    def _count_unused(self, spent: dict) -> dict:
-        """Batches sampled ahead and labelled but never trained (a callback stopped the run): their
-        requests were paid for, so they are counted in the run's spend."""
-        pipe, spent = self.pipeline, dict(spent)
-        for batch in pipe.in_flight:
-            fb, _ = batch.labels.result()
-            for key, n in (("annotations", fb.num_annotations), ("annotation_requests", fb.num_requests),
-                           ("annotation_cache_hits", fb.num_cache_hits)):
-                spent[key] += int(self._sum(n))
-        pipe.in_flight.clear()
-        return spent
+        return self.pipeline.more(spent["annotation_requests"])
 
     def _eval_requests_since(self) -> int:
         """Evaluation requests on this process since the last call (held-out scoring, win rates)."""
@@ -575,8 +540,12 @@ class OnlineTrainer:
                     break
             else:
                 step = cfg.max_steps
-        if self.pipeline is not None:
-            spent = self._count_unused(spent)
+        if self.pipeline is not None:  # batches bought ahead and never trained were paid for
+            spent = dict(spent)
+            for fb in self.pipeline.unused():
+                for key, n in (("annotations", fb.num_annotations), ("annotation_requests", fb.num_requests),
+                               ("annotation_cache_hits", fb.num_cache_hits)):
+                    spent[key] += int(self._sum(n))
         if checkpoints and saved != step:  # a checkpoint at the end: --resume of a finished run then does nothing
             checkpoint.save(acc, self.out, step, {"step": step, **spent, "config": self.config_dict}, cfg.save_total_limit, self.extra)
         after = self._heldout_showing("after", "after training")

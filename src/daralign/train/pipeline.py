@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from daralign.core.types import Feedback, Rollout
+from daralign.train.budget import Budget
 
 
 @dataclass
@@ -43,7 +44,8 @@ class InFlight:
     step: int  # the step that will train on it
     num_prompts: int  # global prompts (what the budget planned)
     rollout: Rollout
-    timing: dict  # the rollout's own timings (timing/rollout, timing/behaviour_forward)
+    sampling_s: float  # seconds the trainer spent sampling it (its timing/rollout)
+    timing: dict  # the rollout's other timings (timing/behaviour_forward)
     sampled_at: int  # the step during which it was sampled: updates θ_0…θ_{sampled_at} were done
     labels: Future  # → (Feedback, seconds the annotator took)
 
@@ -51,9 +53,10 @@ class InFlight:
 class Pipeline:
     """The batches sampled ahead, in step order, and the thread that buys their labels."""
 
-    def __init__(self, depth: int, annotate: Callable[[Rollout], Feedback]) -> None:
-        self.depth = depth
-        self.annotate = annotate
+    def __init__(self, depth: int, annotate: Callable[[Rollout], Feedback], budget: Budget, *, max_steps: int,
+                 checkpoint_every: int) -> None:
+        self.depth, self.annotate, self.budget = depth, annotate, budget
+        self.max_steps, self.checkpoint_every = max_steps, checkpoint_every  # 0: no checkpoints within the run
         self.in_flight: deque[InFlight] = deque()
         self.next_step = 0  # the step whose batch is sampled next
         self.stopped: str | None = None  # why nothing more is sampled (the budget)
@@ -63,16 +66,37 @@ class Pipeline:
         start = time.perf_counter()
         return self.annotate(rollout), time.perf_counter() - start
 
-    def add(self, step: int, num_prompts: int, rollout: Rollout, timing: dict, sampled_at: int) -> None:
-        """A batch just sampled: its annotation starts now, behind those already queued."""
-        self.in_flight.append(InFlight(step, num_prompts, rollout, timing, sampled_at,
-                                       self._pool.submit(self._timed_annotate, rollout)))
-        self.next_step = step + 1
+    def affordable(self, spent_requests: int) -> tuple[int, str | None]:
+        """(prompts the next batch may take, why none): planned against the requests spent *and*
+        the nominal requests of the batches in flight (not yet in the run's spend)."""
+        planned = sum(b.num_prompts for b in self.in_flight) * self.budget.per_prompt
+        return self.budget.prompts(spent_requests + planned, cap_meter=False)
 
-    def planned_prompts(self) -> int:
-        """Global prompts of the batches sampled but not yet trained (their labels not yet in the
-        run's spend)."""
-        return sum(b.num_prompts for b in self.in_flight)
+    def fill(self, step: int, spent_requests: int, sample: Callable[[int, int], tuple[Rollout, dict]]) -> float:
+        """During step ``step``: sample (``sample(step, num_prompts)``, from θ_step) every batch up to
+        step + depth not yet sampled and queue its annotation; never past ``max_steps``, the budget,
+        or the next checkpoint (the drain). Returns the seconds spent sampling."""
+        last = min(step + self.depth, self.max_steps - 1)
+        if self.checkpoint_every:
+            last = min(last, (step // self.checkpoint_every + 1) * self.checkpoint_every - 1)
+        took = 0.0
+        while self.next_step <= last and self.stopped is None:
+            num_prompts, why = self.affordable(spent_requests)
+            if num_prompts == 0:
+                self.stopped = why
+                break
+            start = time.perf_counter()
+            rollout, timing = sample(self.next_step, num_prompts)
+            seconds = time.perf_counter() - start
+            self.in_flight.append(InFlight(self.next_step, num_prompts, rollout, seconds, timing, step,
+                                           self._pool.submit(self._timed_annotate, rollout)))
+            self.next_step += 1
+            took += seconds
+        return took
+
+    def more(self, spent_requests: int) -> bool:
+        """Whether another batch will be trained: one in flight, or one the budget affords."""
+        return bool(self.in_flight) or (self.stopped is None and self.affordable(spent_requests)[0] > 0)
 
     def pop(self, step: int) -> InFlight | None:
         """This step's batch, or None when none was sampled (the budget or ``max_steps`` ended it)."""
@@ -88,6 +112,13 @@ class Pipeline:
         its step takes it."""
         for batch in self.in_flight:
             batch.labels.exception()
+
+    def unused(self) -> list[Feedback]:
+        """The labels of batches bought ahead and never trained (a callback stopped the run): paid
+        for, so the run counts them. Empties the pipeline."""
+        labels = [batch.labels.result()[0] for batch in self.in_flight]
+        self.in_flight.clear()
+        return labels
 
     def close(self) -> None:
         for batch in self.in_flight:
