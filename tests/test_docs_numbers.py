@@ -212,6 +212,8 @@ def test_the_quickstart_numbers_say_what_their_error_is_over():
 
 def learned_proxies(annotator) -> list[Path]:
     """Every ``{type: learned, path: DIR}`` in an annotator config, members of composites included."""
+    if isinstance(annotator, str) and annotator.endswith((".yaml", ".yml")) and (ROOT / annotator).is_file():
+        return learned_proxies(yaml.safe_load((ROOT / annotator).read_text()))  # an annotator named by its file
     if isinstance(annotator, list):
         return [p for a in annotator for p in learned_proxies(a)]
     if not isinstance(annotator, dict):
@@ -220,25 +222,45 @@ def learned_proxies(annotator) -> list[Path]:
     return found + [p for v in annotator.values() if isinstance(v, (dict, list)) for p in learned_proxies(v)]
 
 
-def test_the_quickstart_prompts_are_disjoint_from_its_proxy_fit_data_and_the_test_set():
-    """Issue 32, item 1, for the shipped quickstart: the prompts its learned proxy was fitted on (the
-    prompts of its ``samples.jsonl``, and the whole ``dataset`` its fit config named), the prompts it
-    trains on (``dataset``), its held-out prompts (``eval_dataset``) and the sealed test set are
-    pairwise disjoint — exactly, by their first three words, by any run of three words, and by MiniLM
-    cosine at most COSINE_LIMIT — and no two training prompts share a first-three-words template."""
+def configs_on_a_learned_proxy() -> list[str]:
+    """Every shipped training config (a YAML under examples/ naming a ``dataset``) whose annotator or
+    yardstick is, or holds, a learned proxy."""
+    found = []
+    for path in sorted((ROOT / "examples").rglob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text()) or {}
+        if isinstance(cfg, dict) and cfg.get("dataset") and learned_proxies([cfg.get("annotator"), cfg.get("eval_annotator")]):
+            found.append(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_config_on_a_learned_proxy_is_checked_for_overlap():
+    assert configs_on_a_learned_proxy() == ["examples/quickstart.yaml", "examples/testbed/study.yaml"]
+
+
+@pytest.mark.parametrize("config", configs_on_a_learned_proxy())
+def test_a_configs_prompts_are_disjoint_from_its_proxy_fit_data_and_the_test_set(config):
+    """Issue 32, item 1, for each shipped config trained on a learned proxy (the quickstart, the
+    test-set study): the prompts its proxy was fitted on (the prompts of its ``samples.jsonl``, and
+    the whole ``dataset`` its fit config named), the prompts it trains on (``dataset``), its held-out
+    prompts (``eval_dataset``) and the sealed test set are pairwise disjoint — exactly, by their first
+    three words, by any run of three words, and by MiniLM cosine at most COSINE_LIMIT — and no two
+    training prompts share a first-three-words template. (The test set as its ``eval_dataset`` is one
+    set, not two.)"""
     from daralign.annotators.learned import embed
 
-    cfg = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / config).read_text())
     proxies = learned_proxies([cfg.get("annotator"), cfg.get("eval_annotator")])
-    assert ROOT / "docs/img/testbed/proxy" in proxies, "the quickstart no longer trains on the testbed's proxy"
+    assert ROOT / "docs/img/testbed/proxy" in proxies, f"{config} no longer trains on the testbed's proxy"
     fit = set()
     for proxy in proxies:
         fit |= {json.loads(x)["prompt"] for x in (proxy / "samples.jsonl").read_text().splitlines() if x.strip()}
         fit |= set(prompts(ROOT / json.loads((proxy / "agreement.json").read_text())["config"]["dataset"]))
-    sets = {"the proxy's fit prompts": sorted(fit), "the quickstart's training prompts": prompts(ROOT / cfg["dataset"]),
-            "the quickstart's held-out prompts": prompts(ROOT / cfg["eval_dataset"]), "the test set": prompts(TEST_SET)}
+    sets = {"the proxy's fit prompts": sorted(fit), "its training prompts": prompts(ROOT / cfg["dataset"]),
+            "its held-out prompts": prompts(ROOT / cfg["eval_dataset"]), "the test set": prompts(TEST_SET)}
+    if ROOT / cfg["eval_dataset"] == TEST_SET:
+        del sets["its held-out prompts"]
     assert all(sets.values())
-    train = sets["the quickstart's training prompts"]
+    train = sets["its training prompts"]
     assert len({tuple(words(q)[:3]) for q in train}) == len(train), "two training prompts share a template"
     vectors = {name: embed(qs) for name, qs in sets.items()}
     overlaps = []

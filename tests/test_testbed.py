@@ -18,6 +18,7 @@ from conftest import undocumented_metrics
 from daralign.annotators import build_annotator
 from daralign.cli import main as daralign_main
 from daralign.compare.curves import group_curve, mean_ci, peak, requests_to_reach
+from daralign.compare.paired import t_interval
 from daralign.core.errors import ConfigError
 from daralign.evaluation.best_of_n import best_of_n_curve, best_of_n_expectation
 
@@ -357,9 +358,14 @@ def test_study_page_pairs_arms_across_folders(gold_compare, tmp_path):
     assert res["max_paired_se"] == pytest.approx(max(v["gold_after"]["se"] for v in
                                                      [*res["paired_vs_dar"].values(), *res["paired_asked"].values()]))
     assert res["verdict"] in {"confirmed", "refuted", "undecided"} and (page / "study.png").is_file()
-    assert got["mde80"] == pytest.approx(study.mde80(got)) and "MDE at the budget" in (page / "study.md").read_text()
+    assert got["mde80"] == pytest.approx(study.mde80(got)) and "| at the budget | MDE | one seed left out |" in (page / "study.md").read_text()
     json.loads((page / "study.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
     assert "Verdict on the paper's claim" in (page / "study.md").read_text()
+    # every seed's difference kept for the strip plot; the verdict recomputed with each seed left out
+    assert got["per_seed"] == {"1": pytest.approx(diffs[0]), "2": pytest.approx(diffs[1])}
+    assert set(res["verdict_leave_one_out"]) == {"1", "2"} and res["verdict_all_seeds"] in {"confirmed", "refuted", "undecided"}
+    assert res["verdict"] == (res["verdict_all_seeds"] if set(res["verdict_leave_one_out"].values()) == {res["verdict_all_seeds"]}
+                              else "undecided")
 
 
 def test_study_merges_seeds_kept_in_several_summaries(gold_compare, tmp_path):
@@ -417,3 +423,29 @@ def test_study_minimum_detectable_difference():
     assert study.mde80({"se": 0.012566, "n": 8}) == pytest.approx(3.260654 * 0.012566, abs=1e-6)
     assert study.mde80({"se": None, "n": 1}) is None
     assert study.jsonable({"a": [math.inf, 1.0]}) == {"a": ["never", 1.0]} and study.fmt(math.inf, ".2f") == "never"
+
+
+def test_study_leave_one_out_on_the_rloo_dar_seeds():
+    """Issue 32, item 4, on the study's own RLOO − DAR differences (run records of seeds 1–8, seeds 9–10
+    as kept in rloo-dar-seeds9-10.json): over seeds 1–8 the lead survives every leave-one-out (which is
+    why leave-one-out is necessary, not sufficient); over ten seeds it is not decided."""
+    study = _example("study")
+    img = ROOT / "docs" / "img" / "study"
+    runs = [r for name in ("summary-dar-online-dpo.json", "summary-four-methods-seeds1-5.json",
+                           "summary-rloo-grpo-seeds6-8.json") for r in json.loads((img / name).read_text())["runs"]]
+    eight = study.pair(runs, "rloo", "dar")["gold_after"]
+    assert sorted(eight["per_seed"]) == list(range(1, 9)) and eight["leave_one_out"]["decided"] == "+"
+    ten = dict(eight["per_seed"])
+    for seed, v in json.loads((img / "rloo-dar-seeds9-10.json").read_text())["seeds"].items():
+        ten[int(seed)] = v["rloo_minus_dar"]
+    loo = study.leave_one_out(ten)
+    assert loo["decided"] is None and loo["ci_low_min"] < 0 < loo["mean_min"] <= loo["mean_max"]
+    subsets = [t_interval([d for s, d in ten.items() if s != out]) for out in ten]
+    assert loo["mean_max"] == pytest.approx(max(t["mean"] for t in subsets))
+    assert loo["ci_high_max"] == pytest.approx(max(t["mean"] + t["ci95"] for t in subsets))
+    # significant with all five seeds (CI low +0.003), but not with seed 3 or 4 left out: not decided
+    close = {1: 0.002, 2: 0.014, 3: 0.025, 4: 0.024, 5: 0.010}
+    full = t_interval(list(close.values()))
+    assert full["mean"] - full["ci95"] > 0 and study.leave_one_out(close)["decided"] is None
+    assert study.leave_one_out({s: -0.01 - 0.001 * s for s in range(1, 9)})["decided"] == "−"
+    assert study.leave_one_out({1: 0.1, 2: 0.2})["decided"] is None  # two seeds: nothing to leave out

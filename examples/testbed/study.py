@@ -7,9 +7,12 @@
   (gold at the budget, gold over the curve), and the pairs the study asks about (DAR's reference
   term on and off, DAR against its shuffled-reward control, label noise, DAR against OAIF-DPO under noise); P1 with its bootstrap CI; and the
   verdict on the paper's claim, by the rule written in ``verdict`` below, fixed before any result was seen;
-  beside every paired difference, the smallest true difference it would detect with 80% power (``mde80``);
-- ``study.md``: those tables; ``study.png``: gold against requests per arm, and the paired
-  differences with their 95% intervals.
+  beside every paired difference, the smallest true difference it would detect with 80% power (``mde80``),
+  its per-seed differences, and what it becomes with each seed left out in turn (``leave_one_out``):
+  a difference is *decided* only when its 95% CI excludes 0 on the same side with every seed in and
+  with any one left out, and the verdict is stated only when every leave-one-out gives it too;
+- ``study.md``: those tables; ``study.png``: gold against requests per arm, and every seed's paired
+  difference (a strip plot) with the mean and its 95% interval.
 
     python examples/testbed/study.py --core runs/study --ratio0 runs/study-ratio0 \\
         --noise runs/study-noise25 --control runs/study-control --out docs/img/study
@@ -32,13 +35,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from daralign.compare.curves import gold_section  # noqa: E402
-from daralign.compare.paired import p1_bootstrap, paired_differences, t_interval  # noqa: E402
+from daralign.compare.paired import p1_bootstrap, seed_differences, t_interval  # noqa: E402
 from daralign.compare.report import aggregate  # noqa: E402
 
 SE_GOAL = 0.015  # the first study's goal: 0.03 = 2 SE, about 41% power at 8 seeds, not 80% (see mde80)
 SETS = {"heldout.jsonl": " (the dev set)", "test.jsonl": " (the sealed test set)"}  # docs/testbed.md, "The prompt sets"
 POWER = 0.8  # the power the minimum detectable difference is stated at, two-sided α = 0.05
 NOISE, RATIO0, CONTROL = ", 25% noise", ", dar_ratio 0", ", shuffled rewards"
+VERDICT_STATED = ("The verdict is stated only when the rule gives it with all seeds and with each seed left out in "
+                  "turn; otherwise it is undecided.")  # issue 32: no single seed decides
 
 
 def summary_path(path: Path) -> Path:
@@ -135,14 +140,39 @@ def mde80(t: dict) -> float | None:
     return (t_quantile(0.975, t["n"] - 1) + t_quantile(POWER, t["n"] - 1)) * t["se"]
 
 
+def side(t: dict) -> int:
+    """+1 or −1 when a paired difference's 95% CI lies above or below 0, else 0."""
+    if t.get("mean") is None or t.get("ci95") is None:
+        return 0
+    return 1 if t["mean"] - t["ci95"] > 0 else -1 if t["mean"] + t["ci95"] < 0 else 0
+
+
+def leave_one_out(diffs: dict[int, float]) -> dict:
+    """The paired difference recomputed with each seed left out in turn (issue 32: no single seed
+    decides): the range of its mean, the lowest CI bound and highest, and ``decided`` — "+" or "−"
+    when the CI excludes 0 on that side with all seeds and with every one left out, else None."""
+    subsets = [t_interval([d for s, d in diffs.items() if s != out]) for out in diffs] if len(diffs) > 2 else []
+    full = t_interval(list(diffs.values()))
+    sides = {side(full), *map(side, subsets)}
+    return {"mean_min": min((t["mean"] for t in subsets), default=None),
+            "mean_max": max((t["mean"] for t in subsets), default=None),
+            "ci_low_min": min((t["mean"] - t["ci95"] for t in subsets), default=None),
+            "ci_high_max": max((t["mean"] + t["ci95"] for t in subsets), default=None),
+            "decided": ("+" if sides == {1} else "−" if sides == {-1} else None) if subsets else None}
+
+
 def pair(runs: list[dict], a: str, b: str) -> dict | None:
-    """(a − b) per seed on the gold at the budget and over the curve: mean, SE, 95% CI, n, and the
-    difference detectable with 80% power (``mde80``)."""
+    """(a − b) per seed on the gold at the budget and over the curve: mean, SE, 95% CI, n, the
+    difference detectable with 80% power (``mde80``), every seed's difference and the leave-one-out."""
     both = [r for r in runs if r["group"] in (a, b)]
     if not any(r["group"] == a for r in both) or not any(r["group"] == b for r in both):
         return None
-    out = paired_differences(both, b, keys=("gold_after", "gold_curve_mean"))[a]
-    return {key: {**t, "mde80": mde80(t)} for key, t in out.items()}
+    out = {}
+    for key in ("gold_after", "gold_curve_mean"):
+        diffs = seed_differences(both, a, b, key)
+        t = t_interval(list(diffs.values()))
+        out[key] = {**t, "mde80": mde80(t), "per_seed": diffs, "leave_one_out": leave_one_out(diffs)}
+    return out
 
 
 def verdict(p1: dict, dar_vs_dpo: dict | None) -> str:
@@ -173,6 +203,11 @@ def analyse(core: dict, ratio0: dict | None, noise: dict | None, control: dict |
              "online-dpo: 25% noise − clean": pair(runs, "online-dpo" + NOISE, "online-dpo")}
     asked = {k: v for k, v in asked.items() if v is not None}
     p1 = p1_bootstrap(core["runs"])
+    full = verdict(p1, asked.get("dar − online-dpo"))
+    # the verdict with each seed left out in turn: stated only when every one gives the same
+    left_out = {s: verdict(p1_bootstrap([r for r in core["runs"] if r["seed"] != s]),
+                           pair([r for r in runs if r["seed"] != s], "dar", "online-dpo")) for s in core["seeds"]}
+    stated = full if set(left_out.values()) <= {full} else "undecided"
     ses = [v["gold_after"] for v in [*vs_dar.values(), *asked.values()] if v and v["gold_after"]["se"] is not None]
     largest = max(ses, key=lambda t: t["se"]) if ses else None
     return {"budget": core["annotation_budget"], "seeds": core["seeds"], "training_annotator": core["training_annotator"],
@@ -180,7 +215,8 @@ def analyse(core: dict, ratio0: dict | None, noise: dict | None, control: dict |
             "paired_vs_dar": vs_dar, "paired_asked": asked, "p1": p1,
             "max_paired_se": largest and largest["se"], "max_paired_se_mde80": largest and largest["mde80"],
             "se_goal": SE_GOAL, "se_goal_met": bool(ses) and largest["se"] <= SE_GOAL,
-            "verdict": verdict(p1, asked.get("dar − online-dpo")), "verdict_rule": " ".join(verdict.__doc__.split())}
+            "verdict": stated, "verdict_all_seeds": full, "verdict_leave_one_out": left_out,
+            "verdict_rule": " ".join(verdict.__doc__.split()) + " " + VERDICT_STATED}
 
 
 def shown_pairs(res: dict) -> dict:
@@ -217,17 +253,32 @@ def markdown(res: dict) -> str:
                    f"{fmt(a['proxy_change'])} ± {fmt(a['proxy_change_se'], '.3f')} | {fmt(a['kl_at_budget'], '.2f')} | "
                    f"{fmt(a['length_after'], '.1f')} | {fmt(a['peak_requests'], '.0f')} | {'yes' if a['turn_down'] else 'no'} | {gao} |")
     out += ["", "Paired within-seed differences of the gold (mean ± SE [95% CI], n seeds; MDE: the true difference a "
-            "two-sided 5% paired t-test finds with 80% power at that n and SE, ≈ (t₀.₉₇₅ + t₀.₈, n − 1 df) · SE):", "",
-            "| difference | at the budget | MDE at the budget | over the curve | MDE over the curve |", "|---|---|---|---|---|"]
+            "two-sided 5% paired t-test finds with 80% power at that n and SE, ≈ (t₀.₉₇₅ + t₀.₈, n − 1 df) · SE; "
+            "one seed left out: the range of the mean, and the lowest and highest CI bound, over the n subsets "
+            "without one seed; decided: the sign when the CI excludes 0 on that side with every seed in and with "
+            "any one left out, else no):", "",
+            "| difference | at the budget | MDE | one seed left out | decided | over the curve | MDE | decided |",
+            "|---|---|---|---|---|---|---|---|"]
 
     def cell(t):
         if t["mean"] is None:
             return "—"
         ci = "" if t["ci95"] is None else f" [{t['mean'] - t['ci95']:+.3f}, {t['mean'] + t['ci95']:+.3f}]"
         return f"{t['mean']:+.3f} ± {fmt(t['se'], '.3f')}{ci}, n={t['n']}"
+
+    def left_out(t):
+        loo = t["leave_one_out"]
+        if loo["mean_min"] is None:
+            return "—"
+        return (f"{loo['mean_min']:+.3f} to {loo['mean_max']:+.3f}; "
+                f"[{fmt(loo['ci_low_min'])}, {fmt(loo['ci_high_max'])}]")
+
+    def decided(t):
+        return t["leave_one_out"]["decided"] or "no"
     for k, v in shown_pairs(res).items():
-        out.append(f"| {k} | {cell(v['gold_after'])} | {fmt(v['gold_after']['mde80'], '.3f')} | "
-                   f"{cell(v['gold_curve_mean'])} | {fmt(v['gold_curve_mean']['mde80'], '.3f')} |")
+        at, curve = v["gold_after"], v["gold_curve_mean"]
+        out.append(f"| {k} | {cell(at)} | {fmt(at['mde80'], '.3f')} | {left_out(at)} | {decided(at)} | "
+                   f"{cell(curve)} | {fmt(curve['mde80'], '.3f')} | {decided(curve)} |")
     p1 = res["p1"]
     out += ["", f"P1 (DAR's requests ÷ OAIF-DPO's to reach OAIF-DPO's final gold): {fmt(p1['p1'], '.2f')}, "
             f"95% CI over seed resamples [{fmt(p1['p1_ci_low'], '.2f')}, {fmt(p1['p1_ci_high'], '.2f')}]; DAR never "
@@ -235,6 +286,8 @@ def markdown(res: dict) -> str:
             f"Largest paired SE: {fmt(res['max_paired_se'], '.4f')} (goal ≤ {res['se_goal']}: "
             f"{'met' if res['se_goal_met'] else 'not met'}); at that SE the difference detectable with 80% power is "
             f"{fmt(res['max_paired_se_mde80'], '.3f')}.", "",
+            f"With each seed left out in turn the rule gives: "
+            f"{', '.join(f'{v} (seed {k} out)' for k, v in res['verdict_leave_one_out'].items())}.", "",
             f"**Verdict on the paper's claim: {res['verdict']}.** Rule: {res['verdict_rule']}"]
     return "\n".join(out) + "\n"
 
@@ -247,13 +300,18 @@ def plot(res: dict, groups: dict, path: Path) -> None:
     left.set(xlabel="training annotator requests", ylabel="held-out gold (mean over seeds)", title="gold along training")
     left.legend(fontsize=7)
     rows = {k: v["gold_after"] for k, v in shown_pairs(res).items() if v["gold_after"]["mean"] is not None}
+    for y, t in enumerate(rows.values()):  # every seed's difference: no seed hides in the mean
+        seeds = sorted(t["per_seed"], key=int)
+        jitter = [(i - (len(seeds) - 1) / 2) * 0.25 / max(len(seeds), 1) for i in range(len(seeds))]
+        right.scatter([t["per_seed"][s] for s in seeds], [y + 0.18 + j for j in jitter], s=9, color="tab:grey", alpha=0.8)
     ys = range(len(rows))
     right.errorbar([v["mean"] for v in rows.values()], list(ys), xerr=[v["ci95"] or 0 for v in rows.values()], fmt="o", capsize=3)
     right.axvline(0, color="k", lw=0.8)
     for x in (-0.03, 0.03):
         right.axvline(x, color="grey", lw=0.6, ls=":")
     right.set_yticks(list(ys), list(rows), fontsize=7)
-    right.set(xlabel="paired gold difference at the budget (95% CI over seeds)", title="differences the study asks about")
+    right.set(xlabel="paired gold difference at the budget\n(grey: each seed; blue: the mean and its 95% CI over seeds)",
+              title="differences the study asks about")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

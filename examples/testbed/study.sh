@@ -7,6 +7,10 @@
 #   bash examples/testbed/study.sh summary     # summary.json per folder (nothing retrained), then the page:
 #   python examples/testbed/study.py --core runs/study --ratio0 runs/study-ratio0 --noise runs/study-noise25 \
 #       --control runs/study-control --out runs/study-page
+# Those three stages are the dev-set study: trained on examples/testbed/train.jsonl, the prompts the proxy was
+# fitted on (issue 32 found the overlap), graded on the dev set. The study on the sealed test set:
+#   bash examples/testbed/study.sh test        # examples/testbed/study.yaml: the core and DAR's control × seeds 1–12
+#   bash examples/testbed/study.sh test-summary
 # A run folder does not outlive its machine; its record in a summary.json does. docs/img/study/ keeps the
 # summaries of the seeds run so far, and study.py merges them with new folders (docs/testbed.md has the command).
 # The secondary arms go seed by seed and the noise arms in pairs, so a stage stopped early still
@@ -32,7 +36,7 @@ noise_pair() {
 }
 finished() {  # the seeds of $1/$2 whose run has finished (what compare skips), comma-separated
   local seeds=() s
-  for s in 1 2 3 4 5 6 7 8; do [ -d "$1/$2/seed$s/final" ] && [ -f "$1/$2/seed$s/compare_run.json" ] && seeds+=("$s"); done
+  for s in $(seq 1 12); do [ -d "$1/$2/seed$s/final" ] && [ -f "$1/$2/seed$s/compare_run.json" ] && seeds+=("$s"); done
   (IFS=,; echo "${seeds[*]}")
 }
 two_queues() { "$1" > "runs/study-$1.log" 2>&1 & local a=$!; "$2" > "runs/study-$2.log" 2>&1 & wait "$a" $!; }
@@ -42,6 +46,22 @@ core_b() { run --seeds 1,2,3,4,5,6,7,8 "${LEARNED[@]}" --algorithms online-dpo,g
 secondary_a() { for s in 1 2 3 4 5 6 7 8; do ratio0 $s; done; for s in 2 4 6 8; do noise_pair $s; done; }
 secondary_b() { for s in 1 2 3 4; do control $s; done; for s in 1 3 5 7; do noise_pair $s; done
                 for s in 5 6 7 8; do control $s; done; }
+
+# The test-set study: the same point on study.yaml (prompts disjoint from the proxy's fit data, graded on the
+# test set); seed by seed, so a session stopped early leaves whole seeds; DAR's control alternates queues.
+TEST=(--config examples/testbed/study.yaml --annotation_budget 128 --eval_requests 64)
+TEST_SEEDS=(1 2 3 4 5 6 7 8 9 10 11 12)
+test_control() {
+  mkdir -p runs/study-test-control/.heldout_before
+  cp -n runs/study-test/.heldout_before/*.json runs/study-test-control/.heldout_before/ 2>/dev/null || true
+  daralign compare "${TEST[@]}" --seeds "$1" --algorithms dar --shuffle_rewards true --output_dir runs/study-test-control
+}
+test_a() { for s in "${TEST_SEEDS[@]}"; do
+  daralign compare "${TEST[@]}" --seeds "$s" --algorithms dar,rloo --output_dir runs/study-test
+  if (( s % 2 )); then test_control "$s"; fi; done; }
+test_b() { for s in "${TEST_SEEDS[@]}"; do
+  daralign compare "${TEST[@]}" --seeds "$s" --algorithms online-dpo,grpo --output_dir runs/study-test
+  if (( s % 2 == 0 )); then test_control "$s"; fi; done; }
 
 mkdir -p runs
 case "${1:-}" in
@@ -55,5 +75,12 @@ case "${1:-}" in
         --output_dir runs/study-control
     pairs=$(comm -12 <(finished runs/study-noise25 dar | tr , '\n') <(finished runs/study-noise25 online-dpo | tr , '\n') | paste -sd,)
     run --seeds "$pairs" "${NOISY[@]}" --algorithms dar,online-dpo --output_dir runs/study-noise25 ;;
-  *) echo "usage: bash examples/testbed/study.sh core | secondary | summary" >&2; exit 2 ;;
+  test) two_queues test_a test_b ;;
+  test-summary)  # summary.json of the seeds each folder finished (nothing retrained)
+    seeds=$(for m in dar online-dpo rloo grpo; do finished runs/study-test $m | tr , '\n'; done | sort -n | uniq -c |
+            awk '$1 == 4 {print $2}' | paste -sd,)  # the seeds all four methods finished
+    daralign compare "${TEST[@]}" --seeds "$seeds" --algorithms dar,online-dpo,rloo,grpo --output_dir runs/study-test
+    daralign compare "${TEST[@]}" --seeds "$(finished runs/study-test-control dar)" --algorithms dar \
+        --shuffle_rewards true --output_dir runs/study-test-control ;;
+  *) echo "usage: bash examples/testbed/study.sh core | secondary | summary | test | test-summary" >&2; exit 2 ;;
 esac

@@ -57,13 +57,15 @@ def paired_differences(runs: list[dict], reference: str, keys: tuple[str, ...] =
     but ``reference``. Runs need ``group``, ``seed`` and the keys (``gold_curve_mean``: from the
     run's ``curve``)."""
     groups = sorted({r["group"] for r in runs} - {reference})
-    out = {}
-    for g in groups:
-        out[g] = {}
-        for key in keys:
-            ours, theirs = _per_seed(runs, g, key), _per_seed(runs, reference, key)
-            out[g][key] = t_interval([ours[s] - theirs[s] for s in sorted(ours.keys() & theirs.keys())])
-    return out
+    return {g: {key: t_interval(list(seed_differences(runs, g, reference, key).values())) for key in keys}
+            for g in groups}
+
+
+def seed_differences(runs: list[dict], group: str, reference: str, key: str) -> dict[int, float]:
+    """{seed: group's ``key`` − reference's} over the seeds both ran: the paired differences
+    themselves, for a strip plot or a leave-one-out."""
+    ours, theirs = _per_seed(runs, group, key), _per_seed(runs, reference, key)
+    return {s: ours[s] - theirs[s] for s in sorted(ours.keys() & theirs.keys())}
 
 
 def fit_gao(points: list[tuple[float, float]], form: str = "rl") -> dict:
