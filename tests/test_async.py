@@ -274,3 +274,43 @@ def test_evaluation_requests_are_counted_apart_while_batches_are_in_flight(tmp_p
         assert spent["annotation_requests"] + spent["eval_annotation_requests"] == len(judge_http.requests) - before
         seen[mode] = ([r["annotation_requests"] for r in m], [r["eval_annotation_requests"] for r in m])
     assert seen["async"] == seen["sync"]
+
+
+@pytest.mark.parametrize("budget", [0, 11])
+def test_a_rate_limited_judge_refusing_with_429_under_async(tmp_path, tiny_policy_dir, tiny_prompts_file, judge_http,
+                                                            budget):
+    """A hosted judge's limits, met from the annotation thread: the client spreads requests to its
+    requests_per_minute, and the server refuses every 4th request with 429 and Retry-After, which is
+    retried. With lr 0 the pipelined run trains on the synchronous run's labels step for step, and each
+    run's spend, retries included, is what the server saw and within the budget. Budget 11: the
+    retries of steps 1–2 (2 of 10 requests) leave 1 request, too few for a prompt, so the synchronous
+    run stops after step 2; the pipelined one had planned step 3 on the nominal cost, and the budget
+    cuts its second label (docs/algorithms.md, "Asynchronous training": at most the batches in flight
+    are cut this way, and what they spent is counted)."""
+    import time
+
+    arrivals = []
+
+    def limited(path, body, n):
+        arrivals.append(time.monotonic())
+        return (429, {"error": "slow down"}, {"Retry-After": "0.01"}) if n % 4 == 0 else keyword_judge(path, body, n)
+
+    judge_http.handler = limited
+    judge = http_judge(judge_http, max_retries=2, max_concurrency=1, requests_per_minute=1200)  # 0.05 s apart
+    cfg = config(tmp_path, tiny_policy_dir, tiny_prompts_file, learning_rate=0.0, annotator=judge,
+                 annotation_budget=budget)
+    runs = {}
+    for mode, extra in (("sync", []), ("async", ["--async_steps", "2"])):
+        judge_http.requests.clear(), arrivals.clear()
+        runs[mode] = train(cfg, tmp_path / mode, *extra)
+        spent = json.loads((tmp_path / mode / "annotation_requests.json").read_text())
+        refused = sum(n % 4 == 0 for n in range(1, len(judge_http.requests) + 1))
+        assert refused >= 2 and spent["annotation_requests"] == len(judge_http.requests)
+        assert budget == 0 or spent["annotation_requests"] <= budget
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+        assert min(gaps) >= 0.05 - 0.01  # spread, never a burst (a lower bound only)
+    sync, lagged = runs["sync"], runs["async"]
+    assert_same_metrics(lagged[:len(sync)], sync)
+    cut = lagged[len(sync):]
+    assert len(cut) == (1 if budget else 0) and all(r["judge/budget_cut"] > 0 and r["annotation_requests"] == budget
+                                                     for r in cut)

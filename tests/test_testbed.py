@@ -449,3 +449,47 @@ def test_study_leave_one_out_on_the_rloo_dar_seeds():
     assert full["mean"] - full["ci95"] > 0 and study.leave_one_out(close)["decided"] is None
     assert study.leave_one_out({s: -0.01 - 0.001 * s for s in range(1, 9)})["decided"] == "−"
     assert study.leave_one_out({1: 0.1, 2: 0.2})["decided"] is None  # two seeds: nothing to leave out
+
+
+def test_lag_study_page_on_real_sync_and_async_runs(tmp_path, tiny_policy_dir, tiny_prompts_file):
+    """examples/testbed/async_study.py on real compare folders (dar and rloo, three seeds, synchronous and
+    async_steps 1): every seed's difference-in-differences is recomputed here from the run records,
+    the verdict follows the rule from the leave-one-out, and the curves carry seconds of training."""
+    from test_compare import write_config
+
+    heldout = tiny.write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:3]])
+    cfg = write_config(tmp_path, tiny_policy_dir, tiny_prompts_file, eval_dataset=str(heldout),
+                       eval_annotator=fn("length_reward"), learning_rate=0.3)  # large enough that lag changes the runs
+    folders = {}
+    for lag in (0, 1):
+        folders[lag] = tmp_path / f"lag{lag}"
+        assert daralign_main(["compare", "--config", str(cfg), "--algorithms", "dar,rloo", "--annotation_budget", "16",
+                              "--eval_requests", "8", "--seeds", "1,2,3", "--async_steps", str(lag),
+                              "--output_dir", str(folders[lag])]) == 0
+    page = tmp_path / "page"
+    lag_study = _example("async_study")
+    assert lag_study.main(["--sync", str(folders[0]), "--lag1", str(folders[1]), "--out", str(page)]) == 0
+    res = json.loads((page / "async_study.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-standard {c}"))
+    after = {(lag, r["group"], r["seed"]): r["gold_after"] for lag in (0, 1)
+             for r in json.loads((folders[lag] / "summary.json").read_text())["runs"]}
+    did = res["diff_in_diff"]["1"]["gold_after"]
+    for seed in (1, 2, 3):
+        by_hand = (after[1, "dar", seed] - after[0, "dar", seed]) - (after[1, "rloo", seed] - after[0, "rloo", seed])
+        assert did["per_seed"][str(seed)] == pytest.approx(by_hand, abs=1e-12)
+    assert did["n"] == 3 and did["mean"] == pytest.approx(sum(did["per_seed"].values()) / 3)
+    assert any(abs(d) > 1e-6 for d in did["per_seed"].values())  # the lag moved the runs: the check is not 0 == 0
+    staleness = res["lag_minus_sync"]["dar @ async 1"]["gold_after"]
+    assert staleness["per_seed"]["2"] == pytest.approx(after[1, "dar", 2] - after[0, "dar", 2], abs=1e-12)
+    expected = {"+": "more robust", "−": "less robust", None: "undecided"}[did["leave_one_out"]["decided"]]
+    assert res["verdict_per_lag"] == {"1": expected} and res["answer"] == lag_study.answer({1: expected})
+    assert set(res["arms"]) == {"dar", "rloo", "dar @ async 1", "rloo @ async 1"}
+    for r in json.loads((folders[1] / "summary.json").read_text())["runs"]:
+        clock = [p["train_s"] for p in r["curve"]]
+        assert clock[0] == 0 and all(b > a for a, b in zip(clock, clock[1:]))
+    assert res["arms"]["dar @ async 1"]["train_s"] > 0 and (page / "async_study.png").is_file()
+    assert "Is DAR more robust to lag than RLOO?" in (page / "async_study.md").read_text()
+    # the rule's answer over lags
+    assert lag_study.answer({1: "more robust", 2: "undecided"}) == "more robust"
+    assert lag_study.answer({1: "more robust", 2: "less robust"}) == "mixed"
+    assert lag_study.answer({1: "undecided", 2: "undecided"}) == "undecided"
+    assert lag_study.answer({1: "less robust"}) == "less robust"

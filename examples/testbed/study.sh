@@ -11,6 +11,9 @@
 # fitted on (issue 32 found the overlap), graded on the dev set. The study on the sealed test set:
 #   bash examples/testbed/study.sh test        # examples/testbed/study.yaml: the core and DAR's control × seeds 1–12
 #   bash examples/testbed/study.sh test-summary
+# and the lag study on the same protocol (docs/testbed.md, "The lag study"): dar and rloo at async_steps 1 and 2
+#   bash examples/testbed/study.sh async       # 48 runs, after `test` (its dar and rloo are the synchronous arms)
+#   bash examples/testbed/study.sh async-summary
 # A run folder does not outlive its machine; its record in a summary.json does. docs/img/study/ keeps the
 # summaries of the seeds run so far, and study.py merges them with new folders (docs/testbed.md has the command).
 # The secondary arms go seed by seed and the noise arms in pairs, so a stage stopped early still
@@ -63,6 +66,17 @@ test_b() { for s in "${TEST_SEEDS[@]}"; do
   daralign compare "${TEST[@]}" --seeds "$s" --algorithms online-dpo,grpo --output_dir runs/study-test
   if (( s % 2 == 0 )); then test_control "$s"; fi; done; }
 
+# The lag study (issue 33): dar and rloo at async_steps 1 and 2 on the test-set study's protocol and seeds;
+# its synchronous arms are the test-set study's dar and rloo. One lag per queue, seed by seed.
+lagged() {
+  mkdir -p "runs/study-async$1/.heldout_before"
+  cp -n runs/study-test/.heldout_before/*.json "runs/study-async$1/.heldout_before/" 2>/dev/null || true
+  for s in "${TEST_SEEDS[@]}"; do
+    daralign compare "${TEST[@]}" --async_steps "$1" --seeds "$s" --algorithms dar,rloo --output_dir "runs/study-async$1"
+  done; }
+async_1() { lagged 1; }
+async_2() { lagged 2; }
+
 mkdir -p runs
 case "${1:-}" in
   core) two_queues core_a core_b ;;
@@ -82,5 +96,12 @@ case "${1:-}" in
     daralign compare "${TEST[@]}" --seeds "$seeds" --algorithms dar,online-dpo,rloo,grpo --output_dir runs/study-test
     daralign compare "${TEST[@]}" --seeds "$(finished runs/study-test-control dar)" --algorithms dar \
         --shuffle_rewards true --output_dir runs/study-test-control ;;
-  *) echo "usage: bash examples/testbed/study.sh core | secondary | summary | test | test-summary" >&2; exit 2 ;;
+  async) two_queues async_1 async_2 ;;
+  async-summary)
+    for k in 1 2; do
+      seeds=$(comm -12 <(finished "runs/study-async$k" dar | tr , '\n') <(finished "runs/study-async$k" rloo | tr , '\n') | paste -sd,)
+      daralign compare "${TEST[@]}" --async_steps "$k" --seeds "$seeds" --algorithms dar,rloo --output_dir "runs/study-async$k"
+    done ;;
+  *) echo "usage: bash examples/testbed/study.sh core | secondary | summary | test | test-summary | async | async-summary" >&2
+     exit 2 ;;
 esac

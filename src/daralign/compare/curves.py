@@ -36,10 +36,17 @@ from daralign.objectives import OBJECTIVES, method_in_role  # noqa: E402
 
 
 def run_curve(run_dir: Path, upfront_requests: int = 0) -> list[dict]:
-    """[{requests, step, gold, proxy, kl, length}] from a run's held-out files. ``upfront_requests``:
-    what was spent before training (offline DPO's pair labels): every trained point sits there."""
+    """[{requests, step, train_s, gold, proxy, kl, length}] from a run's held-out files.
+    ``upfront_requests``: what was spent before training (offline DPO's pair labels): every trained
+    point sits there. ``train_s``: the seconds of training up to that step (the sum of ``step_time``,
+    waits for samples and labels included, evaluations not), the x of a gold-against-wall-time plot."""
     run_dir = Path(run_dir)
-    spent = {m["step"]: m.get("annotation_requests", 0) for m in read_metrics(run_dir)}
+    metrics = read_metrics(run_dir)
+    spent = {m["step"]: m.get("annotation_requests", 0) for m in metrics}
+    trained, clock = {0: 0.0}, 0.0
+    for m in metrics:
+        clock += m.get("step_time") or 0.0
+        trained[m["step"]] = clock
     points = []
     for path in run_dir.glob("heldout_*.json"):
         tag = path.stem.removeprefix("heldout_")
@@ -53,7 +60,7 @@ def run_curve(run_dir: Path, upfront_requests: int = 0) -> list[dict]:
             continue  # heldout_reference_answers.json
         h = json.loads(path.read_text())
         requests = 0 if step == 0 else upfront_requests + spent.get(step, 0)
-        points.append({"requests": requests, "step": step, "gold": h.get("score"), "proxy": h.get("proxy_score"),
+        points.append({"requests": requests, "step": step, "train_s": trained.get(step), "gold": h.get("score"), "proxy": h.get("proxy_score"),
                        "kl": h.get("kl"), "length": h.get("mean_length"), "after": tag == "after"})
     points.sort(key=lambda p: (p["step"], p["after"]))
     return [p for i, p in enumerate(points) if not (i and p["step"] == points[i - 1]["step"])]  # after == last eval

@@ -39,8 +39,8 @@ def group_curve(curves: list[list[dict]]) -> list[dict]:
     out = []
     for pts in rows:
         point = {"requests": sum(p["requests"] for p in pts) / len(pts), "n": len(pts)}
-        for key in ("gold", "proxy", "kl", "length"):
-            point[key], point[f"{key}_ci"] = mean_ci([p[key] for p in pts])
+        for key in ("gold", "proxy", "kl", "length", "train_s"):  # train_s: absent from records made before it was kept
+            point[key], point[f"{key}_ci"] = mean_ci([p.get(key) for p in pts])
         out.append(point)
     return out
 
