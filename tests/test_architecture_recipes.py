@@ -1,5 +1,5 @@
 """The recipes of docs/architecture.md, followed exactly as the page says on a copy of the package:
-a new objective, judge backend and rollout engine are each one new file plus one registration line
+a new objective, annotator kind, judge backend and rollout engine are each one new file plus one registration line
 (its import in its package's ``__init__.py``), and a new metric is one row in docs/metrics.md —
 nothing else edited, which the test checks line by line. The copy then runs them in a fresh
 process through the real loop and ``daralign compare``; its help text, metrics (against the
@@ -134,8 +134,32 @@ class CountingHF(RolloutEngine):
             f.write("sync\\n")
 '''
 
-PLUGINS = {"objectives": ("toy_softmax_sft", OBJECTIVE), "annotators": ("toy_echo", BACKEND),
-           "rollout": ("toy_counting_hf", ENGINE)}
+ANNOTATOR = '''
+"""A reward for the share of vowels in a response: the recipe's annotator kind."""
+
+from daralign.annotators.base import Annotator, ScoreResult, register_annotator
+
+
+@register_annotator("toy-vowels")
+class VowelShare(Annotator):
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(float(cfg.get("scale", 1.0)))
+
+    @classmethod
+    def describe(cls, cfg):
+        return f"toy vowel share x{cfg.get('scale', 1.0)}"
+
+    def _score(self, prompts, completions, rows):
+        return ScoreResult([self.scale * sum(c in "aeiou" for c in text) / max(len(text), 1) for text in completions])
+'''
+
+PLUGINS = [("objectives", "toy_softmax_sft", OBJECTIVE), ("annotators", "toy_echo", BACKEND),
+           ("annotators", "toy_vowels", ANNOTATOR), ("rollout", "toy_counting_hf", ENGINE)]
 METRIC_ROW = "| `toy/weight_max` | toy-softmax-sft: the largest softmax weight in the batch | fraction | — |\n"
 
 # What the fresh process runs: the help text, a training run, then `compare` on the same config.
@@ -158,7 +182,7 @@ def follow_the_recipes(copy: Path) -> None:
     """What the page tells a contributor to do, and nothing more."""
     shutil.copytree(REPO / "src" / "daralign", copy / "src" / "daralign", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "docs", copy / "docs", ignore=shutil.ignore_patterns("img"))
-    for room, (module, source) in PLUGINS.items():
+    for room, module, source in PLUGINS:
         package = copy / "src" / "daralign" / room
         (package / f"{module}.py").write_text(textwrap.dedent(source).lstrip())
         with open(package / "__init__.py", "a") as f:
@@ -187,9 +211,11 @@ def test_each_recipe_is_one_file_and_one_registration_line(tmp_path, tiny_policy
     copy = tmp_path / "copy"
     follow_the_recipes(copy)
     changed = edits(copy)
-    for room, (module, _) in PLUGINS.items():
+    for room, module, _ in PLUGINS:
         assert len(changed.pop(f"src/daralign/{room}/{module}.py")) > 10  # the new file
-        assert changed.pop(f"src/daralign/{room}/__init__.py") == [f"+from daralign.{room} import {module}  # noqa: E402, F401  (register)"]
+    for room in {room for room, _, _ in PLUGINS}:
+        assert changed.pop(f"src/daralign/{room}/__init__.py") == [f"+from daralign.{room} import {module}  # noqa: E402, F401  (register)"
+                                                                   for r, module, _ in PLUGINS if r == room]
     assert changed.pop("docs/metrics.md") == ["+" + METRIC_ROW.rstrip("\n")]
     assert changed == {}  # nothing else edited
 
@@ -198,7 +224,7 @@ def test_each_recipe_is_one_file_and_one_registration_line(tmp_path, tiny_policy
     cfg = tiny.run_config(tmp_path, tiny_policy_dir, tiny_prompts_file, algorithm="toy-softmax-sft", toy_temperature=0.5,
                           annotator=judge, annotation_budget=12, max_steps=5, rollout_engine="toy-counting-hf",
                           toy_sync_log=str(tmp_path / "syncs.log"), eval_dataset=str(heldout), eval_max_prompts=2,
-                          eval_annotator={"type": "function", "function": f"{tiny.TINY_PY}:length_reward"})
+                          eval_annotator={"type": "toy-vowels", "scale": 2.0})
     env = {**os.environ, "PYTHONPATH": str(copy / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(cfg), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
@@ -224,6 +250,9 @@ def test_each_recipe_is_one_file_and_one_registration_line(tmp_path, tiny_policy
 
     # the model card cites the method's paper and lists its knob
     card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "Scored by toy vowel share x2.0." in card  # the annotator kind describes itself
+    held_out = json.loads((tmp_path / "run" / "heldout_after.json").read_text())
+    assert 0 <= held_out["score"] <= 2.0
     assert "Softmax-weighted SFT (the recipe's toy, arXiv 0000.00000)" in card and "| `toy_temperature` | 0.5 |" in card
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["toy_sync_log"] == str(tmp_path / "syncs.log")
 

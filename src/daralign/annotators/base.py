@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-from daralign.core.errors import AnnotationError
+from daralign.core.errors import AnnotationError, ConfigError
 from daralign.core.registry import registrar
 
 PHASES = ("train", "eval")
@@ -143,6 +143,24 @@ class Annotator:
         from the config alone: the one cost model the loop sizes a budget's last step with and
         ``compare`` plans runs with (``annotators.requests_per_label``)."""
         return 1
+
+    @classmethod
+    def describe(cls, cfg: dict) -> str:
+        """One line naming an annotator config in reports and model cards: what it is, and which
+        model or code (``annotators.describe_annotator``)."""
+        return f"{cfg.get('type')} annotator"
+
+    @classmethod
+    def for_method(cls, cfg: dict, kind: str, needs_score: bool, algorithm: str) -> dict:
+        """The config a run of ``algorithm`` gets, whose training feedback is ``kind`` (score |
+        compare) and which also scores held-out answers when ``needs_score``: the config as it is,
+        once this class is seen to implement what is asked (a judge overrides it to set its mode)."""
+        for method in {kind} | ({"score"} if needs_score else set()):
+            if getattr(cls, f"_{method}") is getattr(Annotator, f"_{method}"):
+                why = "its training feedback" if method == kind else "the held-out score (eval_dataset)"
+                raise ConfigError(f"{algorithm}: annotator type {cfg['type']!r} cannot {method}, which {why} needs; "
+                                  f"use a judge (type: judge), which does both")
+        return cfg
 
     @property
     def can_score(self) -> bool:

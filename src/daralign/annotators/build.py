@@ -31,44 +31,18 @@ def requests_per_label(cfg: dict, kind: str) -> int:
 
 
 def annotator_for(annotator: dict, feedback_kind: str, algorithm: str, needs_score: bool) -> dict:
-    """The annotator config a run of ``algorithm`` gets: a judge in the mode the method needs,
-    anything else as it is (checked to implement what the method asks)."""
+    """The annotator config a run of ``algorithm`` gets (its class's ``for_method``): a judge in the
+    mode the method needs, anything else as it is, checked to implement what the method asks."""
     if not isinstance(annotator, dict):
         raise ConfigError(f"{algorithm}: the annotator must be a mapping (or a path to a YAML file of one), got {annotator!r}")
     kind = "compare" if feedback_kind == "compare" else "score"
-    if annotator.get("type") == "judge":  # a file template fits one mode only: check the modes this run asks for
-        from daralign.annotators.judge_text import load_template
-
-        for mode in {kind} | ({"score"} if needs_score else set()):
-            load_template(annotator.get("template", "helpfulness"), mode)
-        return {**annotator, "mode": kind}
     cls = ANNOTATORS.get(annotator.get("type"))
-    for method in {kind} | ({"score"} if needs_score else set()):
-        if cls is not None and getattr(cls, f"_{method}") is getattr(Annotator, f"_{method}"):
-            why = "its training feedback" if method == kind else "the held-out score (eval_dataset)"
-            raise ConfigError(f"{algorithm}: annotator type {annotator['type']!r} cannot {method}, which {why} needs; "
-                              f"use a judge (type: judge), which does both")
-    return annotator
+    return annotator if cls is None else cls.for_method(annotator, kind, needs_score, algorithm)
 
 
 def describe_annotator(cfg: dict) -> str:
-    """One line naming an annotator config, for reports: what it is and which model or code."""
-    kind = cfg.get("type")
-    if kind == "judge":
-        return (f"judge {cfg.get('model', 'bundled:qwen2.5-coder-0.5b-instruct')} via {cfg.get('backend', 'transformers')} "
-                f"(template {cfg.get('template', 'helpfulness')!r}, scale {cfg.get('scale', 'yes_no')!r})")
-    if kind == "reward_model":
-        return f"reward model {cfg.get('model')}"
-    if kind == "function":
-        return f"reward function {cfg.get('function')}"
-    if kind == "learned":
-        return f"learned proxy {cfg.get('path')} (fitted by daralign fit-proxy; its agreement with the gold in agreement.json there)"
-    if kind == "ensemble":
-        lam = f" λ={cfg.get('uwo_lambda', 1.0)}" if cfg.get("aggregate") == "uwo" else ""
-        return f"ensemble {cfg.get('aggregate', 'mean')}{lam}: " + " | ".join(f"[{describe_annotator(m)}]" for m in cfg.get("members", []))
-    if kind == "combined":
-        return "combined: " + " + ".join(f"{s.get('weight', 1.0)}×[{describe_annotator(s)}]" for s in cfg.get("sources", []))
-    return f"{kind} annotator"
+    """One line naming an annotator config, for reports: its class's ``describe``."""
+    return ANNOTATORS.get(cfg.get("type"), Annotator).describe(cfg)
 
 
 def same_annotator(a: dict | None, b: dict | None) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import statistics
 
 from daralign.annotators.base import ScoreResult, register_annotator
-from daralign.annotators.build import build_annotator, requests_per_label
+from daralign.annotators.build import build_annotator, describe_annotator, requests_per_label
 from daralign.annotators.functions import CombinedAnnotator, _check_keys
 from daralign.core.errors import ConfigError
 
@@ -59,6 +59,11 @@ class EnsembleAnnotator(CombinedAnnotator):
     @classmethod
     def cost_per_label(cls, cfg: dict, kind: str) -> int:
         return sum(requests_per_label(m, kind) for m in cfg.get("members", []))
+
+    @classmethod
+    def describe(cls, cfg: dict) -> str:
+        lam = f" λ={cfg.get('uwo_lambda', 1.0)}" if cfg.get("aggregate") == "uwo" else ""
+        return f"ensemble {cfg.get('aggregate', 'mean')}{lam}: " + " | ".join(f"[{describe_annotator(m)}]" for m in cfg.get("members", []))
 
     def _aggregate(self, values: list[float]) -> float:
         if self.aggregate == "min":

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from daralign.annotators.base import Annotator, ScoreResult, checked_values, register_annotator
-from daralign.annotators.build import build_annotator, requests_per_label
+from daralign.annotators.build import build_annotator, describe_annotator, requests_per_label
 from daralign.core.errors import AnnotationError, ConfigError
 
 
@@ -101,6 +101,10 @@ class FunctionAnnotator(Annotator):
         self.fn, self.kwargs, self.spec, self.timeout_s = fn, kwargs, spec, timeout_s
         self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
         self.label = callable_name(spec)
+
+    @classmethod
+    def describe(cls, cfg: dict) -> str:
+        return f"reward function {cfg.get('function')}"
 
     @classmethod
     def from_config(cls, cfg: dict) -> "FunctionAnnotator":
@@ -201,6 +205,10 @@ class CombinedAnnotator(Annotator):
     @classmethod
     def cost_per_label(cls, cfg: dict, kind: str) -> int:
         return sum(requests_per_label({k: v for k, v in s.items() if k != "weight"}, kind) for s in cfg.get("sources", []))
+
+    @classmethod
+    def describe(cls, cfg: dict) -> str:
+        return "combined: " + " + ".join(f"{s.get('weight', 1.0)}×[{describe_annotator(s)}]" for s in cfg.get("sources", []))
 
     def member_scores(self, prompts, completions, rows) -> tuple[list[list[float | None]], dict[str, float]]:
         """Every source's scores (each reserving its requests on the shared meter); the ``async``

@@ -198,6 +198,19 @@ class JudgeAnnotator(Annotator):
             raise ConfigError(f"judge config must be a mapping, got {type(cfg).__name__}")
         return cls(JudgeConfig(**cfg))
 
+    @classmethod
+    def describe(cls, cfg: dict) -> str:
+        return (f"judge {cfg.get('model', 'bundled:qwen2.5-coder-0.5b-instruct')} via {cfg.get('backend', 'transformers')} "
+                f"(template {cfg.get('template', 'helpfulness')!r}, scale {cfg.get('scale', 'yes_no')!r})")
+
+    @classmethod
+    def for_method(cls, cfg: dict, kind: str, needs_score: bool, algorithm: str) -> dict:
+        """The judge in the mode the method trains with; a file template fits one mode only, so each
+        mode the run asks for (the held-out score too) is checked to load."""
+        for mode in {kind} | ({"score"} if needs_score else set()):
+            load_template(cfg.get("template", "helpfulness"), mode)
+        return {**cfg, "mode": kind}
+
     def __repr__(self) -> str:
         c = self.config
         return f"JudgeAnnotator(mode={c.mode!r}, template={c.template!r}, backend={c.backend!r}, model={c.model!r})"

@@ -128,6 +128,10 @@ class LearnedAnnotator(Annotator):
     def cost_per_label(cls, cfg: dict, kind: str) -> int:
         return 2 if kind == "compare" else 1
 
+    @classmethod
+    def describe(cls, cfg: dict) -> str:
+        return f"learned proxy {cfg.get('path')} (fitted by daralign fit-proxy; its agreement with the gold in agreement.json there)"
+
     @torch.no_grad()
     def rewards(self, prompts: list, replies: list[str]) -> list[float]:
         if not replies:

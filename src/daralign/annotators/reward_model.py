@@ -25,6 +25,10 @@ class RewardModelAnnotator(Annotator):
         self.batch_size, self.max_length = batch_size, max_length
 
     @classmethod
+    def describe(cls, cfg: dict) -> str:
+        return f"reward model {cfg.get('model')}"
+
+    @classmethod
     def from_config(cls, cfg: dict) -> "RewardModelAnnotator":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
