@@ -277,6 +277,20 @@ def test_a_configs_prompts_are_disjoint_from_its_proxy_fit_data_and_the_test_set
         cosine = vectors[a] @ vectors[b].T
         for i, j in (cosine > COSINE_LIMIT).nonzero().tolist():
             overlaps.append(f"{qa[i]!r} of {a} ~ {qb[j]!r} of {b}: MiniLM cosine {float(cosine[i, j]):.2f}")
+    # and the config's own prompts against every other prompt set of the repository (dev, other configs')
+    own = {cfg["dataset"], cfg["eval_dataset"]}
+    for name, others in other_prompt_sets().items():
+        if name in own:
+            continue
+        exact, starts = {" ".join(words(q)) for q in others}, {tuple(words(q)[:3]) for q in others}
+        grams, vectors_other = set().union(*(trigrams(q) for q in others)), embed(others)
+        for which in own - {str(TEST_SET.relative_to(ROOT))}:
+            mine = prompts(ROOT / which)
+            overlaps += [f"{q!r} of {which} overlaps {name}" for q in mine if " ".join(words(q)) in exact
+                         or tuple(words(q)[:3]) in starts or trigrams(q) & grams]
+            cosine = float((embed(mine) @ vectors_other.T).max())
+            if cosine > COSINE_LIMIT:
+                overlaps.append(f"{which} ~ {name}: MiniLM cosine {cosine:.2f}")
     assert not overlaps, f"{len(overlaps)} overlaps:\n" + "\n".join(overlaps)
 
 

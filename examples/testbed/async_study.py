@@ -98,9 +98,11 @@ def cell(t: dict) -> str:
 
 
 def markdown(res: dict) -> str:
-    out = [f"Budget {res['budget']} training requests per run, seeds {res['seeds']}; trained on "
-           f"{res['training_annotator']}, graded by {res['evaluator']} on {res['eval_dataset']}. Every ± and CI is "
-           "over seeds.", "", "| arm | seeds | gold Δ ± SE | gold at budget | KL at budget | seconds of training |",
+    out = [f"Budget {res['budget']} training requests per run, seeds run {res['seeds']} (each difference pairs the "
+           f"seeds both arms ran: its n); trained on {res['training_annotator']}, graded by {res['evaluator']} on "
+           f"{res['eval_dataset']}. Every ± and CI is over seeds. Seconds of training are the sum of step_time on the "
+           "machine the arm ran on, beside other runs: a record, not a speed measurement.", "",
+           "| arm | seeds | gold Δ ± SE | gold at budget | KL at budget | seconds of training |",
            "|---|---|---|---|---|---|"]
     for name, a in res["arms"].items():
         out.append(f"| {name} | {a['seeds']} | {fmt(a['gold_change'])} ± {fmt(a['gold_change_se'], '.3f')} | "
@@ -126,7 +128,8 @@ def plot(res: dict, groups: dict, path: Path) -> None:
         by_requests.plot([p["requests"] for p in g["curve"]], [p["gold"] for p in g["curve"]], label=name, **style)
         by_time.plot([p["train_s"] for p in g["curve"]], [p["gold"] for p in g["curve"]], label=name, **style)
     by_requests.set(xlabel="training annotator requests", ylabel="test-set gold (mean over seeds)", title="gold per request")
-    by_time.set(xlabel="seconds of training (mean over seeds)", title="gold per second of training")
+    by_time.set(xlabel="seconds of training (mean over seeds; shared machine, not a speed measurement)",
+                title="gold per second of training")
     by_requests.legend(fontsize=7)
     rows = {f"async {k}": v["gold_after"] for k, v in res["diff_in_diff"].items() if v["gold_after"]["mean"] is not None}
     for y, t in enumerate(rows.values()):

@@ -55,6 +55,14 @@ def summary_path(path: Path) -> Path:
     return path
 
 
+def untimed(value):
+    """A run's curve without ``train_s`` (seconds, which records made before it was kept lack): what
+    says whether two records are one run."""
+    if isinstance(value, list):
+        return [{k: v for k, v in p.items() if k != "train_s"} if isinstance(p, dict) else p for p in value]
+    return value
+
+
 def merged(summaries: list[dict], root: Path) -> dict:
     """Several ``summary.json`` of one design (runs kept from earlier sessions beside new seeds) as one:
     each (group, seed) once, the per-group statistics recomputed by compare's own code."""
@@ -67,7 +75,7 @@ def merged(summaries: list[dict], root: Path) -> dict:
     for s in summaries:
         for r in s["runs"]:
             key = (r["group"], r["seed"])
-            if key in runs and any(runs[key].get(k) != r.get(k) for k in ("gold_before", "gold_after", "curve")):
+            if key in runs and any(untimed(runs[key].get(k)) != untimed(r.get(k)) for k in ("gold_before", "gold_after", "curve")):
                 raise SystemExit(f"{r['group']} seed {r['seed']}: two different runs in the summaries to merge")
             runs[key] = r
     before: dict[int, set] = {}
@@ -116,7 +124,7 @@ def arm(name: str, g: dict, runs: list[dict]) -> dict:
 
 def t_quantile(p: float, df: int) -> float:
     """The p-quantile (p ≥ 0.5) of Student's t with ``df`` degrees of freedom: Simpson's rule on its
-    density and bisection, to ~1e-9 (no scipy here; stats.T95 has only some df, rounded)."""
+    density and bisection, to ~1e-9 (no scipy here; stats.T95 holds only the 0.975 quantiles, rounded)."""
     c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
 
     def cdf(x: float, steps: int = 2000) -> float:

@@ -42,6 +42,10 @@ finished() {  # the seeds of $1/$2 whose run has finished (what compare skips), 
   for s in $(seq 1 12); do [ -d "$1/$2/seed$s/final" ] && [ -f "$1/$2/seed$s/compare_run.json" ] && seeds+=("$s"); done
   (IFS=,; echo "${seeds[*]}")
 }
+finished_by_all() {  # the seeds of folder $1 that every method named after it finished, comma-separated
+  local dir=$1 m; shift
+  for m in "$@"; do finished "$dir" "$m" | tr , '\n'; done | sed '/^$/d' | sort -n | uniq -c | awk -v n=$# '$1 == n {print $2}' | paste -sd,
+}
 two_queues() { "$1" > "runs/study-$1.log" 2>&1 & local a=$!; "$2" > "runs/study-$2.log" 2>&1 & wait "$a" $!; }
 
 core_a() { run --seeds 1,2,3,4,5,6,7,8 "${LEARNED[@]}" --algorithms dar,rloo --output_dir runs/study; }
@@ -91,15 +95,19 @@ case "${1:-}" in
     run --seeds "$pairs" "${NOISY[@]}" --algorithms dar,online-dpo --output_dir runs/study-noise25 ;;
   test) two_queues test_a test_b ;;
   test-summary)  # summary.json of the seeds each folder finished (nothing retrained)
-    seeds=$(for m in dar online-dpo rloo grpo; do finished runs/study-test $m | tr , '\n'; done | sort -n | uniq -c |
-            awk '$1 == 4 {print $2}' | paste -sd,)  # the seeds all four methods finished
-    daralign compare "${TEST[@]}" --seeds "$seeds" --algorithms dar,online-dpo,rloo,grpo --output_dir runs/study-test
-    daralign compare "${TEST[@]}" --seeds "$(finished runs/study-test-control dar)" --algorithms dar \
-        --shuffle_rewards true --output_dir runs/study-test-control ;;
+    seeds=$(finished_by_all runs/study-test dar online-dpo rloo grpo)
+    if [ -n "$seeds" ]; then
+      daralign compare "${TEST[@]}" --seeds "$seeds" --algorithms dar,online-dpo,rloo,grpo --output_dir runs/study-test
+    else echo "runs/study-test: no seed finished by all four methods" >&2; fi
+    seeds=$(finished runs/study-test-control dar)
+    if [ -n "$seeds" ]; then
+      daralign compare "${TEST[@]}" --seeds "$seeds" --algorithms dar --shuffle_rewards true --output_dir runs/study-test-control
+    else echo "runs/study-test-control: no finished seed" >&2; fi ;;
   async) two_queues async_1 async_2 ;;
   async-summary)
     for k in 1 2; do
-      seeds=$(comm -12 <(finished "runs/study-async$k" dar | tr , '\n') <(finished "runs/study-async$k" rloo | tr , '\n') | paste -sd,)
+      seeds=$(finished_by_all "runs/study-async$k" dar rloo)
+      if [ -z "$seeds" ]; then echo "runs/study-async$k: no seed finished by both methods" >&2; continue; fi
       daralign compare "${TEST[@]}" --async_steps "$k" --seeds "$seeds" --algorithms dar,rloo --output_dir "runs/study-async$k"
     done ;;
   *) echo "usage: bash examples/testbed/study.sh core | secondary | summary | test | test-summary | async | async-summary" >&2

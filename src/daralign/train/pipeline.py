@@ -20,9 +20,9 @@ What stays exact:
   still in flight (their nominal cost); the meter is capped once, at the run's requests left, and
   reserves every request before it is sent. When the budget is reached nothing more is sampled and
   the batches already paid for are trained. Retries cost more than the nominal plan: when they eat
-  into the budget while batches are in flight, the last of those may be cut short of labels (the
-  synchronous loop, planning on the spend alone, would have stopped a step earlier); the budget
-  still holds and the spend is counted.
+  into the budget while batches are in flight, those batches may be cut short of labels (the
+  synchronous loop, planning on the spend alone, would have stopped earlier); the budget still
+  holds and the spend is counted.
 - **Resume.** The pipeline drains at every checkpoint: no batch past a checkpoint is sampled before
   that checkpoint is written, so a run resumed from it (an empty pipeline) samples every later
   batch from the same weights at the same step as the run that was not stopped.
