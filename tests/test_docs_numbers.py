@@ -309,7 +309,7 @@ def test_the_async_benchmark_table_is_its_json():
 
 
 # ---------------------------------------------------------------- every measured table figure has its JSON
-NO_JSON = {"results-agreement.md"}  # the page says so: its run's records were not committed
+NO_JSON: set[str] = set()  # pages whose tables hold figures no committed JSON has (none now)
 
 
 def json_numbers(obj):
@@ -338,7 +338,7 @@ def tables_with_figures(page: Path):
             while end < len(lines) and lines[end].startswith("|"):
                 end += 1
             figures = [f for bold in re.findall(r"\*\*([^*]+)\*\*", "\n".join(lines[i:end]))
-                       for f in re.findall(r"[−+-]?\d+\.\d+", bold)]
+                       for f in re.findall(r"[−+-]?\d+\.\d+(?:%| pts)?", bold)]
             section_end = end
             while section_end < len(lines) and not lines[section_end].startswith("#"):
                 section_end += 1
@@ -359,7 +359,32 @@ def test_every_headline_figure_in_a_docs_table_is_in_a_json_its_section_names():
         for line, figures, files in tables_with_figures(page):
             values = [v for f in files for v in json_numbers(json.loads(f.read_text()))]
             for fig in figures:
-                x, digits = float(fig.replace("−", "-")), len(fig.split(".")[1])
-                if not any(round(abs(v), digits) == round(abs(x), digits) for v in values):
+                scales = (1, 100) if fig.endswith(("%", " pts")) else (1,)  # a percentage: of a fraction, or as it is
+                number = fig.removesuffix("%").removesuffix(" pts")
+                x, digits = float(number.replace("−", "-")), len(number.split(".")[1])
+                if not any(round(abs(v * k), digits) == round(abs(x), digits) for v in values for k in scales):
                     missing.append(f"{page.name}:{line}: {fig}")
     assert {m.split(":")[0] for m in missing} == NO_JSON, "\n".join(missing)
+
+
+def test_the_agreement_page_is_its_json():
+    """docs/results-agreement.md's table and sentences from img/agreement/summary*.json, and the
+    summary from the committed records (no judge call)."""
+    from daralign.evaluation.agreement import agreement_summary
+
+    img, doc = DOCS / "img" / "agreement", (DOCS / "results-agreement.md").read_text()
+    res = json.loads((img / "summary.json").read_text())
+    records = [json.loads(x) for x in (img / "records.jsonl").read_text().splitlines() if x.strip()]
+    again = agreement_summary(records, n_boot=2000, seed=0, tie_margin=res["tie_margin"], score_tie_margin=res["score_tie_margin"])
+    assert again["preference_both_orders"] == res["preference_both_orders"] and again["reward"] == res["reward"]
+    pct = lambda x: f"{100 * x:.1f}".replace("-", "−")  # noqa: E731
+    for label, key in (("AI reward (score both)", "reward"), ("AI preference, both orders", "preference_both_orders")):
+        s = res[key]
+        assert (f"| {label} | **{pct(s['agreement'])}%** | [{pct(s['ci_low'])}, {pct(s['ci_high'])}] | "
+                f"{s['agree']} / {s['disagree']} / {s['ties']} |") in doc, label
+    d = res["reward_minus_preference"]
+    assert f"+{pct(d['diff'])} pts [{pct(d['ci_low'])}, +{pct(d['ci_high'])}]" in doc
+    zero = json.loads((img / "summary-tie-margin-0.json").read_text())["preference_both_orders"]
+    assert f"{pct(zero['agreement'])}% [{pct(zero['ci_low'])}, {pct(zero['ci_high'])}]" in doc
+    both = res["preference_both_orders"]
+    assert f"Among the {both['agree'] + both['disagree']} decided pairs" in doc and f"{both['ties']} of the 200 pairs" in doc

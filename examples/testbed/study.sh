@@ -57,7 +57,7 @@ secondary_b() { for s in 1 2 3 4; do control $s; done; for s in 1 3 5 7; do nois
 # The test-set study: the same point on study.yaml (prompts disjoint from the proxy's fit data, graded on the
 # test set); seed by seed, so a session stopped early leaves whole seeds; DAR's control alternates queues.
 TEST=(--config examples/testbed/study.yaml --annotation_budget 128 --eval_requests 64)
-TEST_SEEDS=(1 2 3 4 5 6 7 8 9 10 11 12)
+read -r -a TEST_SEEDS <<< "${STUDY_SEEDS:-1 2 3 4 5 6 7 8 9 10 11 12}"  # STUDY_SEEDS="6 7": those only (a later session)
 test_control() {
   mkdir -p runs/study-test-control/.heldout_before
   cp -n runs/study-test/.heldout_before/*.json runs/study-test-control/.heldout_before/ 2>/dev/null || true
