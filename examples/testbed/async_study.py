@@ -30,7 +30,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from study import fmt, jsonable, leave_one_out, load, mde80, pair  # noqa: E402
+from study import fmt, jsonable, leave_one_out, load, mde80, pair, strip_plot  # noqa: E402
 
 from daralign.compare.paired import seed_differences, t_interval  # noqa: E402
 
@@ -131,14 +131,7 @@ def plot(res: dict, groups: dict, path: Path) -> None:
     by_time.set(xlabel="seconds of training (mean over seeds; shared machine, not a speed measurement)",
                 title="gold per second of training")
     by_requests.legend(fontsize=7)
-    rows = {f"async {k}": v["gold_after"] for k, v in res["diff_in_diff"].items() if v["gold_after"]["mean"] is not None}
-    for y, t in enumerate(rows.values()):
-        seeds = sorted(t["per_seed"], key=int)
-        strip.scatter([t["per_seed"][s] for s in seeds], [y + 0.15 + 0.2 * i / max(len(seeds), 1) for i in range(len(seeds))],
-                      s=9, color="tab:grey")
-        strip.errorbar([t["mean"]], [y], xerr=[t["ci95"] or 0], fmt="o", capsize=3, color="tab:blue")
-    strip.axvline(0, color="k", lw=0.8)
-    strip.set_yticks(range(len(rows)), list(rows))
+    strip_plot(strip, {f"async {k}": v["gold_after"] for k, v in res["diff_in_diff"].items() if v["gold_after"]["mean"] is not None})
     strip.set(xlabel="(DAR's gold change from lag) − (RLOO's), at the budget\n(grey: each seed; blue: mean, 95% CI)",
               title="is DAR more robust to lag?")
     fig.tight_layout()

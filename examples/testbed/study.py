@@ -300,6 +300,19 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def strip_plot(ax, rows: dict[str, dict]) -> None:
+    """One row per paired difference: every seed's value (grey: no seed hides in the mean) above the
+    mean and its 95% CI over seeds (blue), with 0 marked."""
+    for y, t in enumerate(rows.values()):
+        seeds = sorted(t["per_seed"], key=int)
+        jitter = [(i - (len(seeds) - 1) / 2) * 0.25 / max(len(seeds), 1) for i in range(len(seeds))]
+        ax.scatter([t["per_seed"][s] for s in seeds], [y + 0.18 + j for j in jitter], s=9, color="tab:grey", alpha=0.8)
+    ys = range(len(rows))
+    ax.errorbar([v["mean"] for v in rows.values()], list(ys), xerr=[v["ci95"] or 0 for v in rows.values()], fmt="o", capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(list(ys), list(rows), fontsize=7)
+
+
 def plot(res: dict, groups: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, g in groups.items():
@@ -307,17 +320,9 @@ def plot(res: dict, groups: dict, path: Path) -> None:
         left.plot(xs, [p["gold"] for p in g["curve"]], marker="o", ls="--" if "," in name else "-", label=name)
     left.set(xlabel="training annotator requests", ylabel="held-out gold (mean over seeds)", title="gold along training")
     left.legend(fontsize=7)
-    rows = {k: v["gold_after"] for k, v in shown_pairs(res).items() if v["gold_after"]["mean"] is not None}
-    for y, t in enumerate(rows.values()):  # every seed's difference: no seed hides in the mean
-        seeds = sorted(t["per_seed"], key=int)
-        jitter = [(i - (len(seeds) - 1) / 2) * 0.25 / max(len(seeds), 1) for i in range(len(seeds))]
-        right.scatter([t["per_seed"][s] for s in seeds], [y + 0.18 + j for j in jitter], s=9, color="tab:grey", alpha=0.8)
-    ys = range(len(rows))
-    right.errorbar([v["mean"] for v in rows.values()], list(ys), xerr=[v["ci95"] or 0 for v in rows.values()], fmt="o", capsize=3)
-    right.axvline(0, color="k", lw=0.8)
+    strip_plot(right, {k: v["gold_after"] for k, v in shown_pairs(res).items() if v["gold_after"]["mean"] is not None})
     for x in (-0.03, 0.03):
         right.axvline(x, color="grey", lw=0.6, ls=":")
-    right.set_yticks(list(ys), list(rows), fontsize=7)
     right.set(xlabel="paired gold difference at the budget\n(grey: each seed; blue: the mean and its 95% CI over seeds)",
               title="differences the study asks about")
     fig.tight_layout()
