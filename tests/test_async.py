@@ -200,10 +200,12 @@ def test_two_process_ddp_stays_in_lockstep(tmp_path, tiny_policy_dir, tiny_promp
     runs = {}
     for mode, extra in (("sync", []), ("async", ["--async_steps", "2"])):
         out = tmp_path / mode
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "daralign.cli",
-                               "train", "--config", str(cfg), "--output_dir", str(out), *extra],
-                              env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs = tmp_path / f"logs-{mode}"  # each rank's output in a file of its own: a failure names the rank's error
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--log-dir", str(logs),
+                               "--redirects", "3", "-m", "daralign.cli", "train", "--config", str(cfg), "--output_dir", str(out),
+                               *extra], env=env, capture_output=True, text=True, timeout=600)
+        ranks = "\n".join(f"{p}:\n{p.read_text()[-1500:]}" for p in sorted(logs.rglob("stderr.log")))
+        assert proc.returncode == 0, ranks or proc.stderr[-3000:]
         runs[mode] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # 2 ranks × 2 prompts × K=2 = 8 requests a step: 8, 16, then 4 left buy one prompt a rank
     assert [(r["annotation_requests"], r["num_prompts"]) for r in runs["sync"]] == [(8, 4.0), (16, 4.0), (20, 2.0)]
