@@ -30,7 +30,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from study import fmt, jsonable, leave_one_out, load, mde80, pair, strip_plot  # noqa: E402
+from study import cell, fmt, jsonable, load, pair, paired_summary, strip_plot  # noqa: E402
 
 from daralign.compare.paired import seed_differences, t_interval  # noqa: E402
 
@@ -64,9 +64,7 @@ def diff_in_diff(runs: list[dict], lag: int) -> dict:
     for key in ("gold_after", "gold_curve_mean"):
         dar = seed_differences(runs, arm("dar", lag), "dar", key)
         rloo = seed_differences(runs, arm("rloo", lag), "rloo", key)
-        diffs = {s: dar[s] - rloo[s] for s in sorted(dar.keys() & rloo.keys())}
-        t = t_interval(list(diffs.values()))
-        out[key] = {**t, "mde80": mde80(t), "per_seed": diffs, "leave_one_out": leave_one_out(diffs)}
+        out[key] = paired_summary({s: dar[s] - rloo[s] for s in sorted(dar.keys() & rloo.keys())})
     return out
 
 
@@ -88,13 +86,6 @@ def analyse(sync: dict, lagged: dict[int, dict]) -> dict:
                      for g, v in groups.items()},
             "lag_minus_sync": staleness, "diff_in_diff": {str(k): v for k, v in did.items()},
             "verdict_per_lag": {str(k): v for k, v in verdicts.items()}, "answer": answer(verdicts), "rule": RULE}
-
-
-def cell(t: dict) -> str:
-    if t["mean"] is None:
-        return "—"
-    ci = "" if t["ci95"] is None else f" [{t['mean'] - t['ci95']:+.3f}, {t['mean'] + t['ci95']:+.3f}]"
-    return f"{t['mean']:+.3f} ± {fmt(t['se'], '.3f')}{ci}, n={t['n']}"
 
 
 def markdown(res: dict) -> str:

@@ -169,18 +169,20 @@ def leave_one_out(diffs: dict[int, float]) -> dict:
             "decided": ("+" if sides == {1} else "−" if sides == {-1} else None) if subsets else None}
 
 
+def paired_summary(diffs: dict[int, float]) -> dict:
+    """Per-seed differences as the pages report them: mean, SE, 95% CI, n, ``mde80``, the values
+    themselves (``per_seed``) and the ``leave_one_out``."""
+    t = t_interval(list(diffs.values()))
+    return {**t, "mde80": mde80(t), "per_seed": diffs, "leave_one_out": leave_one_out(diffs)}
+
+
 def pair(runs: list[dict], a: str, b: str) -> dict | None:
     """(a − b) per seed on the gold at the budget and over the curve: mean, SE, 95% CI, n, the
     difference detectable with 80% power (``mde80``), every seed's difference and the leave-one-out."""
     both = [r for r in runs if r["group"] in (a, b)]
     if not any(r["group"] == a for r in both) or not any(r["group"] == b for r in both):
         return None
-    out = {}
-    for key in ("gold_after", "gold_curve_mean"):
-        diffs = seed_differences(both, a, b, key)
-        t = t_interval(list(diffs.values()))
-        out[key] = {**t, "mde80": mde80(t), "per_seed": diffs, "leave_one_out": leave_one_out(diffs)}
-    return out
+    return {key: paired_summary(seed_differences(both, a, b, key)) for key in ("gold_after", "gold_curve_mean")}
 
 
 def verdict(p1: dict, dar_vs_dpo: dict | None) -> str:
@@ -248,6 +250,14 @@ def jsonable(x):
     return "never" if isinstance(x, float) and math.isinf(x) else x
 
 
+def cell(t: dict) -> str:
+    """A paired difference in a table: mean ± SE [95% CI], n."""
+    if t["mean"] is None:
+        return "—"
+    ci = "" if t["ci95"] is None else f" [{t['mean'] - t['ci95']:+.3f}, {t['mean'] + t['ci95']:+.3f}]"
+    return f"{t['mean']:+.3f} ± {fmt(t['se'], '.3f')}{ci}, n={t['n']}"
+
+
 def markdown(res: dict) -> str:
     out = [f"Budget {res['budget']} training requests per run, seeds {res['seeds']}; trained on "
            f"{res['training_annotator']}, graded by {res['evaluator']} on {res.get('eval_dataset')}"
@@ -267,12 +277,6 @@ def markdown(res: dict) -> str:
             "any one left out, else no):", "",
             "| difference | at the budget | MDE | one seed left out | decided | over the curve | MDE | decided |",
             "|---|---|---|---|---|---|---|---|"]
-
-    def cell(t):
-        if t["mean"] is None:
-            return "—"
-        ci = "" if t["ci95"] is None else f" [{t['mean'] - t['ci95']:+.3f}, {t['mean'] + t['ci95']:+.3f}]"
-        return f"{t['mean']:+.3f} ± {fmt(t['se'], '.3f')}{ci}, n={t['n']}"
 
     def left_out(t):
         loo = t["leave_one_out"]
