@@ -8,6 +8,7 @@ gets wrong on the CPU (its packed LM head stays stale, 0.02–0.06 nats off): pu
 from __future__ import annotations
 
 import dataclasses
+import json
 import importlib.util
 import subprocess
 from pathlib import Path
@@ -162,6 +163,70 @@ def test_train_samples_from_the_server(vllm_server, tmp_path):
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-3)  # the server was reset to the starting policy
     assert "timing/weight_sync" in metrics[0] and "timing/behaviour_forward" not in metrics[0]  # π_t: the update's
     assert not (tmp_path / "sync").exists()  # no weights file was written
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_async_steps_generate_on_the_server_during_the_update(vllm_server, tmp_path, monkeypatch):
+    """async_steps 1 against the server: batch t+1 is generated on the sampling thread, asked for
+    before step t updates and finished before step t's push (so it comes from θ_t alone). With lr 0
+    the server's weights never move, so the samples are the synchronous run's, token for token, and
+    π_t is the server's log-probs: KL(π_t‖π_ref) is zero to float rounding with no trainer forward."""
+    import threading
+
+    from daralign.rollout.vllm_server import VLLMServer
+
+    events: list[tuple[str, int | None, str]] = []
+    sample, push = VLLMServer.sample, VLLMServer.sync_weights
+
+    def logged_sample(self, model, rows, step):
+        events.append(("asked", step, threading.current_thread().name))
+        rollout = sample(self, model, rows, step)
+        events.append(("back", step, threading.current_thread().name))
+        return rollout
+
+    def logged_push(self, model):
+        events.append(("push", None, threading.current_thread().name))
+        push(self, model)
+
+    def logged_update(self, *args, **kwargs):
+        events.append(("update", None, threading.current_thread().name))
+        return update(self, *args, **kwargs)
+
+    from daralign.train.loop import OnlineTrainer
+
+    update = OnlineTrainer.update
+    monkeypatch.setattr(VLLMServer, "sample", logged_sample)
+    monkeypatch.setattr(VLLMServer, "sync_weights", logged_push)
+    monkeypatch.setattr(OnlineTrainer, "update", logged_update)
+    cfg = {"algorithm": "dar", "model_name_or_path": POLICY, "dataset": str(ROOT / "examples" / "data" / "quickstart_train.jsonl"),
+           "annotator": {"type": "function", "function": f"{ROOT / 'tests' / 'tiny.py'}:length_reward"},
+           "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 12, "max_steps": 3,
+           "learning_rate": 0.0, "report": False, "save_strategy": "no", "log_completions": True, "use_vllm": True,
+           "vllm_mode": "server", "vllm_server_url": vllm_server}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    runs, log = {}, {}
+    for mode, extra in (("sync", []), ("async", ["--async_steps", "1"])):
+        events.clear()
+        out = tmp_path / mode
+        assert daralign_main(["train", "--config", str(tmp_path / "cfg.yaml"), "--output_dir", str(out), *extra]) == 0
+        runs[mode] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        log[mode] = list(events)
+        completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+        runs[mode + "-completions"] = [(c["step"], c["prompt_index"], c["completion"]) for c in completions]
+    assert runs["async-completions"] == runs["sync-completions"] and len(runs["sync-completions"]) == 3 * 2 * 2
+    assert [m["async/staleness"] for m in runs["async"]] == [0.0, 1.0, 1.0]
+    for m in runs["async"]:  # π_t: the server's log-probs, equal to the (unchanged) reference's
+        assert abs(m["kl"]) < 1e-3 and "timing/behaviour_forward" not in m and "rollout/logp_abs_diff" not in m, m
+    assert all(thread == "MainThread" for kind, _, thread in log["sync"])
+    events = log["async"]
+    assert all(thread.startswith("daralign-sample") for kind, _, thread in events if kind in ("asked", "back"))
+    assert all(thread == "MainThread" for kind, _, thread in events if kind in ("update", "push"))
+    at = {kind: [i for i, e in enumerate(events) if e[0] == kind] for kind in ("update", "push")}
+    assert len(at["update"]) == 3 and len(at["push"]) == 1 + 3 and at["push"][0] == 0  # the start's push, then one a step
+    for t in range(2):  # batch t+1: asked for before step t's update, back before θ_{t+1} is pushed
+        asked, back = (next(i for i, e in enumerate(events) if e[:2] == (kind, t + 1)) for kind in ("asked", "back"))
+        assert asked < at["update"][t] < at["push"][t + 1] and back < at["push"][t + 1], events
 
 
 def test_no_server_is_one_clear_line(tmp_path, capsys, tiny_policy_dir):

@@ -11,6 +11,11 @@ objectives need: the engine itself (HF ``generate`` records them while sampling)
 and the engine's own log-probs in ``engine_token_logps``, which the loop checks against the
 trainer's; ``rollout/logp_abs_diff``).
 
+``samples_in_background`` declares an engine that samples in another process and needs nothing
+of the trainer's model meanwhile (a server): under ``async_steps`` its sampling runs on a
+background thread while the trainer updates, and its own log-probs are π_t (the trainer's
+weights have moved on by the time the batch is back; ``behaviour_from_engine``).
+
 A new engine is one file here with ``@register_engine("name")`` on a class built by
 ``from_config(config, settings, tokenizer, device)`` — ``config`` an instance of its own ``Config``
 dataclass (None without one; its fields are YAML keys and flags of ``daralign train``) — and one
@@ -58,6 +63,7 @@ class RolloutEngine:
     name: ClassVar[str] = "engine"  # set by ``@register_engine``
     Config: ClassVar[type | None] = None  # the engine's own dataclass config (fields join the CLI and YAML)
     gives_behaviour_logps: ClassVar[bool] = True
+    samples_in_background: ClassVar[bool] = False  # async_steps: sample during the update (module docstring)
     auto_priority: ClassVar[int] = 0  # under ``rollout_engine: auto``, the highest that selects itself wins
 
     @classmethod
@@ -178,3 +184,18 @@ def behaviour_check(rollout: Rollout) -> dict[str, float]:
     diff = (trainer - engine).abs()[mask]
     return {"rollout/logp_abs_diff": diff.mean().item() if diff.numel() else 0.0,
             "rollout/logp_abs_diff_max": diff.max().item() if diff.numel() else 0.0}
+
+
+def behaviour_from_engine(rollout: Rollout) -> Rollout:
+    """π_t from the engine's own per-token log-probs, laid out as the trainer's (one per position
+    after the first, zero off the completion): for a batch sampled while the trainer updated, no
+    forward on the sampling weights is possible any more. The engine's log-probs are then π_t, not a
+    check on it (``rollout/logp_abs_diff`` is not logged for such a batch)."""
+    engine = rollout.engine_token_logps
+    Lp = rollout.input_ids.shape[1] - engine.shape[1]
+    behaviour = torch.zeros(rollout.input_ids.shape[0], rollout.input_ids.shape[1] - 1, dtype=torch.float32,
+                            device=engine.device)
+    behaviour[:, Lp - 1:] = engine.float()
+    rollout.behaviour_token_logps = behaviour * rollout.completion_mask[:, 1:]
+    rollout.engine_token_logps = None
+    return rollout

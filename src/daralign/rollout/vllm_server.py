@@ -12,6 +12,8 @@ the engine runs in its own process — on its own GPUs, or another node — star
   first), and loaded with ``POST /collective_rpc`` → ``daralign_load_weights``
   (``rollout/vllm_worker.py``). Then ``POST /reset_prefix_cache``. Only the main process pushes.
 - π_t is the trainer's own log-prob, as in colocate; ``rollout/logp_abs_diff`` checks the server's.
+  Under ``async_steps`` the next batch is generated on the server while the trainer updates (a
+  background thread; the push after the update waits for it), and the server's log-probs are π_t.
 - Checked when the engine is built, on every rank alike (so none waits for another that stopped):
   the server's ``max_model_len`` (``/v1/models``) holds ``max_prompt_length +
   max_completion_length``, else one line says so — a too-short server answers 400 to one rank
@@ -91,6 +93,7 @@ class VLLMServer(RolloutEngine):
 
     Config = VLLMConfig  # shared with vllm-colocate
     gives_behaviour_logps = False
+    samples_in_background = True  # async_steps: the server generates while the trainer updates
     auto_priority = 10
 
     def __init__(self, url: str, tokenizer, settings: SamplingSettings, *, sync_dir: str | None,

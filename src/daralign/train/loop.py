@@ -56,8 +56,8 @@ from daralign.objectives import get_objective
 from daralign.objectives.base import importance_weights
 from daralign.core import sharding
 from daralign.core.provenance import provenance
-from daralign.rollout.base import (SamplingSettings, behaviour_check, build_engine, check_engine, engine_class,
-                                   engine_of, settings_of_other_engines)
+from daralign.rollout.base import (SamplingSettings, behaviour_check, behaviour_from_engine, build_engine, check_engine,
+                                   engine_class, engine_of, settings_of_other_engines)
 from daralign.core.tracking import MetricsLog, console, progress_bar
 
 MB_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -156,7 +156,8 @@ class OnlineTrainer:
                           "ahead; it runs synchronously")
         elif train.async_steps:
             self.pipeline = Pipeline(train.async_steps, self.labels, self.budget, max_steps=train.max_steps,
-                                     checkpoint_every=train.save_steps if train.save_strategy != "no" else 0)
+                                     checkpoint_every=train.save_steps if train.save_strategy != "no" else 0,
+                                     background_sampling=self.engine.samples_in_background)
 
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
@@ -253,6 +254,8 @@ class OnlineTrainer:
         rows = self.schedule.batch(step)[:num_prompts][self.rank::self.world]
         rollout = self.engine.sample(self.unwrapped, rows, step)
         timing = {}
+        if rollout.behaviour_token_logps is None and self.pipeline is not None and self.engine.samples_in_background:
+            return behaviour_from_engine(rollout), timing  # sampled during an update (pipeline.py): the server's π_t
         if rollout.behaviour_token_logps is None and not self.pi_t_from_update:
             t = time.perf_counter()
             rollout.behaviour_token_logps = self._forward_token_logps(self.unwrapped, rollout)
@@ -360,12 +363,15 @@ class OnlineTrainer:
         if batch is None:
             return None
         t1 = time.perf_counter()
+        rollout, sampling_s, timing = batch.sampled.result()  # a server's: generated meanwhile (pipeline.py)
+        t2 = time.perf_counter()
         labels, annotate_s = batch.labels.result()  # an annotator's failure is raised here, on this thread
-        waited = time.perf_counter() - t1
-        feedback = self.feedback(batch.rollout, step, labels)
-        phases = {"timing/rollout": batch.sampling_s, "timing/annotate": annotate_s}
-        lag = {"async/staleness": float(step - batch.sampled_at), "async/wait_annotate": waited, "async/wait_rollout": sampling}
-        return self.learn(step, batch.num_prompts, batch.rollout, feedback, spent, batch.timing, phases, started=t0, extra=lag)
+        waited = time.perf_counter() - t2
+        feedback = self.feedback(rollout, step, labels)
+        phases = {"timing/rollout": sampling_s, "timing/annotate": annotate_s}
+        lag = {"async/staleness": float(step - batch.sampled_at), "async/wait_annotate": waited,
+               "async/wait_rollout": sampling + (t2 - t1)}
+        return self.learn(step, batch.num_prompts, rollout, feedback, spent, timing, phases, started=t0, extra=lag)
 
     def off_policy(self, rollout) -> tuple:
         """Under ``async_steps``, for an objective with an ``importance_ratio`` (RLOO, GRPO, PPO): the
@@ -396,9 +402,13 @@ class OnlineTrainer:
             objective_metrics = self.pi_t_after_update(rollout, feedback, ref, update, timing)
         t4 = time.perf_counter()
         if signal:
+            if self.pipeline is not None:  # a server still generating from θ_t finishes first (pipeline.py)
+                extra = dict(extra or {})
+                extra["async/wait_rollout"] = extra.get("async/wait_rollout", 0.0) + self.pipeline.wait_sampled()
+            t5 = time.perf_counter()
             self.engine.sync_weights(self.unwrapped)  # the engine samples the next batch from θ_{t+1}
             if not self.engine.gives_behaviour_logps:
-                update.metrics["timing/weight_sync"] = time.perf_counter() - t4
+                update.metrics["timing/weight_sync"] = time.perf_counter() - t5
             t4 = time.perf_counter()
         if self.cfg.log_completions and self.accelerator.is_main_process:
             ids = self.schedule.indices(step)[:len(rollout.rows) * self.world][self.rank::self.world]

@@ -8,10 +8,22 @@ One step t, with N = 1 (verl's "one-step-off", prime-rl's ``max_async_level``)::
     reference, prepare, update θ_t → θ_{t+1}                 ◄── annotation of t+1 runs meanwhile
 
 so a batch is trained at most N updates after the policy that sampled it (``async/staleness``).
-Sampling stays on the training thread: the engine, its weight pushes and every collective (DDP,
+Sampling stays on the training thread for an in-process engine (HF ``generate``, colocated vLLM:
+they sample the trainer's own weights): the engine, its weight pushes and every collective (DDP,
 FSDP2, ZeRO-3, the shuffled control's gather) run where they run in the synchronous loop, in the
-same order on every process. The one thing that moves is the annotator's call: one worker thread,
-so a batch's requests are counted on the meter exactly as before (``annotate.py``'s ``_Spend``).
+same order on every process. The annotator's call moves: one worker thread, so a batch's requests
+are counted on the meter exactly as before (``annotate.py``'s ``_Spend``).
+
+An engine that samples in another process (``samples_in_background``: the vLLM server) moves too,
+onto a sampling thread, so the server generates batch t+1 while the trainer updates θ_t::
+
+    sampling thread:    generate t+1 from θ_t ─► annotation thread: label t+1
+    training thread:    wait for batch t and its labels; update θ_t → θ_{t+1}; wait for t+1's
+                        generation; push θ_{t+1}                    (``wait_sampled``)
+
+The push waits, so every batch comes from one set of weights, and the server's log-probs are π_t
+(the trainer's weights have moved on by the time the batch is back). HTTP is all that thread does:
+no collective, no forward of the trainer's model.
 
 What stays exact:
 - **π_t is the sampler's.** Behaviour log-probs are recorded when the batch is sampled; the loop
@@ -42,13 +54,11 @@ from daralign.train.budget import Budget
 
 @dataclass
 class InFlight:
-    """A batch sampled ahead: its rollout, and the future of its labels and their seconds."""
+    """A batch sampled ahead: the futures of its rollout and of its labels, with their seconds."""
 
     step: int  # the step that will train on it
     num_prompts: int  # global prompts (what the budget planned)
-    rollout: Rollout
-    sampling_s: float  # seconds the trainer spent sampling it (its timing/rollout)
-    timing: dict  # the rollout's other timings (timing/behaviour_forward)
+    sampled: Future  # → (Rollout, seconds sampling took (its timing/rollout), its other timings)
     sampled_at: int  # the step during which it was sampled: updates θ_0…θ_{sampled_at} were done
     labels: Future  # → (Feedback, seconds the annotator took)
 
@@ -57,15 +67,24 @@ class Pipeline:
     """The batches sampled ahead, in step order, and the thread that buys their labels."""
 
     def __init__(self, depth: int, annotate: Callable[[Rollout], Feedback], budget: Budget, *, max_steps: int,
-                 checkpoint_every: int) -> None:
+                 checkpoint_every: int, background_sampling: bool = False) -> None:
         self.depth, self.annotate, self.budget = depth, annotate, budget
         self.max_steps, self.checkpoint_every = max_steps, checkpoint_every  # 0: no checkpoints within the run
         self.in_flight: deque[InFlight] = deque()
         self.next_step = 0  # the step whose batch is sampled next
         self.stopped: str | None = None  # why nothing more is sampled (the budget)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daralign-annotate")
+        # one thread, so a server's batches are generated in step order (None: sampled on the training thread)
+        self._sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daralign-sample") if background_sampling else None
 
-    def _timed_annotate(self, rollout: Rollout) -> tuple[Feedback, float]:
+    @staticmethod
+    def _timed_sample(sample: Callable[[int, int], tuple[Rollout, dict]], step: int, num_prompts: int):
+        start = time.perf_counter()
+        rollout, timing = sample(step, num_prompts)
+        return rollout, time.perf_counter() - start, timing
+
+    def _timed_annotate(self, sampled: Future) -> tuple[Feedback, float]:
+        rollout = sampled.result()[0]  # a failed sampling fails the labels too: its step raises it
         start = time.perf_counter()
         return self.annotate(rollout), time.perf_counter() - start
 
@@ -88,14 +107,25 @@ class Pipeline:
             if num_prompts == 0:
                 self.stopped = why
                 break
-            start = time.perf_counter()
-            rollout, timing = sample(self.next_step, num_prompts)
-            seconds = time.perf_counter() - start
-            self.in_flight.append(InFlight(self.next_step, num_prompts, rollout, seconds, timing, step,
-                                           self._pool.submit(self._timed_annotate, rollout)))
+            if self._sampler is not None:  # the server generates it while this step updates
+                sampled = self._sampler.submit(self._timed_sample, sample, self.next_step, num_prompts)
+            else:
+                sampled = Future()
+                sampled.set_result(self._timed_sample(sample, self.next_step, num_prompts))
+                took += sampled.result()[1]
+            self.in_flight.append(InFlight(self.next_step, num_prompts, sampled, step,
+                                           self._pool.submit(self._timed_annotate, sampled)))
             self.next_step += 1
-            took += seconds
         return took
+
+    def wait_sampled(self) -> float:
+        """Wait until no batch is being generated (before a weight push: each batch comes from the
+        weights it was asked of); the seconds waited. A failed sampling raises later, when its step
+        takes it."""
+        start = time.perf_counter()
+        for batch in self.in_flight:
+            batch.sampled.exception()
+        return time.perf_counter() - start
 
     def more(self, spent_requests: int) -> bool:
         """Whether another batch will be trained: one in flight, or one the budget affords."""
@@ -125,6 +155,9 @@ class Pipeline:
 
     def close(self) -> None:
         for batch in self.in_flight:
+            batch.sampled.cancel()
             batch.labels.cancel()
+        if self._sampler is not None:
+            self._sampler.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.in_flight.clear()
