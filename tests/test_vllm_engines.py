@@ -43,6 +43,7 @@ class StubVLLMServer:
     def __init__(self, max_model_len: int = 512, dtype: str = "torch.bfloat16") -> None:
         outer, self.posts = self, []
         self.max_model_len, self.dtype = max_model_len, dtype
+        self.completions_before_failing: int | None = None  # then every /v1/completions answers 500
 
         class H(BaseHTTPRequestHandler):
             def log_message(self, *a):
@@ -67,7 +68,11 @@ class StubVLLMServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
                 outer.posts.append((self.path, body))
-                if self.path == "/v1/completions":  # n completions of 3 tokens each
+                answered = sum(path == "/v1/completions" for path, _ in outer.posts) - 1
+                if self.path == "/v1/completions" and outer.completions_before_failing is not None \
+                        and answered >= outer.completions_before_failing:
+                    self.send_error(500, "engine dead")
+                elif self.path == "/v1/completions":  # n completions of 3 tokens each
                     tokens = [f"token_id:{t}" for t in (5, 6, 7)]
                     self._send({"choices": [{"index": i, "logprobs": {"tokens": tokens, "token_logprobs": [-1.0] * 3}}
                                             for i in range(body["n"])]})
@@ -181,6 +186,30 @@ def test_per_request_seeds_only_where_they_cost_nothing(stub, tiny_policy):
         assert rollout.input_ids.shape[0] == 4 and rollout.engine_token_logps.shape == (4, 12)
         seeds = [body.get("seed") for path, body in stub.posts if path == "/v1/completions"]
         assert sorted(seeds, key=repr) == sorted([sample_seed(42, 3, 0), sample_seed(42, 3, 1)] if seeded else [None, None], key=repr)
+
+
+def test_a_server_failing_mid_pipeline_ends_the_run_in_one_line(stub, tiny_policy_dir, tmp_path, capsys):
+    """async_steps 1 on a server: batches are generated on the sampling thread, so a server that dies
+    (500 from its 5th request: the third batch, asked for during the second step) fails that batch
+    there; the run trains what it had (two steps) and ends when the third step takes the batch, with
+    the error's one line and no traceback, as the synchronous loop does."""
+    stub.completions_before_failing = 4  # two prompts a step, one request each
+    cfg = {"algorithm": "dar", "model_name_or_path": str(tiny_policy_dir),
+           "dataset": str(ROOT / "examples" / "data" / "quickstart_train.jsonl"),
+           "annotator": {"type": "function", "function": f"{ROOT / 'tests' / 'tiny.py'}:length_reward"},
+           "max_steps": 4, "per_device_train_batch_size": 2, "num_generations": 2, "max_completion_length": 12,
+           "report": False, "save_strategy": "no", "use_vllm": True, "vllm_mode": "server", "vllm_server_url": stub.url,
+           "vllm_weight_transfer": "file", "vllm_sync_dir": str(tmp_path / "sync"), "async_steps": 1}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert daralign_main(["train", "--config", str(tmp_path / "cfg.yaml"), "--output_dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert "/v1/completions answered 500" in errors[0], errors
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["async/staleness"] for m in metrics] == [0.0, 1.0]
+    assert all(m["kl"] != 0.0 for m in metrics)  # π_t: the stub's −1 a token, not the trainer's forward
 
 
 def test_colocated_engine_caps_its_batch_by_default():
