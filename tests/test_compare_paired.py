@@ -21,6 +21,16 @@ def test_t_interval_by_hand():
     assert t_interval([0.4])["se"] is None and t_interval([0.4])["n"] == 1
 
 
+def test_t_quantile_past_the_table():
+    """Past df 30 the series (A&S 26.7.5) gives the exact quantiles (R's qt(0.975, df)), not 1.96."""
+    from daralign.compare.stats import t95
+
+    exact = {30: 2.042272, 31: 2.039513, 40: 2.021075, 60: 2.000298, 120: 1.979930, 10_000: 1.960201}
+    for df, q in exact.items():
+        assert t95(df) == pytest.approx(q, abs=2e-6 if df > 30 else 5e-4)
+    assert all(t95(df) > t95(df + 1) for df in range(1, 200))  # falls with df, across the table's end too
+
+
 def test_paired_differences_by_hand():
     runs = [{"group": g, "seed": s, "gold_after": v, "proxy_after": 0.0, "gold_curve_mean": None}
             for g, vals in {"dar": [0.5, 0.6, 0.7], "rloo": [0.55, 0.62, 0.74]}.items() for s, v in zip((1, 2, 3), vals)]
