@@ -35,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from daralign.compare.curves import gold_section  # noqa: E402
-from daralign.compare.paired import p1_bootstrap, seed_differences, t_interval  # noqa: E402
+from daralign.compare.paired import gao_points, p1_bootstrap, seed_differences, t_interval  # noqa: E402
 from daralign.compare.report import aggregate  # noqa: E402
 
 SE_GOAL = 0.015  # the first study's goal: 0.03 = 2 SE, about 41% power at 8 seeds, not 80% (see mde80)
@@ -119,7 +119,8 @@ def arm(name: str, g: dict, runs: list[dict]) -> dict:
             "proxy_change": g["proxy_change"], "proxy_change_se": g["proxy_change_se"], "kl_at_budget": g["kl_at_budget"],
             "length_after": t_interval([r.get("heldout_length_after") for r in mine])["mean"],
             "peak_requests": g["peak_requests"], "turn_down": g["turn_down"],
-            "gao_peak_sqrt_kl": fit["peak_sqrt_kl"], "gao_peak_gain": fit["peak_gain"]}
+            "gao_peak_sqrt_kl": fit["peak_sqrt_kl"], "gao_peak_gain": fit["peak_gain"],
+            "gao_max_sqrt_kl": max((d for d, _ in gao_points(mine)), default=None)}  # the furthest any run went
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -265,7 +266,10 @@ def markdown(res: dict) -> str:
            "| arm | seeds | gold Δ ± SE | gold at budget | gold over the curve | proxy Δ ± SE | KL at budget | "
            "length | gold peak @ requests | turns down | Gao peak √KL (gain) |", "|---" * 11 + "|"]
     for a in res["arms"]:
-        gao = "—" if a["gao_peak_sqrt_kl"] is None else f"{a['gao_peak_sqrt_kl']:.2f} ({a['gao_peak_gain']:+.3f})"
+        gao = "— (no peak)" if a["gao_peak_sqrt_kl"] is None else f"{a['gao_peak_sqrt_kl']:.2f} ({a['gao_peak_gain']:+.3f})"
+        if a["gao_peak_sqrt_kl"] is not None and a.get("gao_max_sqrt_kl") is not None \
+                and a["gao_peak_sqrt_kl"] > a["gao_max_sqrt_kl"]:  # an extrapolation, not a peak anyone saw
+            gao = f"past the data (runs reach {a['gao_max_sqrt_kl']:.2f})"
         out.append(f"| {a['arm']} | {a['seeds']} | {fmt(a['gold_change'])} ± {fmt(a['gold_change_se'], '.3f')} | "
                    f"{fmt(a['gold_at_budget'], '.3f')} | {fmt(a['gold_curve_mean'], '.3f')} | "
                    f"{fmt(a['proxy_change'])} ± {fmt(a['proxy_change_se'], '.3f')} | {fmt(a['kl_at_budget'], '.2f')} | "
