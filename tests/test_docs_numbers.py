@@ -388,3 +388,19 @@ def test_the_agreement_page_is_its_json():
     assert f"{pct(zero['agreement'])}% [{pct(zero['ci_low'])}, {pct(zero['ci_high'])}]" in doc
     both = res["preference_both_orders"]
     assert f"Among the {both['agree'] + both['disagree']} decided pairs" in doc and f"{both['ties']} of the 200 pairs" in doc
+
+
+def test_the_test_set_study_in_the_doc_is_its_study_md():
+    """The sealed test set's study (issue 32, items 2 and 4): docs/testbed.md carries img/study-test/study.md's
+    tables and verdict as study.py wrote them from the committed run records, all 12 seeds of every arm."""
+    page = DOCS / "img" / "study-test"
+    doc, md = (DOCS / "testbed.md").read_text(), (page / "study.md").read_text()
+    res = json.loads((page / "study.json").read_text())
+    assert res["seeds"] == list(range(1, 13))
+    for a in res["arms"]:
+        assert a["seeds"] == 12, a["arm"]
+    arms = md[md.index("| arm |"):md.index("\n\nPaired within-seed")]
+    table = md[md.index("Paired within-seed differences"):md.index("\n\n**Verdict")]
+    assert arms in doc and table in doc, "docs/testbed.md's test-set tables differ from img/study-test/study.md: rerun study.py"
+    verdict = md[md.index("**Verdict"):].split("**")[1]
+    assert verdict in doc
