@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from daralign.annotators.clients import TransformersClient
+    from daralign.annotators.transformers_client import TransformersClient
     from daralign.annotators.judge import JudgeAnnotator, JudgeConfig
     from daralign.core.data import read_rows
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import chat_reply, free_port
 
 from daralign.annotators import build_annotator
-from daralign.annotators.clients import OpenAIClient, Request
+from daralign.annotators.clients import Request
+from daralign.annotators.openai_client import OpenAIClient
 from daralign.annotators.judge import JudgeAnnotator
 from daralign.core.errors import AnnotationError, ConfigError
 

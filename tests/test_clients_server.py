@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from daralign.annotators.clients import OpenAIClient, Request, TransformersClient
+from daralign.annotators.clients import Request
+from daralign.annotators.openai_client import OpenAIClient
+from daralign.annotators.transformers_client import TransformersClient
 from daralign.annotators.judge import JudgeAnnotator
 
 pytestmark = pytest.mark.slow

@@ -325,7 +325,8 @@ def test_two_digit_scale_two_step_on_completions_endpoint(judge_http):
 def test_shared_prefix_kv_reuse_gives_the_same_next_token_distribution(tiny_policy_dir):
     """The judge's template prefix computed once and expanded over the batch (suffixes left-padded
     after it): the same next-token probabilities as full forwards, to 1e-5."""
-    from daralign.annotators.clients import Request, TransformersClient
+    from daralign.annotators.clients import Request
+    from daralign.annotators.transformers_client import TransformersClient
 
     template = "Rate the tone of this answer. Be strict, fair and brief. Reply Yes or No.\n<response>\n"
     reqs = [Request(messages=(("user", template + r + "\n</response>"),), candidates=("Yes", "No"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from daralign.annotators.base import ANNOTATORS, Annotator, CompareResult, Meter, ScoreResult, register_annotator
 from daralign.annotators.build import annotator_for, build_annotator, describe_annotator, requests_per_label, same_annotator
-from daralign.annotators import clients, llama_cpp_client  # noqa: F401  (register the judge backends; llama_cpp loads only when used)
+from daralign.annotators import llama_cpp_client, openai_client, transformers_client  # noqa: F401  (register the judge backends; llama_cpp loads only when used)
 from daralign.annotators import ensemble, functions, judge, learned, reward_model  # noqa: F401  (register the kinds)
 
 __all__ = ["Annotator", "Meter", "ScoreResult", "CompareResult", "build_annotator", "describe_annotator", "register_annotator",
