@@ -118,8 +118,9 @@ def test_summary_and_report(compare_run):
     for rec in summary["runs"]:
         for key in ("annotations", "annotation_requests", "budget_reached", "steps", "train_reward_final",
                     "train_reward_best", "kl_final", "mean_length_final", "wall_time_s", "train_time_s",
-                    "heldout_before", "heldout_after", "heldout_diff"):
+                    "heldout_before", "heldout_after", "heldout_diff", "cpu"):
             assert key in rec, key
+        assert rec["cpu"] == json.loads((out / rec["dir"] / "provenance.json").read_text())["cpu"]
         assert rec["budget_reached"] and rec["annotation_requests"] == rec["annotations"] == BUDGET and rec["wall_time_s"] > 0
         assert rec["kl_final"] is not None  # held-out KL: every method has a point on the frontier
         assert rec["evaluator_is_training_annotator"] is True

@@ -488,6 +488,25 @@ def test_lag_study_page_on_real_sync_and_async_runs(tmp_path, tiny_policy_dir, t
         assert clock[0] == 0 and all(b > a for a, b in zip(clock, clock[1:]))
     assert res["arms"]["dar @ async 1"]["train_s"] > 0 and (page / "async_study.png").is_file()
     assert "Is DAR more robust to lag than RLOO?" in (page / "async_study.md").read_text()
+    # every seed's runs on one machine, named; a seed whose runs name two CPUs is refused in one line
+    cpu = json.loads((folders[0] / "dar" / "seed1" / "provenance.json").read_text())["cpu"]
+    assert cpu and res["cpu_per_seed"] == {"1": cpu, "2": cpu, "3": cpu}
+    assert f"{cpu}: seeds 1, 2, 3" in (page / "async_study.md").read_text()
+    moved = json.loads((folders[1] / "summary.json").read_text())
+    next(r for r in moved["runs"] if r["seed"] == 2)["cpu"] = "another CPU"
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    with pytest.raises(SystemExit, match="seed 2: its runs ran on more than one CPU"):
+        lag_study.main(["--sync", str(folders[0]), "--lag1", str(tmp_path / "moved.json"), "--out", str(tmp_path / "p2")])
+    # machine_check.py: a rerun beside its record (here the record itself: every difference 0)
+    check = _example("machine_check")
+    assert check.main(["--record", str(folders[0] / "summary.json"), "--group", "rloo", "--seed", "2",
+                       "--reruns", str(folders[0]), "--out", str(tmp_path / "check.json")]) == 0
+    same = json.loads((tmp_path / "check.json").read_text())
+    assert same["record"]["cpu"] == cpu and same["record"]["gold_after"] == after[0, "rloo", 2]
+    assert set(same["reruns"][str(folders[0])]["minus_record"].values()) == {0.0}
+    assert check.main(["--record", str(folders[0] / "summary.json"), "--group", "rloo", "--seed", "2",
+                       "--reruns", str(folders[0] / "rloo" / "seed2"), "--out", str(tmp_path / "check.json")]) == 0
+    assert set(json.loads((tmp_path / "check.json").read_text())["reruns"][str(folders[0] / "rloo" / "seed2")]["minus_record"].values()) == {0.0}
     # the rule's answer over lags
     assert lag_study.answer({1: "more robust", 2: "undecided"}) == "more robust"
     assert lag_study.answer({1: "more robust", 2: "less robust"}) == "mixed"

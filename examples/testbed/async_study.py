@@ -2,9 +2,10 @@
 training on samples from an older policy than RLOO? DAR regularises toward the policy that sampled
 (π_t), which is an off-policy correction by construction; RLOO needs a truncated importance ratio.
 
-It reads the synchronous arms (dar and rloo of the test-set study, ``--sync``) and the same methods
-at ``async_steps`` 1 and 2 (``--lag1``, ``--lag2``), all on ``study.yaml``'s protocol with the same
-seeds, and writes into ``--out``:
+It reads the synchronous arms (dar and rloo at ``async_steps`` 0, ``--sync``) and the same methods at
+``async_steps`` 1 and 2 (``--lag1``, ``--lag2``), all on ``study.yaml``'s protocol with the same seeds,
+each seed's runs on one machine (it refuses a seed whose runs name different CPUs, or none: in fp32
+the same run differs between an Intel Xeon and an AMD EPYC), and writes into ``--out``:
 
 - ``async_study.json``: per method and lag, the paired gold difference lag − sync (at the budget and
   over the curve) with its 95% CI, MDE, every seed's difference and the leave-one-out; per lag the
@@ -12,7 +13,7 @@ seeds, and writes into ``--out``:
 - ``async_study.md``: those tables; ``async_study.png``: gold against requests and against seconds of
   training per arm, and every seed's difference-in-differences.
 
-    python examples/testbed/async_study.py --sync runs/study-test --lag1 runs/study-async1 \\
+    python examples/testbed/async_study.py --sync runs/study-async0 --lag1 runs/study-async1 \\
         --lag2 runs/study-async2 --out runs/async-study-page
 
 Each argument takes compare folders or ``summary.json`` files, merged as ``study.py`` merges them.
@@ -68,14 +69,29 @@ def diff_in_diff(runs: list[dict], lag: int) -> dict:
     return out
 
 
+def one_machine_per_seed(runs: list[dict]) -> dict[int, str]:
+    """Each seed's CPU, the one all its runs name; a seed whose runs name two, or none, ends the
+    analysis in one line (its pairs would hold a machine's difference as well as the lag's)."""
+    cpus: dict[int, set] = {}
+    for r in runs:
+        cpus.setdefault(r["seed"], set()).add(r.get("cpu"))
+    for seed, found in sorted(cpus.items()):
+        if None in found or len(found) > 1:
+            named = ", ".join(sorted(c or "not recorded" for c in found))
+            raise SystemExit(f"seed {seed}: its runs ran on more than one CPU or do not say which ({named}); "
+                             "a seed's synchronous and lagged runs must run on one machine (study.sh async)")
+    return {seed: found.pop() for seed, found in sorted(cpus.items())}
+
+
 def analyse(sync: dict, lagged: dict[int, dict]) -> dict:
     runs = [r for r in sync["runs"] if r["group"] in METHODS] + [r for s in lagged.values() for r in s["runs"]]
+    machines = one_machine_per_seed(runs)
     groups = {g: v for s in (sync, *lagged.values()) for g, v in s["gold"]["groups"].items()
               if g in {arm(m, k) for m in METHODS for k in (0, *LAGS)}}
     staleness = {arm(m, k): pair(runs, arm(m, k), m) for m in METHODS for k in lagged}
     did = {k: diff_in_diff(runs, k) for k in lagged}
     verdicts = {k: lag_verdict(d) for k, d in did.items()}
-    return {"budget": sync["annotation_budget"], "seeds": sorted({r["seed"] for r in runs}),
+    return {"budget": sync["annotation_budget"], "seeds": sorted({r["seed"] for r in runs}), "cpu_per_seed": machines,
             "eval_dataset": sync.get("eval_dataset"), "training_annotator": sync["training_annotator"],
             "evaluator": sync["evaluator"],
             "arms": {g: {"seeds": len([r for r in runs if r["group"] == g]), "gold_change": v["gold_change"],
@@ -93,6 +109,9 @@ def markdown(res: dict) -> str:
            f"seeds both arms ran: its n); trained on {res['training_annotator']}, graded by {res['evaluator']} on "
            f"{res['eval_dataset']}. Every ± and CI is over seeds. Seconds of training are the sum of step_time on the "
            "machine the arm ran on, beside other runs: a record, not a speed measurement.", "",
+           "Each seed's runs ran on one machine: " + "; ".join(
+               f"{cpu}: seeds {', '.join(str(s) for s, c in res['cpu_per_seed'].items() if c == cpu)}"
+               for cpu in dict.fromkeys(res["cpu_per_seed"].values())) + ".", "",
            "| arm | seeds | gold Δ ± SE | gold at budget | KL at budget | seconds of training |",
            "|---|---|---|---|---|---|"]
     for name, a in res["arms"].items():
@@ -132,7 +151,8 @@ def plot(res: dict, groups: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sync", type=Path, nargs="+", required=True, help="dar and rloo, async_steps 0 (the test-set study's core)")
+    p.add_argument("--sync", type=Path, nargs="+", required=True,
+                   help="dar and rloo at async_steps 0, each seed run on the machine of its lagged runs")
     p.add_argument("--lag1", type=Path, nargs="+", help="dar and rloo with --async_steps 1, same seeds and config")
     p.add_argument("--lag2", type=Path, nargs="+", help="dar and rloo with --async_steps 2, same seeds and config")
     p.add_argument("--out", type=Path, required=True)

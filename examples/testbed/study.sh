@@ -11,8 +11,8 @@
 # fitted on (issue 32 found the overlap), graded on the dev set. The study on the sealed test set:
 #   bash examples/testbed/study.sh test        # examples/testbed/study.yaml: the core and DAR's control × seeds 1–12
 #   bash examples/testbed/study.sh test-summary
-# and the lag study on the same protocol (docs/testbed.md, "The lag study"): dar and rloo at async_steps 1 and 2
-#   bash examples/testbed/study.sh async       # 48 runs, after `test` (its dar and rloo are the synchronous arms)
+# and the lag study on the same protocol (docs/testbed.md, "The lag study"): dar and rloo at async_steps 0, 1 and 2
+#   bash examples/testbed/study.sh async       # 72 runs: each seed's six on one machine
 #   bash examples/testbed/study.sh async-summary
 # A run folder does not outlive its machine; its record in a summary.json does. docs/img/study/ keeps the
 # summaries of the seeds run so far, and study.py merges them with new folders (docs/testbed.md has the command).
@@ -70,16 +70,20 @@ test_b() { for s in "${TEST_SEEDS[@]}"; do
   daralign compare "${TEST[@]}" --seeds "$s" --algorithms online-dpo,grpo --output_dir runs/study-test
   if (( s % 2 == 0 )); then test_control "$s"; fi; done; }
 
-# The lag study (issue 33): dar and rloo at async_steps 1 and 2 on the test-set study's protocol and seeds;
-# its synchronous arms are the test-set study's dar and rloo. One lag per queue, seed by seed.
-lagged() {
-  mkdir -p "runs/study-async$1/.heldout_before"
-  cp -n runs/study-test/.heldout_before/*.json "runs/study-async$1/.heldout_before/" 2>/dev/null || true
-  for s in "${TEST_SEEDS[@]}"; do
-    daralign compare "${TEST[@]}" --async_steps "$1" --seeds "$s" --algorithms dar,rloo --output_dir "runs/study-async$1"
+# The lag study (issue 33): dar and rloo at async_steps 0, 1 and 2 on the test-set study's protocol and seeds.
+# A seed's six runs run on one machine, one after another (docs/testbed.md, "The lag study", amendment): in
+# fp32 a run on an Intel Xeon does not reproduce the same run on an AMD EPYC, so the synchronous arms are
+# run again beside the lagged ones rather than taken from the test-set study. Odd seeds in one queue, even
+# in the other, so a session stopped early leaves whole seeds.
+lag_seed() {
+  local k
+  for k in 0 1 2; do
+    mkdir -p "runs/study-async$k/.heldout_before"
+    cp -n runs/study-test/.heldout_before/*.json "runs/study-async$k/.heldout_before/" 2>/dev/null || true
+    daralign compare "${TEST[@]}" --async_steps "$k" --seeds "$1" --algorithms dar,rloo --output_dir "runs/study-async$k"
   done; }
-async_1() { lagged 1; }
-async_2() { lagged 2; }
+async_odd() { for s in "${TEST_SEEDS[@]}"; do if (( s % 2 )); then lag_seed "$s"; fi; done; }
+async_even() { for s in "${TEST_SEEDS[@]}"; do if (( s % 2 == 0 )); then lag_seed "$s"; fi; done; }
 
 mkdir -p runs
 case "${1:-}" in
@@ -103,9 +107,9 @@ case "${1:-}" in
     if [ -n "$seeds" ]; then
       daralign compare "${TEST[@]}" --seeds "$seeds" --algorithms dar --shuffle_rewards true --output_dir runs/study-test-control
     else echo "runs/study-test-control: no finished seed" >&2; fi ;;
-  async) two_queues async_1 async_2 ;;
+  async) two_queues async_odd async_even ;;
   async-summary)
-    for k in 1 2; do
+    for k in 0 1 2; do
       seeds=$(finished_by_all "runs/study-async$k" dar rloo)
       if [ -z "$seeds" ]; then echo "runs/study-async$k: no seed finished by both methods" >&2; continue; fi
       daralign compare "${TEST[@]}" --async_steps "$k" --seeds "$seeds" --algorithms dar,rloo --output_dir "runs/study-async$k"

@@ -67,6 +67,13 @@ def _eval_requests(run_dir: Path, last: dict) -> int:
     return last.get("eval_annotation_requests", 0)
 
 
+def _cpu(run_dir: Path) -> str | None:
+    """The CPU the run (its last start, when resumed) ran on, from its provenance.json: in fp32 the
+    same run differs between CPU makes, so paired comparisons pair runs from one machine."""
+    path = Path(run_dir) / "provenance.json"
+    return json.loads(path.read_text()).get("cpu") if path.is_file() else None
+
+
 def run_record(run_dir: Path, root: Path, budget: int) -> dict:
     meta = json.loads((run_dir / "compare_run.json").read_text())
     metrics = read_metrics(run_dir)
@@ -83,6 +90,7 @@ def run_record(run_dir: Path, root: Path, budget: int) -> dict:
             "kl_train_final": last.get("kl"), "mean_length_final": last.get("completions/mean_length"),
             "train_time_s": sum(m.get("step_time") or 0.0 for m in metrics)}
     rec["budget_reached"] = budget - rec["annotation_requests"] < (meta.get("requests_per_prompt") or 1)  # no prompt fits any more
+    rec["cpu"] = _cpu(run_dir)
     s = heldout_summary(run_dir)
     if s:
         rec |= {"kl_final": s["kl_after"], "evaluator": s["evaluator"],
