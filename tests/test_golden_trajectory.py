@@ -30,7 +30,10 @@ GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 METHODS = ["dar", "rloo", "grpo", "ppo", "online-dpo", "dpo"]
 # wall-clock and bookkeeping numbers, not behaviour
 VOLATILE = ("timing/", "step_time", "time", "judge/latency_s")
-RTOL, ATOL = 1e-4, 1e-6
+# fp32 on two CPU makes: recorded on an AMD EPYC, an Intel Xeon (AMX) differs by ~1e-7 in a log-prob,
+# grown to 1.5e-4 of RLOO's step-3 KL by three steps at lr 1e-3; a change to what an update does moves
+# these numbers by far more
+RTOL, ATOL = 1e-3, 1e-6
 
 
 def longer_judge(path, body, n):
@@ -81,6 +84,8 @@ def test_golden_trajectory(algorithm, tmp_path, tiny_policy_dir, tiny_prompts_fi
         # a metric may be added (new accounting), never lost
         assert set(want) <= set(got), f"{algorithm} step {i + 1}: metrics lost: {sorted(set(want) - set(got))}"
         for key, value in want.items():
+            if key == "rewards/accuracies" and abs(want.get("rewards/margins", 1.0)) < ATOL:
+                continue  # the policy is still the reference: each margin is 0 but for rounding, its sign the CPU's
             same = got[key] == value or (value is not None and got[key] is not None
                                          and math.isclose(got[key], value, rel_tol=RTOL, abs_tol=ATOL))
             assert same, f"{algorithm} step {i + 1}: {key} = {got[key]!r}, golden {value!r}"
