@@ -5,6 +5,7 @@ ConfigError. The annotator is a small real one (score and compare, by a keyword 
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from daralign.annotators.base import Annotator, CompareResult, ScoreResult, regi
 from daralign.cli import main as daralign_main
 from daralign.annotators import annotator_for
 from daralign.compare.run import build_plan, check_existing, expand_sweep
-from daralign.compare.report import prompt_stream
+from daralign.compare.report import machines_note, prompt_stream
 from daralign.core.errors import ConfigError
 
 BUDGET = 8  # requests. P=2 prompts: dar/rloo (K=2) spend 4 per step (2 steps), online-dpo (one pair) 2 (4 steps)
@@ -134,6 +135,9 @@ def test_summary_and_report(compare_run):
     for png in ("reward_vs_annotations.png", "reward_vs_kl.png", "length_vs_step.png"):
         assert f'src="{png}"' in page and (out / png).stat().st_size > 1000
     assert "online-dpo" in page and "seed 1: yes" in page
+    assert html.escape(f"Every run on one machine: {summary['runs'][0]['cpu']}.") in page
+    two = [{"seed": 1, "cpu": "Intel Xeon"}, {"seed": 2, "cpu": "AMD EPYC"}, {"seed": 2, "cpu": "AMD EPYC"}]
+    assert machines_note(two).endswith("Intel Xeon: seeds 1; AMD EPYC: seeds 2.") and "SEVERAL MACHINES" in machines_note(two)
     assert "requests" in page and "the SAME annotator the methods trained on" in page
     assert not list(out.glob("*/seed*/checkpoint-*"))  # only final/ is kept
     assert (out / "configs" / "rloo.yaml").exists() and "dar_total" not in (out / "configs" / "rloo.yaml").read_text()

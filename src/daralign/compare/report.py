@@ -432,6 +432,19 @@ def num_or_dash(x) -> str:
     return "—" if x is None else f"{x:.3f}"
 
 
+def machines_note(records: list[dict]) -> str:
+    """Which CPU ran the runs; where several did, which seeds each ran (a paired difference across two
+    CPU makes holds the machines' difference too: docs/testbed.md, "The lag study")."""
+    seeds: dict[str, set] = {}
+    for r in records:
+        seeds.setdefault(r.get("cpu") or "a CPU not recorded", set()).add(r["seed"])
+    if len(seeds) == 1:
+        return f"Every run on one machine: {next(iter(seeds))}."
+    return ("Runs from SEVERAL MACHINES (in fp32 two CPU makes train the same run to slightly different ends, so a "
+            "difference between runs of different machines holds theirs too): "
+            + "; ".join(f"{cpu}: seeds {', '.join(map(str, sorted(s)))}" for cpu, s in seeds.items()) + ".")
+
+
 def write_html(summary: dict, root: Path) -> Path:
     root = Path(root)
     plots = plot_all(summary, root)
@@ -455,6 +468,7 @@ def write_html(summary: dict, root: Path) -> Path:
              f"comparison are 2, retries and invalid answers count, cache hits are free); the last step is cut to fit.",
              "Same prompts in the same order for every run of a seed: "
              + ", ".join(f"seed {s}: {'yes' if ok else 'NO'}" for s, ok in order.items()) + "."]
+    notes.append(machines_note(summary["runs"]))
     if over:
         notes.append("OVER BUDGET (requests spent): " + ", ".join(over) + ".")
     if under:
