@@ -497,16 +497,24 @@ def test_lag_study_page_on_real_sync_and_async_runs(tmp_path, tiny_policy_dir, t
     (tmp_path / "moved.json").write_text(json.dumps(moved))
     with pytest.raises(SystemExit, match="seed 2: its runs ran on more than one CPU"):
         lag_study.main(["--sync", str(folders[0]), "--lag1", str(tmp_path / "moved.json"), "--out", str(tmp_path / "p2")])
-    # machine_check.py: a rerun beside its record (here the record itself: every difference 0)
+    # machine_check.py: reruns beside their records (here the records themselves: every difference 0;
+    # a run folder, a compare folder and its summary.json all name runs)
     check = _example("machine_check")
-    assert check.main(["--record", str(folders[0] / "summary.json"), "--group", "rloo", "--seed", "2",
-                       "--reruns", str(folders[0]), "--out", str(tmp_path / "check.json")]) == 0
+    assert check.main(["--record", str(folders[0] / "summary.json"), "--reruns", str(folders[0] / "rloo" / "seed2"),
+                       str(folders[0]), "--out", str(tmp_path / "check.json")]) == 0
     same = json.loads((tmp_path / "check.json").read_text())
-    assert same["record"]["cpu"] == cpu and same["record"]["gold_after"] == after[0, "rloo", 2]
-    assert set(same["reruns"][str(folders[0])]["minus_record"].values()) == {0.0}
-    assert check.main(["--record", str(folders[0] / "summary.json"), "--group", "rloo", "--seed", "2",
-                       "--reruns", str(folders[0] / "rloo" / "seed2"), "--out", str(tmp_path / "check.json")]) == 0
-    assert set(json.loads((tmp_path / "check.json").read_text())["reruns"][str(folders[0] / "rloo" / "seed2")]["minus_record"].values()) == {0.0}
+    assert len(same["runs"]) == 6 and {(r["group"], r["seed"]) for r in same["runs"]} == {
+        (m, s) for m in ("dar", "rloo") for s in (1, 2, 3)}
+    assert [(r["group"], r["seed"], set(r["minus_first"].values())) for r in same["repeats"]] == [("rloo", 2, {0.0})]
+    first = next(r for r in same["runs"] if (r["group"], r["seed"]) == ("rloo", 2))
+    assert first["record"]["cpu"] == first["rerun"]["cpu"] == cpu and first["rerun"]["gold_after"] == after[0, "rloo", 2]
+    assert all(set(r["minus_record"].values()) == {0.0} for r in same["runs"])
+    assert same["minus_record_over_runs"]["gold_after"] == {"n": 6, "mean": 0.0, "sd": 0.0, "max_abs": 0.0}
+    # against the lagged runs the differences are the lag's: recomputed by hand
+    moved = check.check(json.loads((folders[0] / "summary.json").read_text())["runs"],
+                        json.loads((folders[1] / "summary.json").read_text())["runs"])
+    assert {(r["group"], r["seed"]): r["minus_record"]["gold_after"] for r in moved["runs"]} == pytest.approx(
+        {(m, s): after[1, m, s] - after[0, m, s] for m in ("dar", "rloo") for s in (1, 2, 3)}, abs=1e-12)
     # the rule's answer over lags
     assert lag_study.answer({1: "more robust", 2: "undecided"}) == "more robust"
     assert lag_study.answer({1: "more robust", 2: "less robust"}) == "mixed"
