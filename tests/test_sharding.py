@@ -123,8 +123,9 @@ def test_the_loop_under_zero3_trains_as_without_it(tmp_path, tiny_policy_dir, ti
     at the boundary), the held-out check and the gathered final/; with LoRA, the adapter trained on
     a partitioned base and merged from gathered factors. Each trains what the plain loop trains: the
     same per-step metrics and final weights, to float rounding. And the CLI's console stays free of
-    DeepSpeed's accelerator warning. (Full and LoRA share one launch and one plain process: each
-    process start imports DeepSpeed, accelerate and transformers anew.)"""
+    DeepSpeed's accelerator warning. Under ``async_steps: 1`` too (batches one update stale, labelled
+    on the annotation thread). (The variants share one launch and one plain process: each process
+    start imports DeepSpeed, accelerate and transformers anew.)"""
     import json
 
     import torch
@@ -140,7 +141,9 @@ def test_the_loop_under_zero3_trains_as_without_it(tmp_path, tiny_policy_dir, ti
            "num_generations": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2,
            "max_completion_length": 8, "max_steps": 2, "report": False, "save_strategy": "no"}
     variants = {"full": cfg,  # with LoRA the reference is the policy with its adapter off; final/ is the merged model
-                "lora": cfg | {"use_peft": True, "lora_r": 4, "learning_rate": 1e-3}}
+                "lora": cfg | {"use_peft": True, "lora_r": 4, "learning_rate": 1e-3},
+                # pipelined: labels bought on the annotation thread while ZeRO-3's collectives stay on this one
+                "async": cfg | {"async_steps": 1, "max_steps": 3}}
     commands = {"zero3": [], "plain": []}
     for name, values in variants.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(values))
@@ -180,9 +183,11 @@ def test_the_loop_under_zero3_trains_as_without_it(tmp_path, tiny_policy_dir, ti
         for sharded, unsharded in zip(runs["zero3"], runs["plain"], strict=True):
             for key in ("loss", "reward", "kl", "grad_norm", "annotation_requests"):
                 assert sharded[key] == pytest.approx(unsharded[key], rel=1e-5, abs=1e-6), (name, key)
+            assert sharded.get("async/staleness") == unsharded.get("async/staleness"), name
         weights = [load_file(str(tmp_path / kind / name / "final" / "model.safetensors")) for kind in commands]
         assert weights[0].keys() == weights[1].keys()
         assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[1]) < 1e-5, name
         after = [json.loads((tmp_path / kind / name / "heldout_after.json").read_text()) for kind in commands]
         assert after[0]["completions"] == after[1]["completions"], name
         assert after[0]["kl"] == pytest.approx(after[1]["kl"], abs=1e-6), name
+    assert [r["async/staleness"] for r in runs["zero3"]] == [0.0, 1.0, 1.0]  # the last variant's: async
