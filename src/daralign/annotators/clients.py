@@ -8,7 +8,6 @@ returns the probability of each candidate being the *next token*: reading the ju
 distribution is far more informative than parsing the one token it would have sampled (small
 judges' parsed scores collapse to a constant). Backends that cannot expose log-probabilities
 return ``probs=None`` and the judge parses ``text`` instead.
-
 """
 
 from __future__ import annotations

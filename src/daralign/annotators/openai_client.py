@@ -21,6 +21,7 @@ from daralign.annotators.backends import is_int, is_number, need, register_backe
 from daralign.annotators.clients import Client, OnReply, RateLimit, Reply, Request, Reserve, _always, match_top_logprobs
 from daralign.core.errors import AnnotationError, ConfigError
 
+
 class _NotReserved(Exception):
     """The budget says no: this attempt is not sent."""
 

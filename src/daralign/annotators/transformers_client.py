@@ -24,8 +24,6 @@ def _common_prefix_length(rows: list[list[int]]) -> int:
     return max(n, 0)
 
 
-
-
 @register_backend("transformers")
 class TransformersClient(Client):
     """Batched, left-padded forward passes of a local causal LM.
