@@ -3,16 +3,19 @@ at ``async_steps`` 0, 1 and 2 in one run, beside the bound ``rollout + reference
 update)`` read from the synchronous run's own phases.
 
 The judge is a loopback OpenAI-compatible server (a subprocess) that answers each request after
-``--latency`` seconds and serves at most ``--server_concurrency`` requests at a time (the rest
-queue, as a hosted API's concurrency limit makes them); its answer is a fixed function of the
-response text, so every run buys the same labels. The policy trains on the quickstart's prompts and
-shape (6 prompts × 4 samples, 24 new tokens). A second pair of runs uses a judge slower than the
-update (``--slow_factor`` × the latency): the trainer then waits, and the JSON shows it waiting,
-not spinning — its CPU seconds per wall second while it trains.
+``--latency`` seconds (by default the latency at which a step's annotation lasts as long as its
+update on this machine, measured first: issue 33's setting) and serves at most
+``--server_concurrency`` requests at a time (the rest queue, as a hosted API's concurrency limit
+makes them); its answer is a fixed function of the response text, so every run buys the same
+labels. The policy trains on the quickstart's prompts and shape (6 prompts × 4 samples, 24 new
+tokens). A second pair of runs uses a judge slower than the update (``--slow_factor`` × the
+latency): the trainer then waits, and the JSON shows it waiting, not spinning — its CPU seconds per
+wall second while it trains.
 
-    OMP_NUM_THREADS=2 python benchmarks/async_judge.py --json docs/img/performance/async_judge.json \
-        --plot docs/img/performance/async_judge.png
-    python benchmarks/async_judge.py --replot --json docs/img/performance/async_judge.json --plot docs/img/performance/async_judge.png
+    OMP_NUM_THREADS=2 python benchmarks/async_judge.py --json docs/img/performance/async_judge_xeon.json \
+        --plot docs/img/performance/async_judge_xeon.png
+    python benchmarks/async_judge.py --replot --json docs/img/performance/async_judge_xeon.json \
+        --plot docs/img/performance/async_judge_xeon.png
 
 Goal (issue 33): ``async_steps: 1`` ≤ 0.65 of the synchronous step time, and within 10% of the bound.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -107,7 +111,22 @@ def run(base_url: str, async_steps: int, steps: int, client_concurrency: int, tm
             **{f"{k}_median": med(f"timing/{k}") for k in ("rollout", "annotate", "reference", "update")},
             "wait_annotate_median": med("async/wait_annotate"), "wait_rollout_median": med("async/wait_rollout"),
             "staleness": [r.get("async/staleness", 0.0) for r in rows],
+            "requests_per_step": rows[-1]["annotation_requests"] - rows[-2]["annotation_requests"],
             "process_cpu_s_per_wall_s": (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / wall}
+
+
+def calibrate(server_concurrency: int, client_concurrency: int, tmp: Path) -> dict:
+    """The latency at which a step's annotation lasts as long as its update here: the update's median
+    from a short synchronous run with an instant judge, spread over the waves of requests the
+    judge's concurrency cap makes (a step's requests ÷ the cap, rounded up)."""
+    server = JudgeServer(0.0, server_concurrency, tmp)
+    try:
+        fast = run(server.base_url, 0, 3 + DRAIN, client_concurrency, tmp)
+    finally:
+        server.close()
+    waves = math.ceil(fast["requests_per_step"] / min(server_concurrency, client_concurrency))
+    return {"update_median_s": fast["update_median"], "requests_per_step": fast["requests_per_step"], "waves": waves,
+            "latency_s": round(fast["update_median"] / waves, 3)}
 
 
 def bound(sync: dict) -> float:
@@ -136,7 +155,7 @@ def plot(result: dict, path: str) -> None:
         ax.bar(levels, [r["step_time_median"] for r in entry["runs"]], color="tab:blue")
         ax.axhline(entry["bound_s"], color="tab:red", ls="--", label="bound: rollout + reference + max(annotate, update)")
         ax.axhline(entry["ideal_s"], color="tab:green", ls=":", label="ideal: max(rollout + reference + update, annotate)")
-        ax.set(title=f"{name}\n({entry['latency_s']:.1f} s a request)", xlabel="async_steps")
+        ax.set(title=f"{name}\n({entry['latency_s']:.2f} s a request)", xlabel="async_steps")
     axes[0].set_ylabel("median step time (s)")
     axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"DAR, SmolLM2, K = 4, on {result['cpu']}", fontsize=9)
@@ -146,7 +165,9 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--latency", type=float, default=0.8, help="seconds the judge takes per request")
+    p.add_argument("--latency", default="auto", help="seconds the judge takes per request; auto: the latency at which "
+                   "annotating a step takes as long as its update on this machine (issue 33's setting), from a short "
+                   "synchronous run with an instant judge")
     p.add_argument("--server_concurrency", type=int, default=4, help="requests the judge serves at once")
     p.add_argument("--client_concurrency", type=int, default=8, help="the judge client's max_concurrency")
     p.add_argument("--slow_factor", type=float, default=3.0, help="the slow judge's latency, in multiples of --latency")
@@ -163,8 +184,15 @@ def main(argv=None) -> int:
     result = {"what": __doc__.split("\n\n")[0], "cpu": cpu(), "settings": {k: v for k, v in vars(a).items()
                                                                             if k not in ("json", "plot", "replot")}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, latency, levels in (("judge about as slow as the update", a.latency, (0, 1, 2)),
-                                      ("judge slower than the update", a.latency * a.slow_factor, (0, 1))):
+        if a.latency == "auto":
+            result["calibration"] = calibrate(a.server_concurrency, a.client_concurrency, Path(tmp))
+            base = result["calibration"]["latency_s"]
+            print(f"calibration: the update takes {result['calibration']['update_median_s']:.2f} s; "
+                  f"{result['calibration']['waves']} waves of requests a step → {base:.3f} s a request")
+        else:
+            base = float(a.latency)
+        for name, latency, levels in (("judge about as slow as the update", base, (0, 1, 2)),
+                                      ("judge slower than the update", base * a.slow_factor, (0, 1))):
             server = JudgeServer(latency, a.server_concurrency, Path(tmp))
             try:
                 runs = [run(server.base_url, n, a.steps, a.client_concurrency, Path(tmp)) for n in levels]

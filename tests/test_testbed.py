@@ -454,7 +454,8 @@ def test_study_leave_one_out_on_the_rloo_dar_seeds():
 def test_lag_study_page_on_real_sync_and_async_runs(tmp_path, tiny_policy_dir, tiny_prompts_file):
     """examples/testbed/async_study.py on real compare folders (dar and rloo, three seeds, synchronous and
     async_steps 1): every seed's difference-in-differences is recomputed here from the run records,
-    the verdict follows the rule from the leave-one-out, and the curves carry seconds of training."""
+    the verdict follows the rule from the leave-one-out, and the curves carry seconds of training;
+    machine_check.py and lag_metrics.py on the same folders."""
     from test_compare import write_config
 
     heldout = tiny.write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p} for p in tiny.PROMPTS[:3]])
@@ -515,6 +516,21 @@ def test_lag_study_page_on_real_sync_and_async_runs(tmp_path, tiny_policy_dir, t
                         json.loads((folders[1] / "summary.json").read_text())["runs"])
     assert {(r["group"], r["seed"]): r["minus_record"]["gold_after"] for r in moved["runs"]} == pytest.approx(
         {(m, s): after[1, m, s] - after[0, m, s] for m in ("dar", "rloo") for s in (1, 2, 3)}, abs=1e-12)
+    # lag_metrics.py: per arm, the mean over seeds of each run's step mean; the importance ratio's over lagged steps
+    inside = _example("lag_metrics")
+    (tmp_path / "study-async0").symlink_to(folders[0])  # its arm names come from study.sh's folder names
+    (tmp_path / "study-async1").symlink_to(folders[1])
+    assert inside.main([str(tmp_path / "study-async0"), str(tmp_path / "study-async1"), "--out", str(tmp_path / "lag.json")]) == 0
+    arms = json.loads((tmp_path / "lag.json").read_text())["arms"]
+    assert set(arms) == {"dar", "rloo", "dar @ async 1", "rloo @ async 1"} and arms["rloo"]["seeds"] == [1, 2, 3]
+    assert "async/staleness" not in arms["dar"] and "async/is_weight_mean" not in arms["rloo"]
+    rows = {s: [json.loads(x) for x in (folders[1] / "rloo" / f"seed{s}" / "metrics.jsonl").read_text().splitlines()]
+            for s in (1, 2, 3)}
+    lagged = {s: [r["async/is_weight_mean"] for r in rs if r["async/staleness"] > 0] for s, rs in rows.items()}
+    assert all(lagged.values())  # every run trained on stale batches
+    assert arms["rloo @ async 1"]["async/is_weight_mean"] == pytest.approx(
+        sum(sum(v) / len(v) for v in lagged.values()) / 3, abs=1e-12)
+    assert arms["dar @ async 1"]["async/staleness"] > 0 and 0 < arms["dar @ async 1"]["dar/weight_mean"]
     # the rule's answer over lags
     assert lag_study.answer({1: "more robust", 2: "undecided"}) == "more robust"
     assert lag_study.answer({1: "more robust", 2: "less robust"}) == "mixed"
