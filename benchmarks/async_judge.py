@@ -163,9 +163,14 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def latency_arg(value: str) -> str | float:
+    """``auto`` or seconds (argparse turns a ValueError into its one-line usage error)."""
+    return value if value == "auto" else float(value)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--latency", default="auto", help="seconds the judge takes per request; auto: the latency at which "
+    p.add_argument("--latency", default="auto", type=latency_arg, help="seconds the judge takes per request; auto: the latency at which "
                    "annotating a step takes as long as its update on this machine (issue 33's setting), from a short "
                    "synchronous run with an instant judge")
     p.add_argument("--server_concurrency", type=int, default=4, help="requests the judge serves at once")
@@ -190,7 +195,7 @@ def main(argv=None) -> int:
             print(f"calibration: the update takes {result['calibration']['update_median_s']:.2f} s; "
                   f"{result['calibration']['waves']} waves of requests a step → {base:.3f} s a request")
         else:
-            base = float(a.latency)
+            base = a.latency
         for name, latency, levels in (("judge about as slow as the update", base, (0, 1, 2)),
                                       ("judge slower than the update", base * a.slow_factor, (0, 1))):
             server = JudgeServer(latency, a.server_concurrency, Path(tmp))
