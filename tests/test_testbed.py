@@ -531,6 +531,8 @@ def test_lag_study_page_on_real_sync_and_async_runs(tmp_path, tiny_policy_dir, t
     assert arms["rloo @ async 1"]["async/is_weight_mean"] == pytest.approx(
         sum(sum(v) / len(v) for v in lagged.values()) / 3, abs=1e-12)
     assert arms["dar @ async 1"]["async/staleness"] > 0 and 0 < arms["dar @ async 1"]["dar/weight_mean"]
+    with pytest.raises(SystemExit, match="lag1: not a lag study folder"):
+        inside.main([str(folders[1]), "--out", str(tmp_path / "no.json")])
     # the rule's answer over lags
     assert lag_study.answer({1: "more robust", 2: "undecided"}) == "more robust"
     assert lag_study.answer({1: "more robust", 2: "less robust"}) == "mixed"

@@ -36,8 +36,11 @@ def run_means(metrics: Path) -> dict[str, float]:
 
 
 def arm_name(folder: Path, method: str) -> str:
-    lag = int(folder.name.removeprefix("study-async"))  # study.sh's folders: study-async0, -async1, -async2
-    return method if lag == 0 else f"{method} @ async {lag}"
+    """The arm's name from study.sh's folder names: study-async0, study-async1, study-async2."""
+    lag = folder.name.removeprefix("study-async")
+    if not lag.isdigit():
+        raise SystemExit(f"{folder}: not a lag study folder (study.sh names them study-async0, -async1, -async2)")
+    return method if lag == "0" else f"{method} @ async {lag}"
 
 
 def main(argv: list[str] | None = None) -> int:
