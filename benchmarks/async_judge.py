@@ -102,6 +102,7 @@ def run(base_url: str, async_steps: int, steps: int, client_concurrency: int, tm
     subprocess.run(cmd, check=True, cwd=REPO)
     after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    requests_per_step = rows[0]["annotation_requests"]  # step 1's: the counter is cumulative
     # step 1 is a warm-up, and the last DRAIN steps sample nothing ahead (max_steps ends the pipeline):
     # every level is measured on the same steps in between, where its pipeline is full
     rows = rows[1:len(rows) - DRAIN]
@@ -111,7 +112,7 @@ def run(base_url: str, async_steps: int, steps: int, client_concurrency: int, tm
             **{f"{k}_median": med(f"timing/{k}") for k in ("rollout", "annotate", "reference", "update")},
             "wait_annotate_median": med("async/wait_annotate"), "wait_rollout_median": med("async/wait_rollout"),
             "staleness": [r.get("async/staleness", 0.0) for r in rows],
-            "requests_per_step": rows[-1]["annotation_requests"] - rows[-2]["annotation_requests"],
+            "requests_per_step": requests_per_step,
             "process_cpu_s_per_wall_s": (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / wall}
 
 
@@ -181,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="write a bar plot of the results here (PNG)")
     p.add_argument("--replot", action="store_true", help="measure nothing: plot the results already in --json")
     a = p.parse_args(argv)
+    if a.steps < 2 + DRAIN:
+        p.error(f"--steps must be at least {2 + DRAIN}: step 1 warms up and the last {DRAIN} are not counted")
     if a.replot:
         plot(json.loads(Path(a.json).read_text()), a.plot)
         return 0

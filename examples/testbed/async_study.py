@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from study import cell, fmt, jsonable, load, pair, paired_summary, strip_plot  # noqa: E402
 
 from daralign.compare.paired import seed_differences, t_interval  # noqa: E402
+from daralign.compare.report import seeds_per_cpu  # noqa: E402
 
 METHODS, LAGS = ("dar", "rloo"), (1, 2)
 RULE = ("Written 2026-12-07, before any lagged run. At each lag k (async_steps 1 and 2), DAR is more robust to lag "
@@ -109,9 +110,8 @@ def markdown(res: dict) -> str:
            f"seeds both arms ran: its n); trained on {res['training_annotator']}, graded by {res['evaluator']} on "
            f"{res['eval_dataset']}. Every ± and CI is over seeds. Seconds of training are the sum of step_time on the "
            "machine the arm ran on, beside other runs: a record, not a speed measurement.", "",
-           "Each seed's runs ran on one machine: " + "; ".join(
-               f"{cpu}: seeds {', '.join(str(s) for s, c in res['cpu_per_seed'].items() if c == cpu)}"
-               for cpu in dict.fromkeys(res["cpu_per_seed"].values())) + ".", "",
+           "Each seed's runs ran on one machine: "
+           + seeds_per_cpu([{"seed": s, "cpu": c} for s, c in res["cpu_per_seed"].items()]) + ".", "",
            "| arm | seeds | gold Δ ± SE | gold at budget | KL at budget | seconds of training |",
            "|---|---|---|---|---|---|"]
     for name, a in res["arms"].items():

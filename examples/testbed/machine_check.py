@@ -6,8 +6,8 @@ and over the runs its mean, SD and largest size. In fp32 two AMD EPYCs agreed to
 amendment), so the lag study runs each seed's arms on one machine.
 
     python examples/testbed/machine_check.py --record docs/img/study-test/summary-core-*.json \\
-        docs/img/study-test/summary-rloo-grpo-seed6.json --record_cpu "AMD EPYC (avx512_bf16)" \\
-        --reruns runs/study-async0 --out docs/img/study-async/machine-check.json
+        docs/img/study-test/summary-dar-online-dpo-seed6.json docs/img/study-test/summary-rloo-grpo-seed6.json \\
+        --record_cpu "AMD EPYC (avx512_bf16)" --reruns runs/study-async0 --out docs/img/study-async/machine-check.json
 
 ``--reruns`` takes compare folders, their ``summary.json`` files, or single run folders
 (``runs/study-async0/dar/seed1``) once finished; a run given twice is compared with itself

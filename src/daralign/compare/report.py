@@ -432,17 +432,22 @@ def num_or_dash(x) -> str:
     return "—" if x is None else f"{x:.3f}"
 
 
-def machines_note(records: list[dict]) -> str:
-    """Which CPU ran the runs; where several did, which seeds each ran (a paired difference across two
-    CPU makes holds the machines' difference too: docs/testbed.md, "The lag study")."""
+def seeds_per_cpu(records: list[dict]) -> str:
+    """``<cpu>: seeds 1, 2; <cpu>: seeds 3``, the CPUs in the order the records first name them."""
     seeds: dict[str, set] = {}
     for r in records:
         seeds.setdefault(r.get("cpu") or "a CPU not recorded", set()).add(r["seed"])
-    if len(seeds) == 1:
-        return f"Every run on one machine: {next(iter(seeds))}."
+    return "; ".join(f"{cpu}: seeds {', '.join(map(str, sorted(s)))}" for cpu, s in seeds.items())
+
+
+def machines_note(records: list[dict]) -> str:
+    """Which CPU ran the runs; where several did, which seeds each ran (a paired difference across two
+    CPU makes holds the machines' difference too: docs/testbed.md, "The lag study")."""
+    cpus = {r.get("cpu") or "a CPU not recorded" for r in records}
+    if len(cpus) == 1:
+        return f"Every run on one machine: {cpus.pop()}."
     return ("Runs from SEVERAL MACHINES (in fp32 two CPU makes train the same run to slightly different ends, so a "
-            "difference between runs of different machines holds theirs too): "
-            + "; ".join(f"{cpu}: seeds {', '.join(map(str, sorted(s)))}" for cpu, s in seeds.items()) + ".")
+            "difference between runs of different machines holds theirs too): " + seeds_per_cpu(records) + ".")
 
 
 def write_html(summary: dict, root: Path) -> Path:
